@@ -1,0 +1,21 @@
+"""Small helpers shared by the CLI modules: clean errors and the 'not built yet' exit."""
+
+from __future__ import annotations
+
+import typer
+from rich.console import Console
+
+console = Console(stderr=True)
+
+
+def fail(message: str, code: int = 1) -> "typer.Exit":
+    """Print a clear one-line error (no traceback) and return an Exit to raise."""
+    console.print(f"[bold red]error:[/] {message}")
+    return typer.Exit(code)
+
+
+def not_built_yet(what: str, issue: int) -> "typer.Exit":
+    console.print(
+        f"[yellow]qualiface {what} is not built yet (tracked in issue {issue}); nothing was done.[/]"
+    )
+    return typer.Exit(2)

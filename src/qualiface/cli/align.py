@@ -1,10 +1,68 @@
-"""`qualiface align`: Detect faces and landmarks and warp them to the 112x112 five-point template."""
+"""`qualiface align`: Detect faces and landmarks and warp them to the 112x112 five-point template.
+
+With ``--landmarks FILE`` (IJB style: ``name x1 y1 ... x5 y5 [score]``) no detector is needed;
+otherwise dlib's HOG detector + 68-point predictor are used (``pip install 'qualiface[align]'``).
+Aligned faces keep their relative path under DST. A summary says how many faces were aligned,
+missed or found several times; the names are written to ``DST/align_report.json``.
+"""
 
 from __future__ import annotations
 
-from qualiface.cli.common import not_built_yet
+import json
+from pathlib import Path
+
+import typer
+
+from qualiface.cli.common import console, fail
 
 
-def command() -> None:
+def command(
+    src: Path = typer.Argument(..., help="Image file or folder (searched recursively)."),
+    dst: Path = typer.Argument(..., help="Output folder for the aligned 112x112 faces."),
+    landmarks: Path | None = typer.Option(
+        None, "--landmarks", help="Five-point landmark file (names relative to SRC); no detector needed."
+    ),
+    points: int = typer.Option(68, "--points", help="dlib shape predictor: 68 (default) or 5."),
+) -> None:
     """Detect faces and landmarks and warp them to the 112x112 five-point template."""
-    raise not_built_yet("align", 5)
+    import cv2
+
+    from qualiface.infer.align import (
+        AlignReport,
+        DetectorUnavailableError,
+        DlibDetector,
+        LandmarkFileError,
+        iter_align,
+        read_landmark_file,
+    )
+    from qualiface.infer.images import list_images
+    from qualiface.train.logging import make_progress
+
+    if not src.exists():
+        raise fail(f"{src}: no such file or folder")
+    try:
+        faces = read_landmark_file(landmarks) if landmarks is not None else None
+        detector = None if faces is not None else DlibDetector(points=points)
+    except (LandmarkFileError, DetectorUnavailableError, ValueError) as exc:
+        raise fail(str(exc)) from None
+    total = len(faces) if faces is not None else len(list_images(src))
+    report = AlignReport()
+    with make_progress() as progress:
+        task = progress.add_task("aligning", total=total)
+        for name, status, aligned in iter_align(src, landmarks=faces, detector=detector):
+            getattr(report, status).append(name)
+            if aligned is not None:
+                if status == "multiple":
+                    report.aligned.append(name)
+                target = dst / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if not cv2.imwrite(str(target), aligned[:, :, ::-1]):  # OpenCV writes BGR
+                    raise fail(f"{target}: cannot write (unsupported extension or disk full?)")
+            progress.advance(task)
+    dst.mkdir(parents=True, exist_ok=True)
+    (dst / "align_report.json").write_text(json.dumps(report.__dict__, indent=2) + "\n")
+    console.print(
+        f"aligned {len(report.aligned)} of {total} images into {dst}: {len(report.missed)} without a face, "
+        f"{len(report.multiple)} with several faces (best kept), {len(report.unreadable)} unreadable; "
+        f"names in {dst / 'align_report.json'}"
+    )

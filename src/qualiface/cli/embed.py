@@ -1,10 +1,106 @@
-"""`qualiface embed`: Embed images with a model package: embeddings, raw and calibrated quality."""
+"""`qualiface embed`: Embed images with a model package: embeddings, raw and calibrated quality.
+
+Writes one table (``qualiface.infer.io``): ``ids`` (image path relative to the folder given,
+or as given for files), ``embeddings`` (N, D) L2-normalised, ``norms``, ``quality`` (raw) and,
+when the package is calibrated, ``quality_calibrated``. ``--min-quality`` drops faces below a
+threshold; rejected and undecodable images are listed in ``<out>.rejected.tsv``.
+"""
 
 from __future__ import annotations
 
-from qualiface.cli.common import not_built_yet
+from pathlib import Path
+
+import typer
+
+from qualiface.cli.common import console, fail
 
 
-def command() -> None:
+def command(
+    inputs: list[Path] = typer.Argument(..., help="Image files and/or folders (searched recursively)."),
+    model: Path = typer.Option(..., "--model", "-m", help="Model package directory (model.json + weights)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output: .npz, .parquet, or a folder of .npy files."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per forward pass."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
+    min_quality: float | None = typer.Option(
+        None, "--min-quality", help="Reject faces whose quality is below this (raw, or calibrated with --calibrated)."
+    ),
+    calibrated: bool = typer.Option(
+        False, "--calibrated", help="Apply --min-quality to calibrated quality (needs a calibrated package)."
+    ),
+) -> None:
     """Embed images with a model package: embeddings, raw and calibrated quality."""
-    raise not_built_yet("embed", 5)
+    import numpy as np
+    import torch
+
+    from qualiface.infer.images import ImageDecodeError, as_uint8_batch, list_images, read_image
+    from qualiface.infer.io import TableError, write_table
+    from qualiface.infer.model import Model, ModelPackageError
+    from qualiface.train.logging import make_progress
+
+    try:
+        loaded = Model.load(model, device=device)
+    except ModelPackageError as exc:
+        raise fail(str(exc)) from None
+    if calibrated and loaded.calibration is None:
+        raise fail(f"{model}: --calibrated given but the package has no calibration (run 'qualiface export calibrate')")
+    try:
+        paths = list_images(inputs)
+    except FileNotFoundError as exc:
+        raise fail(str(exc)) from None
+    if not paths:
+        raise fail(f"no images found in {', '.join(map(str, inputs))}")
+
+    def display_name(path: Path) -> str:
+        for root in inputs:
+            if root.is_dir() and path.is_relative_to(root):
+                return str(path.relative_to(root))
+        return str(path)
+
+    ids, embeddings, qualities, rejected = [], [], [], []
+    with make_progress() as progress:
+        task = progress.add_task("embedding", total=len(paths))
+        for start in range(0, len(paths), batch_size):
+            images, names = [], []
+            for path in paths[start : start + batch_size]:
+                try:
+                    images.append(as_uint8_batch(read_image(path), loaded.spec.input_size)[0])
+                    names.append(display_name(path))
+                except (ImageDecodeError, ValueError) as exc:
+                    rejected.append((display_name(path), "unreadable", str(exc)))
+            if images:
+                embedding, quality = loaded.embed(torch.stack(images), batch_size=batch_size)
+                ids += names
+                embeddings.append(embedding)
+                qualities.append(quality)
+            progress.advance(task, len(paths[start : start + batch_size]))
+    if not ids:
+        raise fail(f"none of the {len(paths)} images could be embedded (see the reasons above)")
+    result = loaded.finish(torch.cat(embeddings), torch.cat(qualities))
+    keep = np.ones(len(ids), dtype=bool)
+    if min_quality is not None:
+        score = (result.calibrated_quality if calibrated else result.quality).numpy()
+        keep = score >= min_quality
+        kind = "calibrated" if calibrated else "raw"
+        for i in np.flatnonzero(~keep):
+            rejected.append((ids[i], "low-quality", f"{kind} quality {score[i]:.4g} < {min_quality:g}"))
+    table = {
+        "ids": np.array(ids)[keep],
+        "embeddings": result.embeddings.numpy()[keep],
+        "norms": result.norms.numpy()[keep],
+        "quality": result.quality.numpy()[keep],
+    }
+    if result.calibrated_quality is not None:
+        table["quality_calibrated"] = result.calibrated_quality.numpy()[keep]
+    try:
+        write_table(out, table)
+    except (TableError, OSError) as exc:
+        raise fail(f"{out}: cannot write ({exc})") from None
+    console.print(f"wrote {int(keep.sum())} embeddings (D={loaded.embedding_size}) to {out}")
+    if rejected:
+        log = out.with_name(out.name.rstrip("/") + ".rejected.tsv")
+        log.write_text("".join(f"{name}\t{reason}\t{detail}\n" for name, reason, detail in rejected))
+        unreadable = sum(1 for r in rejected if r[1] == "unreadable")
+        console.print(
+            f"rejected {len(rejected)} of {len(paths)} images: {len(rejected) - unreadable} below the quality "
+            f"threshold, {unreadable} unreadable or wrong size; names and reasons in {log}"
+        )

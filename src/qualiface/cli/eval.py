@@ -1,16 +1,293 @@
-"""`qualiface eval ...`: Evaluate recognition (LFW, .bin sets, IJB-B/C, TinyFace) and quality (EDC), write reports."""
+"""`qualiface eval ...`: evaluate recognition (LFW, .bin sets, IJB-B/C, TinyFace) and quality (EDC), write reports.
+
+Every command writes ``metrics.json``, ``curves.json``, PNG plots, ``report.md`` and
+``report.html`` into ``--out``, plus the extracted features (``features-*.safetensors``, reused
+on the next run with the same model and options, and readable by ``eval features``).
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 
-from qualiface.cli.common import not_built_yet
+from qualiface.cli.common import console, fail
 
-app = typer.Typer(help="Evaluate recognition (LFW, .bin sets, IJB-B/C, TinyFace) and quality (EDC), write reports.", no_args_is_help=True)
+app = typer.Typer(help="Evaluate recognition (LFW, .bin sets, IJB-B/C, TinyFace) and quality "
+                       "(EDC), write reports.", no_args_is_help=True)
+
+FLIP_HELP = "flip test: none, sum (f + f'), or norm (norm-preserving fusion)"
 
 
-@app.callback(invoke_without_command=True)
-def _group(ctx: typer.Context) -> None:
-    """Evaluate recognition (LFW, .bin sets, IJB-B/C, TinyFace) and quality (EDC), write reports."""
-    if ctx.invoked_subcommand is None:
-        raise not_built_yet("eval", 8)
+def _load_embed_fn(model: Path, device: str):
+    """(embed_fn, model_id) for a model package (tests replace this with a fake)."""
+    from qualiface.eval.features import model_embed_fn
+
+    return model_embed_fn(model, device=device)
+
+
+def _parse_folds(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise fail(f"--folds must be comma-separated integers, got {text!r}") from None
+
+
+def _features(out: Path, name: str, model: Path, device: str, dataset, ids, flip: str,
+              batch_size: int, workers: int):
+    from qualiface.eval.features import cached_features, extract_features, ids_digest
+
+    if not model.exists():
+        raise fail(f"{model}: model package not found")
+    embed_fn, model_id = _load_embed_fn(model, device)
+    key = {"model": model_id, "benchmark": name, "flip": flip, "ids": ids_digest(ids)}
+    return cached_features(out, f"features-{name}", key, lambda: extract_features(
+        dataset, embed_fn, ids=ids, flip=flip, batch_size=batch_size, num_workers=workers,
+        description=f"embedding {name}", meta={"benchmark": name, "model": str(model)}))
+
+
+def _qmagface(path: Path | None):
+    if path is None:
+        return None
+    from qualiface.eval.similarity import QMagFace
+
+    return QMagFace.load(path)
+
+
+def _finish_pairs(bench, features, out: Path, qmagface_file: Path | None,
+                  fit_qmagface: Path | None) -> None:
+    from qualiface.eval.benchmarks import evaluate_pairs
+    from qualiface.eval.report import EvalReport, write_report
+
+    params = _qmagface(qmagface_file)
+    if fit_qmagface is not None:
+        from qualiface.eval.similarity import QMagFace, pair_scores_and_quality
+
+        rows = features.rows(bench.ids)
+        scores, quality = pair_scores_and_quality(features.features[rows], bench.first,
+                                                  bench.second)
+        params = QMagFace.fit(scores, quality, bench.labels)
+        params.save(fit_qmagface)
+        console.print(f"QMagFace fitted on {bench.name}: alpha={params.alpha:.4f} "
+                      f"beta={params.beta:.4f} -> {fit_qmagface} (scores on the same pairs "
+                      "are optimistic; apply the file to another set)")
+    result = evaluate_pairs(bench, features, qmagface=params)
+    write_report(EvalReport(f"{bench.name} verification", result.metrics, result.rocs,
+                            result.edcs, result.histograms), out)
+    _summary(result.metrics, out)
+
+
+def _summary(metrics: dict, out: Path) -> None:
+    v = metrics.get("verification", {})
+    parts = []
+    if "accuracy" in v:
+        parts.append(f"accuracy {100 * v['accuracy']:.2f} ± {100 * v['accuracy_std']:.2f} %")
+    tar = v.get("tar_at_far", {})
+    for key in ("1e-04", "1e-03", "1e-02"):
+        if tar.get(key) is not None and tar.get(key) == tar.get(key):
+            parts.append(f"TAR@FAR={key} {100 * tar[key]:.2f} %")
+    if "auc" in v:
+        parts.append(f"AUC {v['auc']:.4f}")
+    ident = metrics.get("identification") or metrics
+    for key in ("rank1", "rank5"):
+        if key in ident:
+            parts.append(f"{key} {100 * ident[key]:.2f} %")
+    console.print(", ".join(parts) or "done")
+    console.print(f"report: {out / 'report.html'}")
+
+
+def _errors():
+    """The exception types that become one clean error line."""
+    from qualiface.data.decode import DataError
+    from qualiface.eval import EvaluationError
+
+    errors = [DataError, EvaluationError, FileNotFoundError]
+    try:
+        from qualiface.infer.model import ModelPackageError
+
+        errors.append(ModelPackageError)
+    except ImportError:  # pragma: no cover - model package module not present
+        pass
+    return tuple(errors)
+
+
+@app.command("lfw")
+def lfw(
+    model: Path = typer.Option(..., "--model", help="model package folder"),
+    data: Path = typer.Option(..., "--data", help="LFW folder (aligned images, or with aligned112/)"),
+    pairs: Path = typer.Option(None, "--pairs", help="pairs file (default DATA/pairs.txt)"),
+    folds: str = typer.Option(None, "--folds", help="protocol folds to use, e.g. 8,9,10"),
+    out: Path = typer.Option(..., "--out", help="output folder"),
+    flip: str = typer.Option("norm", "--flip", help=FLIP_HELP),
+    qmagface: Path = typer.Option(None, "--qmagface", help="QMagFace parameters (JSON) to apply"),
+    fit_qmagface: Path = typer.Option(None, "--fit-qmagface", help="fit QMagFace here, save JSON"),
+    batch_size: int = typer.Option(64, "--batch-size"),
+    workers: int = typer.Option(0, "--workers", help="decoding processes"),
+    device: str = typer.Option("cpu", "--device"),
+) -> None:
+    """LFW-style pairs over an image folder: k-fold accuracy, ROC, TAR@FAR, EDC, report."""
+    from qualiface.eval.benchmarks import lfw_benchmark
+
+    try:
+        bench = lfw_benchmark(data, pairs, folds=_parse_folds(folds))
+        features = _features(out, "lfw", model, device, bench.images, bench.ids, flip,
+                             batch_size, workers)
+        _finish_pairs(bench, features, out, qmagface, fit_qmagface)
+    except _errors() as exc:
+        raise fail(str(exc)) from None
+
+
+@app.command("bin")
+def bin_(
+    file: Path = typer.Argument(..., help="verification .bin (lfw.bin, cfp_fp.bin, agedb_30.bin ...)"),
+    model: Path = typer.Option(..., "--model", help="model package folder"),
+    out: Path = typer.Option(None, "--out", help="output folder (default eval-<name>)"),
+    flip: str = typer.Option("norm", "--flip", help=FLIP_HELP),
+    qmagface: Path = typer.Option(None, "--qmagface", help="QMagFace parameters (JSON) to apply"),
+    batch_size: int = typer.Option(64, "--batch-size"),
+    workers: int = typer.Option(0, "--workers", help="decoding processes"),
+    device: str = typer.Option("cpu", "--device"),
+) -> None:
+    """An InsightFace .bin pair set: 10-fold accuracy, ROC, TAR@FAR, EDC, report."""
+    from qualiface.eval.benchmarks import bin_benchmark
+
+    out = out or Path(f"eval-{file.stem}")
+    try:
+        bench = bin_benchmark(file)
+        features = _features(out, bench.name, model, device, bench.images, bench.ids, flip,
+                             batch_size, workers)
+        _finish_pairs(bench, features, out, qmagface, None)
+    except _errors() as exc:
+        raise fail(str(exc)) from None
+
+
+def _finish_ijb(protocol, features, out: Path, aggregation: str, quality_threshold,
+                detector_score: bool) -> None:
+    from qualiface.eval.ijb import IJBOptions, evaluate_ijb
+    from qualiface.eval.report import EvalReport, write_report
+
+    result = evaluate_ijb(protocol, features, IJBOptions(
+        aggregation=aggregation, quality_threshold=quality_threshold,
+        detector_score_weight=detector_score))
+    write_report(EvalReport(f"{protocol.name} ({aggregation})", result.metrics,
+                            {"cosine": result.roc}, result.edc_curves,
+                            {"pair template quality": {
+                                "genuine": result.pair_qualities[result.labels],
+                                "impostor": result.pair_qualities[~result.labels]}}), out)
+    _summary(result.metrics, out)
+
+
+@app.command("ijb")
+def ijb(
+    model: Path = typer.Option(..., "--model", help="model package folder"),
+    root: Path = typer.Option(..., "--root", help="IJB release folder (holding NAME/meta, NAME/loose_crop)"),
+    name: str = typer.Option("IJBC", "--name", help="IJBB or IJBC"),
+    out: Path = typer.Option(..., "--out", help="output folder"),
+    aggregation: str = typer.Option("norm", "--aggregation", help="mean, media, norm, qwfa, qwfaf"),
+    quality_threshold: float = typer.Option(None, "--quality-threshold", help="s_th for qwfaf"),
+    detector_score: bool = typer.Option(False, "--detector-score", help="weight by detector score"),
+    flip: str = typer.Option("norm", "--flip", help=FLIP_HELP),
+    batch_size: int = typer.Option(64, "--batch-size"),
+    workers: int = typer.Option(0, "--workers", help="decoding processes"),
+    device: str = typer.Option("cpu", "--device"),
+) -> None:
+    """IJB-B/C: 1:1 TAR@FAR over template pairs, 1:N rank-k and TPIR@FPIR, report."""
+    from qualiface.data.ijb import load_ijb
+    from qualiface.eval.ijb import ijb_images
+
+    try:
+        protocol = load_ijb(root, name)
+        features = _features(out, name.lower(), model, device, ijb_images(protocol),
+                             protocol.images, flip, batch_size, workers)
+        _finish_ijb(protocol, features, out, aggregation, quality_threshold, detector_score)
+    except _errors() as exc:
+        raise fail(str(exc)) from None
+
+
+@app.command("tinyface")
+def tinyface(
+    model: Path = typer.Option(..., "--model", help="model package folder"),
+    root: Path = typer.Option(..., "--root", help="TinyFace folder (Testing_Set or its parent)"),
+    out: Path = typer.Option(..., "--out", help="output folder"),
+    flip: str = typer.Option("norm", "--flip", help=FLIP_HELP),
+    batch_size: int = typer.Option(64, "--batch-size"),
+    workers: int = typer.Option(0, "--workers", help="decoding processes"),
+    device: str = typer.Option("cpu", "--device"),
+) -> None:
+    """TinyFace rank-1/5/10 (AdaFace protocol: probes vs gallery match + distractors)."""
+    from qualiface.data.tinyface import load_tinyface
+    from qualiface.eval.tinyface import tinyface_images
+
+    try:
+        protocol = load_tinyface(root)
+        features = _features(out, "tinyface", model, device, tinyface_images(protocol),
+                             protocol.all_paths, flip, batch_size, workers)
+        _finish_tinyface(protocol, features, out)
+    except _errors() as exc:
+        raise fail(str(exc)) from None
+
+
+def _finish_tinyface(protocol, features, out: Path) -> None:
+    from qualiface.eval.report import EvalReport, write_report
+    from qualiface.eval.tinyface import evaluate_tinyface
+
+    metrics = evaluate_tinyface(protocol, features)
+    write_report(EvalReport("TinyFace identification", metrics), out)
+    _summary(metrics, out)
+
+
+@app.command("features")
+def features_(
+    file: Path = typer.Argument(..., help="features file written by an eval run (.safetensors)"),
+    protocol: str = typer.Option(..., "--protocol", help="lfw, bin, ijb or tinyface"),
+    source: Path = typer.Option(..., "--source", help="protocol source: LFW folder, .bin, IJB root or TinyFace root"),
+    out: Path = typer.Option(..., "--out", help="output folder"),
+    pairs: Path = typer.Option(None, "--pairs", help="lfw: pairs file"),
+    folds: str = typer.Option(None, "--folds", help="lfw: protocol folds, e.g. 8,9,10"),
+    name: str = typer.Option("IJBC", "--name", help="ijb: IJBB or IJBC"),
+    aggregation: str = typer.Option("norm", "--aggregation", help="ijb: template aggregation"),
+    qmagface: Path = typer.Option(None, "--qmagface", help="QMagFace parameters (JSON) to apply"),
+) -> None:
+    """Evaluate precomputed per-image features (ids must match the protocol's images)."""
+    from qualiface.eval.features import FeatureSet
+
+    try:
+        features = FeatureSet.load(file)
+        if protocol == "lfw":
+            from qualiface.eval.benchmarks import lfw_benchmark
+
+            _finish_pairs(lfw_benchmark(source, pairs, folds=_parse_folds(folds)), features,
+                          out, qmagface, None)
+        elif protocol == "bin":
+            from qualiface.eval.benchmarks import bin_benchmark
+
+            _finish_pairs(bin_benchmark(source), features, out, qmagface, None)
+        elif protocol == "ijb":
+            from qualiface.data.ijb import load_ijb
+
+            _finish_ijb(load_ijb(source, name), features, out, aggregation, None, False)
+        elif protocol == "tinyface":
+            from qualiface.data.tinyface import load_tinyface
+
+            _finish_tinyface(load_tinyface(source), features, out)
+        else:
+            raise fail(f"unknown --protocol {protocol!r}; use lfw, bin, ijb or tinyface")
+    except _errors() as exc:
+        raise fail(str(exc)) from None
+
+
+@app.command("compare")
+def compare(
+    runs: list[Path] = typer.Argument(..., help="eval output folders"),
+    out: Path = typer.Option(..., "--out", help="output folder"),
+) -> None:
+    """Put eval runs side by side: metric table and overlaid ROC / EDC curves."""
+    from qualiface.eval.report import compare_runs
+
+    try:
+        compare_runs(runs, out)
+    except _errors() as exc:
+        raise fail(str(exc)) from None
+    console.print(f"comparison: {out / 'report.html'}")

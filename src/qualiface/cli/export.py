@@ -1,16 +1,150 @@
-"""`qualiface export ...`: Export a model package to ONNX (dynamic batch, embedding + quality)."""
+"""`qualiface export ...`: Export a model package to ONNX, or calibrate its quality on labelled pairs.
+
+- ``qualiface export onnx --model M --out model.onnx [--fp16] [--opset 17]``: float NCHW
+  normalised input, outputs ``embedding`` and ``quality``, dynamic batch; verified against
+  PyTorch with onnxruntime (max abs diff printed).
+- ``qualiface export calibrate --model M --pairs pairs.txt --images ROOT``: fits raw quality ->
+  P(pair verified correctly at the FMR threshold) and stores it in ``model.json``.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 
-from qualiface.cli.common import not_built_yet
+from qualiface.cli.common import console, fail
 
-app = typer.Typer(help="Export a model package to ONNX (dynamic batch, embedding + quality).", no_args_is_help=True)
+app = typer.Typer(
+    help="Export a model package to ONNX (dynamic batch, embedding + quality), or calibrate its quality.",
+    no_args_is_help=True,
+)
 
 
-@app.callback(invoke_without_command=True)
-def _group(ctx: typer.Context) -> None:
-    """Export a model package to ONNX (dynamic batch, embedding + quality)."""
-    if ctx.invoked_subcommand is None:
-        raise not_built_yet("export", 5)
+@app.command("onnx")
+def onnx_command(
+    model: Path = typer.Option(..., "--model", "-m", help="Model package directory."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output .onnx file."),
+    fp16: bool = typer.Option(False, "--fp16", help="float16 weights/compute (float32 input and outputs)."),
+    opset: int = typer.Option(17, "--opset", help="ONNX opset version."),
+    exporter: str = typer.Option("torchscript", "--exporter", help="torchscript (default) or dynamo."),
+) -> None:
+    """Export to ONNX and verify with onnxruntime against PyTorch on random inputs."""
+    from qualiface.infer.export import ExportError, export_onnx
+    from qualiface.infer.model import Model, ModelPackageError
+
+    try:
+        report = export_onnx(Model.load(model), out, fp16=fp16, opset=opset, exporter=exporter)
+    except (ModelPackageError, ExportError) as exc:
+        raise fail(str(exc)) from None
+    console.print(
+        f"wrote {report.path} ({'fp16' if fp16 else 'fp32'}, opset {report.opset}, {report.exporter}); "
+        f"onnxruntime vs PyTorch max abs diff: embedding {report.max_abs_diff_embedding:.2e}, "
+        f"quality {report.max_abs_diff_quality:.2e} (tolerance {report.tolerance:.1e}, batch sizes "
+        f"{', '.join(map(str, report.batch_sizes))})"
+    )
+
+
+def _parse_folds(text: str | None) -> list[int]:
+    if not text:
+        return []
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise fail(f"folds must be comma-separated integers, got {text!r}") from None
+
+
+def _embed_paths(loaded, paths: list[str], batch_size: int):
+    import torch
+
+    from qualiface.train.logging import make_progress
+
+    embeddings, qualities = [], []
+    with make_progress() as progress:
+        task = progress.add_task("embedding", total=len(paths))
+        for start in range(0, len(paths), batch_size):
+            chunk = paths[start : start + batch_size]
+            embedding, quality = loaded.embed(chunk, batch_size=batch_size)
+            embeddings.append(embedding)
+            qualities.append(quality)
+            progress.advance(task, len(chunk))
+    return torch.cat(embeddings).numpy(), torch.cat(qualities).numpy()
+
+
+@app.command("calibrate")
+def calibrate_command(
+    model: Path = typer.Option(..., "--model", "-m", help="Model package directory."),
+    pairs: Path = typer.Option(..., "--pairs", help="LFW-style pairs.txt."),
+    images: Path = typer.Option(..., "--images", help="Folder the pair image paths are relative to."),
+    folds: str | None = typer.Option(None, "--folds", help="Fit on these folds only, e.g. 1,2,3,4,5,6,7."),
+    holdout_folds: str | None = typer.Option(
+        None, "--holdout-folds", help="Report rejection thresholds on these folds (e.g. 8,9,10)."
+    ),
+    fmr: float = typer.Option(1e-2, "--fmr", help="Target false match rate fixing the operating threshold."),
+    method: str = typer.Option("isotonic", "--method", help="isotonic or logistic."),
+    out: Path | None = typer.Option(None, "--out", help="Write a calibrated copy here instead of updating in place."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1),
+    device: str = typer.Option("cpu", "--device"),
+) -> None:
+    """Calibrate raw quality on labelled pairs and store it in the package's model.json."""
+    import shutil
+
+    import numpy as np
+
+    from qualiface.data.decode import DataError
+    from qualiface.data.lfw import read_pairs
+    from qualiface.infer.calibrate import (
+        CalibrationError,
+        calibrate_from_pairs,
+        pair_outcomes,
+        rejection_threshold_for_fnmr,
+    )
+    from qualiface.infer.model import MODEL_JSON, WEIGHTS_FILE, Model, ModelPackageError, write_model_spec
+
+    try:
+        loaded = Model.load(model, device=device)
+        pair_set = read_pairs(pairs, images)
+        fit_folds, report_folds = _parse_folds(folds), _parse_folds(holdout_folds)
+        fit_set = pair_set.select_folds(*fit_folds) if fit_folds else pair_set
+        report_set = pair_set.select_folds(*report_folds) if report_folds else fit_set
+        paths, _, _ = pair_set.unique_images()
+        embeddings, quality = _embed_paths(loaded, paths, batch_size)
+        position = {path: i for i, path in enumerate(paths)}
+
+        def gather(subset):
+            i1 = np.array([position[p] for p in subset.paths1])
+            i2 = np.array([position[p] for p in subset.paths2])
+            return embeddings[i1], embeddings[i2], quality[i1], quality[i2], subset.issame
+
+        calibration = calibrate_from_pairs(*gather(fit_set), fmr=fmr, method=method)
+        e1, e2, q1, q2, issame = gather(report_set)
+        outcomes = pair_outcomes(e1, e2, issame, fmr)
+    except (ModelPackageError, DataError, CalibrationError, ValueError) as exc:
+        raise fail(str(exc)) from None
+
+    target = Path(out) if out else Path(model)
+    if out:
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(Path(model) / WEIGHTS_FILE, target / WEIGHTS_FILE)
+    loaded.spec.calibration = calibration
+    write_model_spec(target, loaded.spec)
+    console.print(
+        f"calibrated on {calibration.n_pairs} pairs: threshold {calibration.threshold:.4f} at FMR {fmr:g}, "
+        f"pair accuracy {calibration.accuracy:.3f}; wrote {target / MODEL_JSON}"
+    )
+    where = f"folds {holdout_folds}" if report_folds else "the fitting pairs (in-sample; use --holdout-folds)"
+    calibrated1, calibrated2 = calibration.apply(q1), calibration.apply(q2)
+    start_fnmr = float((outcomes.scores[issame] < calibration.threshold).mean()) if issame.any() else float("nan")
+    console.print(f"rejection thresholds on {where}; FNMR without rejection {start_fnmr:.4f}:")
+    for target_fnmr in (0.2, 0.1, 0.05, 0.02, 0.01):
+        try:
+            point = rejection_threshold_for_fnmr(
+                calibrated1, calibrated2, outcomes.scores, issame, calibration.threshold, target_fnmr
+            )
+        except CalibrationError:
+            console.print(f"  FNMR <= {target_fnmr:g}: not reachable on these pairs")
+            continue
+        console.print(
+            f"  FNMR <= {target_fnmr:g}: reject calibrated quality < {point.quality_threshold:.4f} "
+            f"(FNMR {point.fnmr:.4f}, {100 * point.rejected_fraction:.1f}% of genuine pairs rejected)"
+        )

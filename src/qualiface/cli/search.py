@@ -1,16 +1,162 @@
-"""`qualiface search ...`: 1:N gallery search: enrol templates, query top-k (exact or faiss)."""
+"""`qualiface search ...`: 1:N gallery search: enrol templates, query top-k (exact or faiss).
+
+- ``enrol EMB --gallery DIR``: build a gallery from an embed output (images of one identity
+  pooled into one template by quality-weighted aggregation).
+- ``query EMB --gallery DIR --k 5 --out FILE``: top-k template ids and cosine scores per row.
+- ``info --gallery DIR``: what a gallery holds.
+- ``aggregate FRAMES --out FILE``: per-track (video) templates from a per-frame table with
+  ``track_ids``, ``embeddings`` and ``quality`` (EQFace progressive update or QWFA / QWFAF);
+  the output is itself a table that ``enrol`` and ``query`` read.
+"""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import typer
 
-from qualiface.cli.common import not_built_yet
+from qualiface.cli.common import console, fail
 
 app = typer.Typer(help="1:N gallery search: enrol templates, query top-k (exact or faiss).", no_args_is_help=True)
 
+IDENTITY_RULES = ("id", "parent", "stem")
 
-@app.callback(invoke_without_command=True)
-def _group(ctx: typer.Context) -> None:
-    """1:N gallery search: enrol templates, query top-k (exact or faiss)."""
-    if ctx.invoked_subcommand is None:
-        raise not_built_yet("search", 5)
+
+def _identity(ids, rule: str):
+    import numpy as np
+
+    if rule == "id":
+        return np.asarray(ids).astype(str)
+    if rule == "parent":
+        return np.array([Path(i).parent.name or Path(i).stem for i in ids])
+    if rule == "stem":
+        return np.array([Path(i).stem for i in ids])
+    raise fail(f"--identity must be one of {', '.join(IDENTITY_RULES)}, got {rule!r}")
+
+
+@app.command("enrol")
+def enrol_command(
+    embeddings: Path = typer.Argument(..., help="Output of 'qualiface embed' (or 'search aggregate')."),
+    gallery: Path = typer.Option(..., "--gallery", "-g", help="Gallery folder to write."),
+    identity: str = typer.Option(
+        "parent", "--identity", help="Template id from each row id: parent (folder name), stem, or id."
+    ),
+    mode: str = typer.Option("qwfa", "--mode", help="Pooling of several images per identity: qwfa, mean, norm."),
+    backend: str = typer.Option("auto", "--backend", help="auto, exact, flat (faiss) or ivf (faiss)."),
+    nlist: int | None = typer.Option(None, "--nlist", help="IVF cells (default ~4 sqrt(N))."),
+    nprobe: int = typer.Option(8, "--nprobe", help="IVF cells visited per query (nlist = exact)."),
+) -> None:
+    """Enrol templates from an embedding table into a persisted gallery."""
+    import numpy as np
+
+    from qualiface.eval import EvaluationError
+    from qualiface.eval.aggregation import aggregate_templates
+    from qualiface.infer.io import TableError, read_table
+    from qualiface.infer.search import Gallery, GalleryError
+
+    try:
+        table = read_table(embeddings, required=("ids", "embeddings"))
+        names = _identity(table["ids"], identity)
+        raw = table["embeddings"] * table["norms"][:, None] if "norms" in table else table["embeddings"]
+        quality = table.get("quality")
+        if mode in ("qwfa", "qwfaf") and quality is None:
+            raise GalleryError(f"{embeddings}: --mode {mode} needs a 'quality' column")
+        pooled = aggregate_templates(raw, names, quality=quality, mode=mode)
+        template_quality = None
+        if quality is not None:
+            _, row = np.unique(names, return_inverse=True)
+            template_quality = np.bincount(row.ravel(), weights=quality).astype(np.float32)
+        result = Gallery.build(
+            pooled.ids, pooled.features, backend=backend, nlist=nlist, nprobe=nprobe, quality=template_quality,
+            metadata={"source": str(embeddings), "identity": identity, "mode": mode, "images": int(len(names))},
+        )
+        result.save(gallery)
+    except (TableError, GalleryError, EvaluationError) as exc:
+        raise fail(str(exc)) from None
+    console.print(
+        f"enrolled {result.size} templates from {len(names)} images into {gallery} (backend {result.backend})"
+    )
+
+
+@app.command("query")
+def query_command(
+    embeddings: Path = typer.Argument(..., help="Probe embeddings (output of 'qualiface embed')."),
+    gallery: Path = typer.Option(..., "--gallery", "-g", help="Gallery folder made by 'search enrol'."),
+    k: int = typer.Option(5, "--k", "-k", min=1, help="Results per probe."),
+    nprobe: int | None = typer.Option(None, "--nprobe", help="IVF cells to visit (overrides the stored value)."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Write ids, match_ids (Q,k), scores (Q,k) here."),
+    show: int = typer.Option(5, "--show", help="Print the results of this many probes."),
+) -> None:
+    """Top-k gallery templates for every probe embedding, with cosine scores."""
+    from qualiface.infer.io import TableError, read_table, write_table
+    from qualiface.infer.search import Gallery, GalleryError
+
+    try:
+        probes = read_table(embeddings, required=("ids", "embeddings"))
+        loaded = Gallery.load(gallery)
+        if nprobe is not None:
+            loaded.set_nprobe(nprobe)
+        result = loaded.search(probes["embeddings"], k=k)
+        if out is not None:
+            write_table(out, {"ids": probes["ids"], "match_ids": result.ids, "scores": result.scores})
+    except (TableError, GalleryError) as exc:
+        raise fail(str(exc)) from None
+    for row in range(min(show, len(probes["ids"]))):
+        matches = ", ".join(f"{i} ({s:.3f})" for i, s in zip(result.ids[row], result.scores[row]) if i)
+        console.print(f"{probes['ids'][row]}: {matches}")
+    if out is not None:
+        console.print(f"wrote top-{result.ids.shape[1]} results of {len(probes['ids'])} probes to {out}")
+
+
+@app.command("info")
+def info_command(gallery: Path = typer.Option(..., "--gallery", "-g", help="Gallery folder.")) -> None:
+    """Print what a gallery holds (backend, size, dimension, parameters)."""
+    from qualiface.infer.search import Gallery, GalleryError
+
+    try:
+        loaded = Gallery.load(gallery)
+    except GalleryError as exc:
+        raise fail(str(exc)) from None
+    typer.echo(json.dumps(loaded.info(), indent=2))
+
+
+@app.command("aggregate")
+def aggregate_command(
+    frames: Path = typer.Argument(..., help="Per-frame table with track_ids, embeddings, quality (in frame order)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Template table to write (ids, embeddings, quality, ...)."),
+    mode: str = typer.Option("progressive", "--mode", help="progressive (EQFace, streaming), qwfa, qwfaf or mean."),
+    feature_threshold: float = typer.Option(-1.0, "--f-th", help="progressive: min cosine frame vs template."),
+    quality_threshold: float = typer.Option(0.0, "--s-th", help="progressive/qwfaf: quality threshold."),
+    track_column: str = typer.Option("track_ids", "--track-column", help="Column holding the track id."),
+) -> None:
+    """Video templates: one per track, streaming (progressive) or whole-video (QWFA/QWFAF)."""
+    import numpy as np
+
+    from qualiface.eval import EvaluationError
+    from qualiface.infer.io import TableError, read_table, write_table
+    from qualiface.infer.stream import aggregate_tracks
+
+    try:
+        table = read_table(frames, required=(track_column, "embeddings", "quality"))
+        raw = table["embeddings"] * table["norms"][:, None] if "norms" in table else table["embeddings"]
+        templates = aggregate_tracks(
+            table[track_column], raw, table["quality"], mode=mode,
+            feature_threshold=feature_threshold, quality_threshold=quality_threshold,
+        )
+        if not templates:
+            raise TableError(f"{frames}: no track has an accepted frame (lower --s-th / --f-th?)")
+        write_table(
+            out,
+            {
+                "ids": np.array([str(t.track_id) for t in templates]),
+                "embeddings": np.stack([t.embedding for t in templates]),
+                "quality": np.array([t.quality for t in templates], dtype=np.float32),
+                "frames_seen": np.array([t.frames_seen for t in templates]),
+                "frames_used": np.array([t.frames_used for t in templates]),
+            },
+        )
+    except (TableError, EvaluationError, ValueError) as exc:
+        raise fail(str(exc)) from None
+    tracks = len(np.unique(table[track_column]))
+    console.print(f"wrote {len(templates)} templates ({mode}) for {tracks} tracks to {out}")

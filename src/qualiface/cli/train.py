@@ -2,9 +2,54 @@
 
 from __future__ import annotations
 
-from qualiface.cli.common import not_built_yet
+from pathlib import Path
+
+import typer
+
+from qualiface.cli.common import console, fail
 
 
-def command() -> None:
-    """Train a model from a YAML config with key=value overrides."""
-    raise not_built_yet("train", 4)
+def command(
+    ctx: typer.Context,
+    config: Path = typer.Argument(..., help="YAML config file (see configs/*.yaml)."),
+) -> None:
+    """Train a model from a YAML config with key=value overrides.
+
+    Overrides follow the config file as dotted key=value pairs, e.g.
+    `qualiface train configs/qcface_r50.yaml optim.lr=0.05 head.params.lambda_g=2 resume=true`
+    (`resume=true` is short for `train.resume=true`). Under torchrun every process runs this
+    same command; the classifier is then sharded across processes.
+    """
+    from qualiface.config import ConfigError, load_config, validate_components
+    from qualiface.registry import RegistryError
+    from qualiface.train.checkpoint import CheckpointError
+    from qualiface.train.data import DataError
+    from qualiface.train.loop import TrainingError, TrainingInterrupted, train
+    from qualiface.train.pipelines import PipelineError
+
+    overrides = [_expand_shortcut(arg) for arg in ctx.args]
+    for arg in overrides:
+        if "=" not in arg:
+            raise fail(f"unexpected argument '{arg}': overrides must look like key=value")
+    try:
+        cfg = load_config(config, overrides)
+        validate_components(cfg, source=str(config))
+        result = train(cfg)
+    except TrainingInterrupted as exc:
+        console.print(f"[yellow]{exc}[/]")
+        raise typer.Exit(128 + int(exc.signum)) from None
+    except (ConfigError, RegistryError, CheckpointError, DataError, TrainingError, PipelineError) as exc:
+        raise fail(str(exc)) from None
+    console.print(f"[bold green]done[/]: {result.global_step} steps; weights {result.final_weights}"
+                  + (f"; model package {result.model_package}" if result.model_package else ""))
+
+
+SHORTCUTS = ("resume", "steps", "epochs", "device", "precision", "output_dir", "seed", "batch_size")
+
+
+def _expand_shortcut(arg: str) -> str:
+    """``resume=true`` -> ``train.resume=true`` for the handful of everyday train keys."""
+    key, sep, value = arg.partition("=")
+    if sep and key in SHORTCUTS:
+        return f"train.{key}={value}"
+    return arg

@@ -1,0 +1,458 @@
+"""Typed training configuration: YAML in, ``key=value`` overrides, validated, saved with every run.
+
+A config is a tree of dataclasses (``TrainingConfig`` at the root). It is read with
+``yaml.safe_load``; every key must name a field (an unknown key is a ``ConfigError`` naming the
+key and the file), and every value is checked against the field's annotated type. Command-line
+overrides use dotted paths (``optim.lr=0.05``, ``head.params.lambda_g=2``); the value text is
+parsed as YAML (so ``true``, ``2``, ``[1, 2]`` work) and then type-checked the same way.
+
+Free-form sections (``model.params``, ``head.params``, ``data.params``) are plain dicts passed
+as keyword arguments to the component's constructor; ``validate_components`` checks their keys
+against the constructor signature so a typo fails before training starts, not hours in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used (unknown key, wrong type, bad value)."""
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass
+class ModelConfig:
+    """The backbone: registry name plus constructor keyword arguments."""
+
+    backbone: str = "iresnet50"
+    params: dict = field(default_factory=dict)
+
+
+@dataclass
+class HeadConfig:
+    """The head (loss + quality score): registry name plus constructor keyword arguments."""
+
+    name: str = "arcface"
+    params: dict = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    """Training data: a dataset registry name and its constructor keyword arguments.
+
+    ``cache``: ``auto`` decodes the whole set once into one uint8 tensor when it fits in
+    ``cache_max_gb`` (kept on the GPU when it also fits there), ``always``/``never`` force it.
+    """
+
+    name: str = "synthetic"
+    params: dict = field(default_factory=dict)
+    cache: str = "auto"
+    cache_max_gb: float = 8.0
+    num_workers: int = 4
+    flip: bool = True
+
+
+@dataclass
+class ValidationConfig:
+    """Held-out verification during training.
+
+    ``kind``: ``none``; ``synthetic`` (pairs from held-out synthetic identities, built with
+    ``params``); ``pairs`` (an LFW-style folder ``root`` with a ``pairs.txt`` (``pairs``), using
+    the folds listed in ``folds``, empty = all).
+    """
+
+    kind: str = "none"
+    params: dict = field(default_factory=dict)
+    num_pairs: int = 1000
+    root: str = ""
+    pairs: str = ""
+    folds: list = field(default_factory=list)
+    batch_size: int = 128
+    seed: int = 12345
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer. SGD uses ``momentum``; AdamW uses ``betas``/``eps``. Weight decay is applied
+    to weight matrices/kernels only (never to BN, biases or PReLU slopes)."""
+
+    name: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    nesterov: bool = False
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning rate as a pure function of the optimizer step (see ``train.schedule``).
+
+    ``kind``: ``poly`` | ``cosine`` | ``step`` | ``constant``. Warm-up is linear from 0 over
+    ``warmup_epochs`` (or ``warmup_steps`` when > 0). ``milestones`` are in epochs (``step``).
+    """
+
+    kind: str = "poly"
+    warmup_epochs: float = 0.0
+    warmup_steps: int = 0
+    power: float = 2.0
+    min_lr: float = 0.0
+    milestones: list = field(default_factory=list)
+    gamma: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    """The loop itself. ``batch_size`` is the micro-batch per process; one optimizer step sees
+    ``batch_size * grad_accum * world_size`` images. ``steps > 0`` overrides ``epochs``."""
+
+    epochs: float = 20.0
+    steps: int = 0
+    batch_size: int = 128
+    grad_accum: int = 1
+    precision: str = "auto"
+    channels_last: bool = False
+    compile: bool = False
+    clip_grad_norm: float = 0.0
+    seed: int = 0
+    device: str = "auto"
+    output_dir: str = "runs/train"
+    checkpoint_every: int = 1000
+    eval_every: int = 0
+    log_every: int = 50
+    resume: bool = False
+    max_nonfinite_steps: int = 20
+    progress: bool = True
+
+
+@dataclass
+class EQFacePipelineConfig:
+    """EQFace's three steps. Step 1 uses ``train.epochs``/``train.steps``; steps 2 and 3 have
+    their own lengths and learning rates. ``s_th > 0`` turns on QWDF: after step 2, training
+    samples with quality below ``s_th`` are dropped for step 3."""
+
+    branch_epochs: float = 1.0
+    branch_steps: int = 0
+    branch_lr: float = 0.01
+    finetune_epochs: float = 1.0
+    finetune_steps: int = 0
+    finetune_lr: float = 0.01
+    s_th: float = 0.0
+
+
+@dataclass
+class QGFacePipelineConfig:
+    """QGFace joint training: the low-quality view comes from the degradation preset
+    ``lq_preset`` (see ``qualiface.data.degrade``)."""
+
+    lq_preset: str = "qgface"
+
+
+@dataclass
+class QCFacePipelineConfig:
+    """QCFace warm-up: plain margin training for ``warmup_epochs`` (or ``warmup_steps`` when
+    > 0), then the norm regulariser (``head.norm_phase``) is switched on."""
+
+    warmup_epochs: float = 0.0
+    warmup_steps: int = 0
+
+
+@dataclass
+class PipelineConfig:
+    """Method pipeline: ``none`` | ``eqface`` | ``qgface`` | ``qcface``."""
+
+    name: str = "none"
+    eqface: EQFacePipelineConfig = field(default_factory=EQFacePipelineConfig)
+    qgface: QGFacePipelineConfig = field(default_factory=QGFacePipelineConfig)
+    qcface: QCFacePipelineConfig = field(default_factory=QCFacePipelineConfig)
+
+
+@dataclass
+class DistributedConfig:
+    """Multi-process options. ``sample_rate < 1`` samples negative class centres (Partial FC)."""
+
+    sample_rate: float = 1.0
+    backend: str = "auto"
+
+
+@dataclass
+class TrainingConfig:
+    """The whole training configuration (root of ``configs/*.yaml``)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    val: ValidationConfig = field(default_factory=ValidationConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.cache": ("auto", "always", "never"),
+    "val.kind": ("none", "synthetic", "pairs"),
+    "optim.name": ("sgd", "adamw"),
+    "schedule.kind": ("poly", "cosine", "step", "constant"),
+    "train.precision": ("auto", "fp32", "bf16", "fp16"),
+    "pipeline.name": ("none", "eqface", "qgface", "qcface"),
+    "distributed.backend": ("auto", "nccl", "gloo"),
+}
+
+
+# --------------------------------------------------------------------------- type checking
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotated type ``tp``; return it (ints widen to float)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{where}: {value!r} does not match {tp}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{where}: expected null, got {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # e.g. a numeric folder name
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    if tp is list or origin is list:
+        if isinstance(value, (list, tuple)):
+            args = typing.get_args(tp)
+            if args:
+                return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+            return list(value)
+        raise ConfigError(f"{where}: expected a list, got {value!r}")
+    if tp is dict or origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+    raise ConfigError(f"{where}: unsupported field type {_type_name(tp)}")  # pragma: no cover
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    """Build dataclass ``cls`` from a mapping, recursing into nested sections."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            known = ", ".join(sorted(names))
+            raise ConfigError(f"unknown key '{path}' (known in this section: {known})")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, path)
+        else:
+            kwargs[key] = _coerce(value, tp, path)
+    return cls(**kwargs)
+
+
+def _check_choices(cfg: TrainingConfig) -> None:
+    for path, allowed in CHOICES.items():
+        value = get_value(cfg, path)
+        if value not in allowed:
+            raise ConfigError(f"{path}: '{value}' is not one of {', '.join(allowed)}")
+    t = cfg.train
+    positive = {
+        "train.batch_size": t.batch_size,
+        "train.grad_accum": t.grad_accum,
+        "train.log_every": t.log_every,
+        "train.max_nonfinite_steps": t.max_nonfinite_steps,
+    }
+    for path, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{path} must be >= 1, got {value}")
+    if t.steps < 0 or t.epochs < 0 or (t.steps == 0 and t.epochs <= 0):
+        raise ConfigError("train: set epochs > 0 or steps > 0")
+    if not 0.0 < cfg.distributed.sample_rate <= 1.0:
+        raise ConfigError(f"distributed.sample_rate must be in (0, 1], got {cfg.distributed.sample_rate}")
+    if cfg.optim.lr <= 0:
+        raise ConfigError(f"optim.lr must be > 0, got {cfg.optim.lr}")
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def from_dict(data: dict, *, source: str = "config") -> TrainingConfig:
+    """Build and check a config from a plain dict; errors name ``source`` (usually the file)."""
+    try:
+        cfg = _build(TrainingConfig, data, "")
+        _check_choices(cfg)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    return cfg
+
+
+def to_dict(cfg: TrainingConfig) -> dict:
+    """The config as plain dicts/lists/scalars (what ``save_config`` and checkpoints store)."""
+    return dataclasses.asdict(cfg)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``'optim.lr=0.05'`` -> ``('optim.lr', 0.05)``; the value is parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override '{text}' is not of the form key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{text}': cannot parse value: {exc}") from None
+    return key, value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply dotted ``key=value`` overrides to a raw config dict (returns a new dict).
+
+    Validation happens when the result is built with ``from_dict``; a path through a typed
+    section that does not exist is reported there with the full dotted key.
+    """
+    import copy
+
+    data = copy.deepcopy(data) if data else {}
+    for text in overrides:
+        key, value = parse_override(text)
+        parts = key.split(".")
+        node = data
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"override '{text}': '{part}' is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainingConfig:
+    """Read a YAML config file, apply ``key=value`` overrides, validate types and choices."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    source = str(path)
+    if overrides:
+        source += " (with overrides " + " ".join(overrides) + ")"
+        data = apply_overrides(data, overrides)
+    return from_dict(data, source=source)
+
+
+def save_config(cfg: TrainingConfig, path: str | Path) -> None:
+    """Write the config as YAML (every field, defaults included) so a run is reproducible."""
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def get_value(cfg: Any, dotted: str) -> Any:
+    """``get_value(cfg, 'optim.lr')``."""
+    node = cfg
+    for part in dotted.split("."):
+        node = node[part] if isinstance(node, dict) else getattr(node, part)
+    return node
+
+
+def check_params(factory: Any, params: dict, *, what: str, reserved: tuple[str, ...] = ()) -> None:
+    """Check ``params`` keys against ``factory``'s signature (``reserved`` are set by the trainer).
+
+    Raises ``ConfigError`` naming the first unknown or reserved key and listing the valid ones.
+    """
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):  # builtins without a signature: nothing to check
+        return
+    parameters = signature.parameters
+    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    valid = [
+        name
+        for name, p in parameters.items()
+        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        and name not in reserved
+        and name != "self"
+    ]
+    for key in params:
+        if key in reserved:
+            raise ConfigError(f"{what}: '{key}' is set by the trainer; remove it from the config")
+        if key not in valid and not accepts_any:
+            raise ConfigError(
+                f"{what}: unknown parameter '{key}' (valid: {', '.join(valid) or 'none'})"
+            )
+
+
+def validate_components(cfg: TrainingConfig, *, source: str = "config") -> None:
+    """Check registry names and free-form params against the real constructors.
+
+    Imports the backbone, head and dataset families (torch), so it is separate from parsing.
+    """
+    from qualiface.backbones import BACKBONES
+    from qualiface.backbones import _load_all as load_backbones
+    from qualiface.data import DATASETS
+    from qualiface.data import _load_all as load_datasets
+    from qualiface.heads import HEADS
+    from qualiface.heads import _load_all as load_heads
+    from qualiface.registry import RegistryError
+
+    load_backbones()
+    load_heads()
+    load_datasets()
+    try:
+        check_params(BACKBONES.get(cfg.model.backbone), cfg.model.params, what="model.params")
+        check_params(
+            HEADS.get(cfg.head.name),
+            cfg.head.params,
+            what=f"head.params ({cfg.head.name})",
+            reserved=("embedding_size", "num_classes"),
+        )
+        check_params(DATASETS.get(cfg.data.name), cfg.data.params, what="data.params")
+    except (ConfigError, RegistryError) as exc:
+        raise ConfigError(f"{source}: {exc}") from None

@@ -1,0 +1,209 @@
+"""LFW ``pairs.txt`` parsing: the verification protocol as a typed list of image pairs with folds.
+
+View 2 (``pairs.txt``): a header ``10 300`` then 10 folds, each 300 matched lines ``name i j``
+followed by 300 mismatched lines ``name1 i name2 j``. View 1 (``pairsDevTrain.txt``): a header
+with one number ``N``, then N matched and N mismatched lines (read as a single fold). A file
+without a header is read as one fold with matched/mismatched told apart by the field count.
+Image ``i`` of ``name`` is ``<name>/<name>_<i:04d>.jpg``.
+
+Folds are numbered as in the official protocol, **1-based** (``fold == 8`` is the eighth
+fold), so the project's test split is ``pairs.select_folds(8, 9, 10)``.
+
+``LFWPairs.unique_images()`` gives each image once plus index pairs into that list, so
+features are extracted once per image rather than once per pair side; ``resolve(root)``
+checks every image exists under an image folder and reports all missing ones at once.
+Malformed files raise ``PairsFormatError`` naming the file and line.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from qualiface.data.decode import DataError
+
+# Bounded digit counts keep int() cheap and far from Python's int/str conversion limit.
+_NUMBER = re.compile(r"[0-9]{1,9}")
+
+
+class PairsFormatError(DataError):
+    """A pairs file that does not follow the LFW layout (names the file and line)."""
+
+
+class MissingImagesError(DataError):
+    """Images referenced by a pairs file that do not exist under the image folder."""
+
+    def __init__(self, message: str, missing: list[str]) -> None:
+        super().__init__(message)
+        self.missing = missing
+
+
+def lfw_image_path(name: str, number: int, extension: str = "jpg") -> str:
+    """Relative path of image ``number`` of ``name``: ``<name>/<name>_<number:04d>.<ext>``."""
+    return f"{name}/{name}_{number:04d}.{extension}"
+
+
+@dataclass(frozen=True)
+class LFWPairs:
+    """Verification pairs.
+
+    paths1, paths2: image paths of each pair's two sides (relative to the image folder until
+        ``resolve`` makes them absolute).
+    issame: (P,) bool, True for matched pairs.
+    fold:   (P,) int64, official 1-based fold number.
+    source: where the pairs came from (for messages).
+    """
+
+    paths1: tuple[str, ...]
+    paths2: tuple[str, ...]
+    issame: np.ndarray
+    fold: np.ndarray
+    source: str = "<pairs>"
+
+    def __len__(self) -> int:
+        return len(self.paths1)
+
+    @property
+    def folds(self) -> list[int]:
+        """The fold numbers present, ascending."""
+        return sorted(int(f) for f in np.unique(self.fold))
+
+    def select_folds(self, *folds: int) -> LFWPairs:
+        """Only the pairs of the given (1-based) folds, in file order."""
+        unknown = set(folds) - set(self.folds)
+        if unknown:
+            raise ValueError(f"{self.source}: no fold(s) {sorted(unknown)}; folds are "
+                             f"{self.folds}")
+        keep = np.isin(self.fold, list(folds))
+        index = np.flatnonzero(keep)
+        return replace(self, paths1=tuple(self.paths1[i] for i in index),
+                       paths2=tuple(self.paths2[i] for i in index),
+                       issame=self.issame[keep], fold=self.fold[keep])
+
+    def unique_images(self) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """``(images, index1, index2)``: each path once (first-seen order) and (P,) int64
+        indices such that pair ``k`` is ``images[index1[k]], images[index2[k]]``."""
+        position: dict[str, int] = {}
+        for first, second in zip(self.paths1, self.paths2):  # reading order of the file
+            position.setdefault(first, len(position))
+            position.setdefault(second, len(position))
+        index1 = np.fromiter((position[p] for p in self.paths1), np.int64, len(self))
+        index2 = np.fromiter((position[p] for p in self.paths2), np.int64, len(self))
+        return list(position), index1, index2
+
+    def missing_images(self, image_root: str | os.PathLike) -> list[str]:
+        """Relative paths (unique, first-seen order) that do not exist under ``image_root``."""
+        root = Path(image_root)
+        images, _, _ = self.unique_images()
+        return [path for path in images if not (root / path).is_file()]
+
+    def resolve(self, image_root: str | os.PathLike) -> LFWPairs:
+        """Paths made absolute under ``image_root``; ``MissingImagesError`` lists any missing."""
+        root = Path(image_root)
+        if not root.is_dir():
+            raise MissingImagesError(f"{root}: image folder not found", [])
+        missing = self.missing_images(root)
+        if missing:
+            total = len(self.unique_images()[0])
+            shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+            raise MissingImagesError(f"{root}: {len(missing)} of {total} images named in "
+                                     f"{self.source} are missing: {shown}", missing)
+        base = os.path.abspath(root)
+        return replace(self, paths1=tuple(os.path.join(base, p) for p in self.paths1),
+                       paths2=tuple(os.path.join(base, p) for p in self.paths2))
+
+
+def _parse_number(token: str, where: str, what: str) -> int:
+    if not _NUMBER.fullmatch(token):
+        raise PairsFormatError(f"{where}: {what} {token[:40]!r} is not a positive integer")
+    value = int(token)
+    if value < 1:
+        raise PairsFormatError(f"{where}: {what} must be >= 1, got {value}")
+    return value
+
+
+def _check_name(token: str, where: str) -> str:
+    # Names become folder names: refuse anything that could walk out of the image folder.
+    if token in (".", "..") or "/" in token or "\\" in token or "\0" in token:
+        raise PairsFormatError(f"{where}: {token[:40]!r} is not a valid person name")
+    return token
+
+
+def parse_pairs_text(text: str, *, source: str = "<text>", extension: str = "jpg") -> LFWPairs:
+    """Parse the text of a pairs file (see the module docstring for accepted layouts)."""
+    rows: list[tuple[int, list[str]]] = [
+        (number, line.split()) for number, line in enumerate(text.splitlines(), start=1)
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    if not rows:
+        raise PairsFormatError(f"{source}: no pairs (empty file)")
+    header: tuple[int, int] | None = None
+    first_number, first_fields = rows[0]
+    if len(first_fields) in (1, 2):
+        where = f"{source}:{first_number}"
+        values = [_parse_number(token, where, "header value") for token in first_fields]
+        header = (values[0], values[1]) if len(values) == 2 else (1, values[0])
+        rows = rows[1:]
+    paths1: list[str] = []
+    paths2: list[str] = []
+    issame: list[bool] = []
+    for line_number, fields in rows:
+        where = f"{source}:{line_number}"
+        if len(fields) == 3:
+            name = _check_name(fields[0], where)
+            paths1.append(lfw_image_path(name, _parse_number(fields[1], where, "image number"),
+                                         extension))
+            paths2.append(lfw_image_path(name, _parse_number(fields[2], where, "image number"),
+                                         extension))
+            issame.append(True)
+        elif len(fields) == 4:
+            name1, name2 = _check_name(fields[0], where), _check_name(fields[2], where)
+            paths1.append(lfw_image_path(name1, _parse_number(fields[1], where, "image number"),
+                                         extension))
+            paths2.append(lfw_image_path(name2, _parse_number(fields[3], where, "image number"),
+                                         extension))
+            issame.append(False)
+        else:
+            raise PairsFormatError(f"{where}: expected 'name i j' or 'name1 i name2 j', got "
+                                   f"{len(fields)} fields")
+    if not issame:
+        raise PairsFormatError(f"{source}: header but no pairs")
+    if header is None:
+        fold = np.ones(len(issame), dtype=np.int64)
+    else:
+        folds, per_side = header
+        expected = folds * 2 * per_side
+        if len(issame) != expected:
+            raise PairsFormatError(f"{source}:{first_number}: header says {folds} fold(s) of "
+                                   f"{per_side} matched + {per_side} mismatched pairs "
+                                   f"({expected} lines), the file has {len(issame)}")
+        # Within a fold the first per_side lines are matched, the next per_side mismatched.
+        position = np.arange(expected)
+        should_match = (position % (2 * per_side)) < per_side
+        wrong = np.flatnonzero(should_match != np.asarray(issame))
+        if wrong.size:
+            bad = int(wrong[0])
+            kind = "matched ('name i j')" if should_match[bad] else "mismatched ('name1 i name2 j')"
+            raise PairsFormatError(f"{source}:{rows[bad][0]}: fold {bad // (2 * per_side) + 1} "
+                                   f"expects a {kind} pair on this line")
+        fold = position // (2 * per_side) + 1
+    return LFWPairs(tuple(paths1), tuple(paths2), np.asarray(issame, dtype=bool),
+                    fold.astype(np.int64), source)
+
+
+def read_pairs(path: str | os.PathLike, image_root: str | os.PathLike | None = None, *,
+               extension: str = "jpg") -> LFWPairs:
+    """Read a pairs file; with ``image_root`` the paths are resolved and checked to exist."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise PairsFormatError(f"{path}: pairs file not found") from None
+    except UnicodeDecodeError as exc:
+        raise PairsFormatError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    pairs = parse_pairs_text(text, source=str(path), extension=extension)
+    return pairs.resolve(image_root) if image_root is not None else pairs

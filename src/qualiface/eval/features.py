@@ -1,0 +1,300 @@
+"""Feature extraction for benchmarks: batched, cached, with flip-test fusion.
+
+Any ``embed_fn(images) -> (features, quality)`` works (uint8 (B, 3, H, W) RGB in; raw,
+*unnormalised* features (B, D) and a quality score (B,) out, torch or numpy), so evaluation does
+not depend on how a model is packaged; ``model_embed_fn(path)`` adapts a model package.
+
+Flip test (``flip``), with ``f = n u`` a raw feature (norm ``n``, unit direction ``u``) of the
+image and ``f' = n' u'`` of its horizontal mirror:
+
+- ``none``: ``f`` only (half the compute).
+- ``sum``:  ``f + f'`` (what the InsightFace evaluation scripts do). The direction is the
+  norm-weighted mean of the two directions, but the norm roughly doubles and shrinks when the
+  two views disagree, so norm-based quality changes scale.
+- ``norm``: norm-preserving fusion: the direction of ``n u + n' u'`` (the same norm-weighted
+  direction as ``sum``, as in AdaFace's fusion) rescaled to the mean norm ``(n + n') / 2``, so a
+  fused feature keeps the norm scale of a single view and MagFace-style norm qualities, norm
+  weighting and QMagFace keep their meaning.
+
+The quality of a fused sample is the mean of the two views' qualities in both fused modes.
+
+Results are a ``FeatureSet`` (image ids, raw features, quality) saved as safetensors (ids and
+options in the header metadata). ``cached_features`` keys the file by a hash of the model
+identity, the benchmark, the image list and the options, so changing any of them recomputes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from qualiface.eval import EvaluationError
+
+FLIP_MODES = ("none", "sum", "norm")
+EmbedFn = Callable[..., tuple]
+_FORMAT = "qualiface-features-v1"
+
+
+@dataclass
+class FeatureSet:
+    """Per-image features of one benchmark.
+
+    ids: image ids (N,) (paths relative to the benchmark root, or ``"<index>"``);
+    features: (N, D) float32 raw (unnormalised); quality: (N,) float32; meta: options used.
+    """
+
+    ids: list[str]
+    features: np.ndarray
+    quality: np.ndarray
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.features = np.ascontiguousarray(self.features, dtype=np.float32)
+        self.quality = np.ascontiguousarray(self.quality, dtype=np.float32).reshape(-1)
+        n = len(self.ids)
+        if self.features.ndim != 2 or len(self.features) != n or len(self.quality) != n:
+            raise EvaluationError(f"FeatureSet: {n} ids, features {self.features.shape}, "
+                                  f"quality {self.quality.shape} do not match")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def rows(self, ids: Sequence[str]) -> np.ndarray:
+        """Row index of each id (K,); ``EvaluationError`` names the first id not present."""
+        position = {image_id: i for i, image_id in enumerate(self.ids)}
+        try:
+            return np.fromiter((position[i] for i in ids), np.int64, len(ids))
+        except KeyError as exc:
+            raise EvaluationError(f"features have no image {exc.args[0]!r}") from None
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write as safetensors (atomically); ids and meta go in the header metadata."""
+        from safetensors.numpy import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temp = path.with_name(f".{path.name}.tmp")
+        save_file({"features": self.features, "quality": self.quality}, str(temp),
+                  metadata={"format": _FORMAT, "ids": json.dumps(self.ids),
+                            "meta": json.dumps(self.meta)})
+        os.replace(temp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> FeatureSet:
+        """Read a file written by ``save``; errors name the file and the problem."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise EvaluationError(f"{path}: features file not found")
+        try:
+            with safe_open(str(path), framework="numpy") as handle:
+                metadata = handle.metadata() or {}
+                if metadata.get("format") != _FORMAT:
+                    raise EvaluationError(f"{path}: not a qualiface features file (format "
+                                          f"{metadata.get('format')!r})")
+                features = handle.get_tensor("features")
+                quality = handle.get_tensor("quality")
+            ids = json.loads(metadata["ids"])
+            meta = json.loads(metadata.get("meta", "{}"))
+        except EvaluationError:
+            raise
+        except Exception as exc:  # safetensors raises several unrelated types
+            raise EvaluationError(f"{path}: unreadable features file ({exc})") from None
+        return cls(ids, features, quality, meta)
+
+
+def fuse_flip(features, quality, flipped_features, flipped_quality, mode: str):
+    """Fuse the features (B, D) and qualities (B,) of images and their mirrors (see module doc)."""
+    features = np.asarray(features, dtype=np.float32)
+    flipped_features = np.asarray(flipped_features, dtype=np.float32)
+    quality = np.asarray(quality, dtype=np.float32).reshape(-1)
+    flipped_quality = np.asarray(flipped_quality, dtype=np.float32).reshape(-1)
+    if mode == "none":
+        return features, quality
+    fused_quality = 0.5 * (quality + flipped_quality)
+    total = features + flipped_features
+    if mode == "sum":
+        return total, fused_quality
+    if mode == "norm":
+        mean_norm = 0.5 * (np.linalg.norm(features, axis=1) + np.linalg.norm(flipped_features, axis=1))
+        scale = mean_norm / np.maximum(np.linalg.norm(total, axis=1), 1e-12)
+        return total * scale[:, None], fused_quality
+    raise EvaluationError(f"unknown flip mode {mode!r}; known: {', '.join(FLIP_MODES)}")
+
+
+def _to_numpy(value) -> np.ndarray:
+    if hasattr(value, "detach"):
+        value = value.detach().float().cpu().numpy()
+    return np.asarray(value, dtype=np.float32)
+
+
+def _first_item(batch):
+    """Collate items that are images or (image, ...) tuples into a uint8 (B, 3, H, W) batch."""
+    import torch
+
+    images = [item[0] if isinstance(item, (tuple, list)) else item for item in batch]
+    return torch.stack(images)
+
+
+def progress_bar(enabled: bool = True):
+    """A rich progress bar with count, rate (images/s) and ETA, on stderr."""
+    from rich.console import Console
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn,
+                               TextColumn, TimeElapsedColumn, TimeRemainingColumn)
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TaskProgressColumn(), TextColumn("{task.fields[rate]} img/s"),
+                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                    console=Console(stderr=True), disable=not enabled)
+
+
+def extract_features(images, embed_fn: EmbedFn, *, ids: Sequence[str] | None = None,
+                     flip: str = "none", batch_size: int = 64, num_workers: int = 0,
+                     progress: bool = True, description: str = "embedding",
+                     meta: dict | None = None) -> FeatureSet:
+    """Embed every image of ``images`` -> ``FeatureSet``.
+
+    images: a dataset (``len`` + indexing) whose items are uint8 (3, H, W) RGB tensors or tuples
+    starting with one, all the same size; ids: one id per image (default ``"0"``, ``"1"``...).
+    flip: ``none`` / ``sum`` / ``norm`` (module docstring). Decoding runs in ``num_workers``
+    DataLoader processes; the embedding runs here in batches of ``batch_size``.
+    """
+    import time
+
+    import torch
+
+    if flip not in FLIP_MODES:
+        raise EvaluationError(f"unknown flip mode {flip!r}; known: {', '.join(FLIP_MODES)}")
+    total = len(images)
+    if total == 0:
+        raise EvaluationError("no images to embed")
+    ids = [str(i) for i in range(total)] if ids is None else [str(i) for i in ids]
+    if len(ids) != total:
+        raise EvaluationError(f"{len(ids)} ids for {total} images")
+    loader = torch.utils.data.DataLoader(images, batch_size=batch_size, shuffle=False,
+                                         num_workers=num_workers, collate_fn=_first_item)
+    features, qualities = [], []
+    started = time.perf_counter()
+    with progress_bar(progress) as bar:
+        task = bar.add_task(description, total=total, rate="-")
+        done = 0
+        for batch in loader:
+            if batch.dtype != torch.uint8 or batch.dim() != 4 or batch.shape[1] != 3:
+                raise EvaluationError(f"{description}: expected uint8 (B, 3, H, W) images, got "
+                                      f"{batch.dtype} {tuple(batch.shape)}")
+            feats, quality = (_to_numpy(v) for v in embed_fn(batch))
+            if flip != "none":
+                mirror_feats, mirror_quality = (_to_numpy(v) for v in embed_fn(batch.flip(-1)))
+                feats, quality = fuse_flip(feats, quality, mirror_feats, mirror_quality, flip)
+            features.append(feats)
+            qualities.append(quality.reshape(-1))
+            done += len(batch)
+            rate = done / max(time.perf_counter() - started, 1e-9)
+            bar.update(task, advance=len(batch), rate=f"{rate:7.1f}")
+    return FeatureSet(ids, np.concatenate(features), np.concatenate(qualities),
+                      {"flip": flip, **(meta or {})})
+
+
+def cache_key(**parts) -> str:
+    """A stable hex digest of the JSON of ``parts`` (model id, benchmark, options, image ids)."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def cached_features(cache_dir: str | os.PathLike | None, name: str, key_parts: dict,
+                    compute: Callable[[], FeatureSet]) -> FeatureSet:
+    """Load ``<cache_dir>/<name>-<key>.safetensors`` if present, else ``compute()`` and save it.
+
+    ``key_parts`` must hold everything that changes the features (model identity, flip mode,
+    the image ids or a digest of them, preprocessing options). ``cache_dir=None`` disables it.
+    """
+    if cache_dir is None:
+        return compute()
+    key = cache_key(**key_parts)
+    path = Path(cache_dir) / f"{name}-{key[:20]}.safetensors"
+    if path.is_file():
+        cached = FeatureSet.load(path)
+        if cached.meta.get("cache_key") == key:
+            return cached
+    result = compute()
+    result.meta = {**result.meta, "cache_key": key}
+    result.save(path)
+    return result
+
+
+def ids_digest(ids: Sequence[str]) -> str:
+    """Digest of an image list (keeps cache keys short for 469k IJB-C images)."""
+    return hashlib.sha256("\n".join(ids).encode()).hexdigest()
+
+
+def model_identity(path: str | os.PathLike) -> str:
+    """A content hash of a model package folder (every file, sorted by name)."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    digest = hashlib.sha256()
+    for item in sorted(p for p in folder.iterdir() if p.is_file()):
+        digest.update(item.name.encode())
+        with item.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def model_embed_fn(path: str | os.PathLike, device: str = "cpu") -> tuple[EmbedFn, str]:
+    """Load a model package -> ``(embed_fn, model_id)`` for ``extract_features``."""
+    from qualiface.infer.model import Model
+
+    model = Model.load(path, device=device)
+
+    def embed(images):
+        return model.embed(images, batch_size=len(images))
+
+    return embed, model_identity(path)
+
+
+class ImageFiles:
+    """A dataset over image files: item ``i`` is ``read_image(paths[i])`` as uint8 (3, H, W).
+
+    ``transform``: optional callable on the decoded image (e.g. resize, landmark alignment
+    taking ``(image, index)`` when ``pass_index``). Errors name the file.
+    """
+
+    def __init__(self, paths: Sequence[str | os.PathLike], transform=None, *,
+                 pass_index: bool = False) -> None:
+        self.paths = [str(p) for p in paths]
+        self.transform = transform
+        self.pass_index = pass_index
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        from qualiface.data.decode import read_image
+
+        image = read_image(self.paths[index])
+        if self.transform is not None:
+            image = self.transform(image, index) if self.pass_index else self.transform(image)
+        return image
+
+
+def resize_to(size: int = 112):
+    """A transform resizing uint8 (3, H, W) to (3, size, size) (bilinear, antialiased)."""
+
+    def resize(image):
+        import torch.nn.functional as F
+
+        if image.shape[-2:] == (size, size):
+            return image
+        resized = F.interpolate(image[None].float(), size=(size, size), mode="bilinear",
+                                align_corners=False, antialias=True)
+        return resized[0].round().clamp(0, 255).to(image.dtype)
+
+    return resize

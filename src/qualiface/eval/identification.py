@@ -1,0 +1,104 @@
+"""1:N identification: rank-k (CMC) and TPIR at FPIR, for IJB-B/C 1:N and TinyFace.
+
+A probe is *mated* when its subject has at least one gallery entry. Its rank is 1 + the number
+of non-mated gallery entries scoring at least as high as its best mated entry (ties count
+against the probe: a tie is not a success). Rank-k accuracy is the fraction of mated probes with
+rank <= k (closed-set CMC over mated probes; TinyFace's distractors simply make that harder).
+
+Open-set TPIR at FPIR ``f`` (IJB 1:N, NIST FRVT style): the threshold is the lowest one at which
+at most a fraction ``f`` of the *non-mated* probes have a top gallery score >= threshold; TPIR
+is the fraction of mated probes whose best mated entry is at rank 1 and scores >= threshold.
+NaN when there are fewer than ``1 / f`` non-mated probes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from qualiface.eval import EvaluationError
+
+
+@dataclass
+class SearchResult:
+    """Per-probe outcome of searching a gallery.
+
+    ranks: (P,) rank of the best mated entry (1 = first), 0 for probes without a mate.
+    mated_scores: (P,) score of the best mated entry (-inf without a mate).
+    top_scores: (P,) highest score over the whole gallery.
+    """
+
+    ranks: np.ndarray
+    mated_scores: np.ndarray
+    top_scores: np.ndarray
+
+    @property
+    def has_mate(self) -> np.ndarray:
+        return self.ranks > 0
+
+
+def search(probe_features, probe_labels, gallery_features, gallery_labels,
+           *, chunk: int = 512) -> SearchResult:
+    """Score unit probes (P, D) against a unit gallery (G, D) in probe chunks -> ``SearchResult``.
+
+    Labels are subject ids (any integers); a gallery label never used by a probe (e.g. -1 for
+    TinyFace distractors) is never a mate.
+    """
+    import torch
+
+    probes = torch.from_numpy(np.ascontiguousarray(probe_features, dtype=np.float32))
+    gallery = torch.from_numpy(np.ascontiguousarray(gallery_features, dtype=np.float32))
+    probe_labels = torch.from_numpy(np.asarray(probe_labels, dtype=np.int64))
+    gallery_labels = torch.from_numpy(np.asarray(gallery_labels, dtype=np.int64))
+    if probes.ndim != 2 or gallery.ndim != 2 or probes.shape[1] != gallery.shape[1]:
+        raise EvaluationError(f"search: probe features {tuple(probes.shape)} and gallery "
+                              f"features {tuple(gallery.shape)} do not match")
+    if len(probe_labels) != len(probes) or len(gallery_labels) != len(gallery):
+        raise EvaluationError("search: one label per probe and per gallery entry is needed")
+    if len(gallery) == 0:
+        raise EvaluationError("search: the gallery is empty")
+    ranks, mated, top = [], [], []
+    for start in range(0, len(probes), chunk):
+        sims = probes[start:start + chunk] @ gallery.T
+        is_mate = probe_labels[start:start + chunk, None] == gallery_labels[None, :]
+        best_mated = sims.masked_fill(~is_mate, float("-inf")).max(dim=1).values
+        beaten_by = ((sims >= best_mated[:, None]) & ~is_mate).sum(dim=1)
+        has_mate = is_mate.any(dim=1)
+        ranks.append(torch.where(has_mate, beaten_by + 1, torch.zeros_like(beaten_by)))
+        mated.append(best_mated)
+        top.append(sims.max(dim=1).values)
+    return SearchResult(torch.cat(ranks).numpy(), torch.cat(mated).numpy(),
+                        torch.cat(top).numpy())
+
+
+def rank_accuracy(result: SearchResult, ranks: Sequence[int] = (1, 5, 10)) -> dict[int, float]:
+    """``{k: fraction of mated probes at rank <= k}``."""
+    mated_ranks = result.ranks[result.has_mate]
+    if len(mated_ranks) == 0:
+        raise EvaluationError("rank accuracy: no probe has a mate in the gallery")
+    return {int(k): float(np.mean(mated_ranks <= k)) for k in ranks}
+
+
+def tpir_at_fpir(result: SearchResult, fpirs: Sequence[float] = (1e-2, 1e-1)) -> dict[float, tuple[float, float]]:
+    """``{fpir: (tpir, threshold)}`` for open-set search (see the module docstring)."""
+    mated = result.has_mate
+    if mated.sum() == 0 or (~mated).sum() == 0:
+        raise EvaluationError("TPIR at FPIR needs both mated and non-mated probes")
+    nonmated_top = np.sort(result.top_scores[~mated].astype(np.float64))[::-1]
+    hits = result.mated_scores[mated].astype(np.float64)
+    at_rank_one = result.ranks[mated] == 1
+    out = {}
+    for fpir in fpirs:
+        allowed = int(np.floor(fpir * len(nonmated_top) + 1e-9))
+        if allowed < 1:
+            out[fpir] = (float("nan"), float("nan"))
+            continue
+        if allowed >= len(nonmated_top):
+            threshold = float("-inf")
+        else:
+            # Lowest threshold with at most `allowed` non-mated top scores >= it.
+            threshold = float(np.nextafter(nonmated_top[allowed], np.inf))
+        out[fpir] = (float(np.mean(at_rank_one & (hits >= threshold))), threshold)
+    return out

@@ -1,0 +1,155 @@
+"""IJB-B / IJB-C evaluation: 1:1 verification (TAR at FAR) and 1:N identification.
+
+Pipeline (all vectorised): image features -> optional detector-score weighting -> template
+pooling as one sparse product (``aggregation.aggregate_templates``; default ``norm``: mean of
+raw features within a media, sum across media, as MagFace/AdaFace evaluate) -> pair scores for
+every protocol pair (``similarity.score_pairs``) -> exact ROC. 1:N searches the probe templates
+against each gallery (G1, G2; IJB-B: S1, S2) for rank-1/5/10 and TPIR at FPIR, and reports the
+mean over galleries as the published tables do.
+
+Images are aligned with ``qualiface.infer.align.align_face`` from the 5 points of
+``<name>_name_5pts_score.txt`` (the InsightFace loose crops are not aligned yet).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from qualiface.data.ijb import IJBProtocol
+from qualiface.eval import EvaluationError
+from qualiface.eval.aggregation import Templates, aggregate_templates
+from qualiface.eval.features import FeatureSet, ImageFiles
+from qualiface.eval.identification import rank_accuracy, search, tpir_at_fpir
+from qualiface.eval.quality import edc, edc_summary, pair_quality
+from qualiface.eval.similarity import score_pairs
+from qualiface.eval.verification import (DEFAULT_FARS, RocCurve, area_under_curve,
+                                         equal_error_rate, far_key, roc_curve, tar_at_far)
+
+
+@dataclass
+class IJBOptions:
+    """How templates are built and what is reported."""
+
+    aggregation: str = "norm"
+    quality_threshold: float | None = None  # s_th for 'qwfaf'
+    detector_score_weight: bool = False  # multiply features by the detector score (InsightFace)
+    fars: Sequence[float] = DEFAULT_FARS
+    fpirs: Sequence[float] = (1e-2, 1e-1)
+    ranks: Sequence[int] = (1, 5, 10)
+    edc_fmrs: Sequence[float] = (1e-3, 1e-4)
+
+
+@dataclass
+class IJBResult:
+    """Metrics (JSON-ready), the ROC, and the pair scores/labels/qualities behind them."""
+
+    metrics: dict
+    roc: RocCurve
+    scores: np.ndarray
+    labels: np.ndarray
+    pair_qualities: np.ndarray
+    edc_curves: dict = field(default_factory=dict)
+
+
+def ijb_images(protocol: IJBProtocol) -> ImageFiles:
+    """The protocol's images as a dataset of aligned uint8 (3, 112, 112) faces."""
+    if protocol.landmarks is None:
+        raise EvaluationError(f"{protocol.folder}: {protocol.name.lower()}_name_5pts_score.txt "
+                              "is needed to align the loose crops")
+    from qualiface.infer.align import align_face
+
+    landmarks = protocol.landmarks
+
+    def align(image, index):
+        return align_face(image, landmarks[index])
+
+    return ImageFiles(protocol.image_paths(), align, pass_index=True)
+
+
+def template_rows(templates: Templates, ids: np.ndarray, what: str) -> np.ndarray:
+    """Row of each template id in ``templates`` (vectorised lookup on the sorted ids)."""
+    rows = np.searchsorted(templates.ids, ids)
+    rows = np.minimum(rows, len(templates.ids) - 1)
+    bad = templates.ids[rows] != ids
+    if bad.any():
+        raise EvaluationError(f"{what}: template {ids[bad][0]} has no images")
+    return rows
+
+
+def evaluate_ijb(protocol: IJBProtocol, features: FeatureSet,
+                 options: IJBOptions | None = None) -> IJBResult:
+    """Score an IJB protocol from per-image features (ids = the protocol's image names)."""
+    options = options or IJBOptions()
+    rows = features.rows(protocol.images)
+    image_features = features.features[rows]
+    image_quality = features.quality[rows].astype(np.float64)
+    if options.detector_score_weight:
+        if protocol.detector_scores is None:
+            raise EvaluationError("detector-score weighting needs the 5-point/score file")
+        image_features = image_features * protocol.detector_scores[:, None]
+    templates = aggregate_templates(image_features, protocol.template_ids,
+                                    media_ids=protocol.media_ids, quality=image_quality,
+                                    mode=options.aggregation,
+                                    quality_threshold=options.quality_threshold)
+    template_row = np.searchsorted(templates.ids, protocol.template_ids)
+    counts = np.bincount(template_row, minlength=len(templates.ids))
+    template_quality = np.bincount(template_row, weights=image_quality,
+                                   minlength=len(templates.ids)) / counts
+
+    first = template_rows(templates, protocol.pair_first, "pairs")
+    second = template_rows(templates, protocol.pair_second, "pairs")
+    scores = score_pairs(templates.features, first, second)
+    labels = protocol.pair_label
+    roc = roc_curve(scores, labels)
+    tar = tar_at_far(roc, options.fars)
+    qualities = pair_quality(template_quality[first], template_quality[second])
+    metrics: dict = {
+        "benchmark": protocol.name,
+        "num_images": len(protocol.images),
+        "num_templates": len(templates.ids),
+        "aggregation": options.aggregation,
+        "verification": {
+            "num_genuine": roc.num_genuine, "num_impostor": roc.num_impostor,
+            "tar_at_far": {far_key(f): v[0] for f, v in tar.items()},
+            "threshold_at_far": {far_key(f): v[1] for f, v in tar.items()},
+            "eer": equal_error_rate(roc), "auc": area_under_curve(roc),
+        },
+    }
+    curves = {}
+    quality_metrics = {}
+    for fmr in options.edc_fmrs:
+        if fmr * roc.num_impostor >= 1:
+            curve = edc(scores, labels, qualities, fmr=fmr)
+            curves[f"template quality @ FMR {fmr:g}"] = curve
+            quality_metrics[far_key(fmr)] = edc_summary(curve)
+    if quality_metrics:
+        metrics["quality"] = {"edc": quality_metrics}
+    if protocol.galleries and protocol.probe is not None:
+        metrics["identification"] = _identification(protocol, templates, options)
+    return IJBResult(metrics, roc, scores, labels, qualities, curves)
+
+
+def _identification(protocol: IJBProtocol, templates: Templates, options: IJBOptions) -> dict:
+    probe_ids, probe_subjects = protocol.probe
+    probes = templates.features[template_rows(templates, probe_ids, "1:N probe")]
+    per_gallery = {}
+    for label, (gallery_ids, gallery_subjects) in protocol.galleries.items():
+        gallery = templates.features[template_rows(templates, gallery_ids, f"1:N gallery {label}")]
+        result = search(probes, probe_subjects, gallery, gallery_subjects)
+        entry = {f"rank{k}": v for k, v in rank_accuracy(result, options.ranks).items()}
+        entry["num_mated_probes"] = int(result.has_mate.sum())
+        entry["num_nonmated_probes"] = int((~result.has_mate).sum())
+        if entry["num_nonmated_probes"]:
+            entry["tpir_at_fpir"] = {far_key(f): v[0] for f, v in
+                                     tpir_at_fpir(result, options.fpirs).items()}
+        per_gallery[label] = entry
+    summary: dict = {"galleries": per_gallery}
+    for key in [f"rank{k}" for k in options.ranks]:
+        summary[key] = float(np.mean([g[key] for g in per_gallery.values()]))
+    tpirs = [g["tpir_at_fpir"] for g in per_gallery.values() if "tpir_at_fpir" in g]
+    if tpirs:
+        summary["tpir_at_fpir"] = {k: float(np.mean([t[k] for t in tpirs])) for k in tpirs[0]}
+    return summary

@@ -1,0 +1,273 @@
+"""Comparison scores: cosine, Euclidean, the fast pair scorer, and QMagFace quality-aware scores.
+
+All scores are similarities (higher = more alike), so every metric in ``qualiface.eval`` uses
+one convention: the Euclidean score is the *negative* distance between L2-normalised features.
+
+``score_pairs`` computes ``dot(F[first[k]], F[second[k]])`` for millions of pairs without a
+Python loop over pairs and without materialising gathered copies of both sides:
+
+- ``dense``: when the templates that occur on each side are few enough that their full cross
+  product costs at most ``dense_factor`` times the number of pairs (IJB-B/C pairs enrollment
+  templates with probe templates, ~22-42 % of that block is used), one matrix product of the
+  two used subsets (BLAS, all torch threads) and a gather of the needed entries.
+- ``sparse``: otherwise a sampled dense-dense product (``torch.sparse.sampled_addmm``) over the
+  pairs grouped by their first template in CSR form; each first-side row stays in cache while
+  its partners stream past.
+- ``rowwise``: chunked gather-and-dot, the plain method (kept as a fallback and for checks).
+
+**QMagFace** (Terhörst et al., WACV 2023): with ``s`` the cosine of a pair and ``q`` the smaller
+of the two feature norms, the quality-aware score is ``s' = s + min(beta * s - alpha, 0) * q``.
+``QMagFace.fit`` follows the published procedure: for each FMR in a log-spaced range, find the
+weight ``omega`` (from a grid in ``[-max_ratio / max q, +max_ratio / max q]``) that maximises
+the TAR at that FMR for the score ``s + omega * q``, note the threshold ``t`` of that score at
+that FMR, then least-squares fit the line ``omega = beta * t - alpha`` through the points. The
+reference code fits the line on sigmoid-transformed thresholds; we fit on the raw scores because
+``omega`` is evaluated on the raw cosine at test time. Fitted values round-trip through JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from qualiface.eval import EvaluationError
+
+_EPS = 1e-12
+
+
+def l2_normalize(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(N, D) -> (unit features (N, D) float32, norms (N,) float32); zero rows stay zero."""
+    features = np.asarray(features, dtype=np.float32)
+    norms = np.linalg.norm(features, axis=1)
+    return features / np.maximum(norms, _EPS)[:, None], norms
+
+
+def cosine_scores(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine similarity of raw features a (N, D) and b (N, D) -> (N,) float32."""
+    ua, _ = l2_normalize(a)
+    ub, _ = l2_normalize(b)
+    return np.einsum("ij,ij->i", ua, ub)
+
+
+def euclidean_scores(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Negative Euclidean distance of the L2-normalised rows (N,) (in [-2, 0], higher = closer).
+
+    A monotone function of the cosine (``d^2 = 2 - 2 cos``): same ROC, different thresholds.
+    """
+    ua, _ = l2_normalize(a)
+    ub, _ = l2_normalize(b)
+    return -np.linalg.norm(ua - ub, axis=1)
+
+
+SIMILARITIES = {"cosine": cosine_scores, "euclidean": euclidean_scores}
+
+
+def _check_indices(index: np.ndarray, size: int, what: str) -> np.ndarray:
+    index = np.asarray(index)
+    if index.ndim != 1 or not np.issubdtype(index.dtype, np.integer):
+        raise EvaluationError(f"{what}: expected a 1-D integer index array, got {index.dtype} "
+                              f"{index.shape}")
+    if len(index) and (index.min() < 0 or index.max() >= size):
+        raise EvaluationError(f"{what}: index out of range [0, {size})")
+    return index.astype(np.int64, copy=False)
+
+
+def score_pairs(features: np.ndarray, first, second, *, strategy: str = "auto",
+                dense_factor: float = 8.0, max_dense_bytes: int = 1 << 30,
+                chunk: int = 1 << 16) -> np.ndarray:
+    """Dot products ``features[first[k]] . features[second[k]]`` -> (P,) float32.
+
+    features: (T, D) float32, usually L2-normalised templates (then the result is the cosine).
+    first, second: (P,) integer row indices. ``strategy``: ``auto``, ``dense``, ``sparse`` or
+    ``rowwise`` (see the module docstring); all agree to float32 rounding.
+    """
+    import torch
+
+    features = np.ascontiguousarray(features, dtype=np.float32)
+    if features.ndim != 2:
+        raise EvaluationError(f"features: expected (T, D), got shape {features.shape}")
+    first = _check_indices(first, len(features), "first")
+    second = _check_indices(second, len(features), "second")
+    if len(first) != len(second):
+        raise EvaluationError(f"pairs: {len(first)} first indices but {len(second)} second")
+    if strategy not in ("auto", "dense", "sparse", "rowwise"):
+        raise EvaluationError(f"unknown pair scoring strategy {strategy!r}")
+    num_pairs = len(first)
+    if num_pairs == 0:
+        return np.zeros(0, dtype=np.float32)
+    table = torch.from_numpy(features)
+    used_first = np.flatnonzero(np.bincount(first, minlength=len(features)))
+    used_second = np.flatnonzero(np.bincount(second, minlength=len(features)))
+    block = len(used_first) * len(used_second)
+    if strategy == "auto":
+        dense_ok = block <= dense_factor * num_pairs and block * 4 <= max_dense_bytes
+        strategy = "dense" if dense_ok else "sparse"
+    if strategy == "dense":
+        return _score_dense(table, first, second, used_first, used_second)
+    if strategy == "sparse":
+        try:
+            return _score_sparse(table, first, second)
+        except (RuntimeError, NotImplementedError):  # pragma: no cover - very old torch builds
+            pass
+    return _score_rowwise(table, first, second, chunk)
+
+
+def _score_dense(table, first, second, used_first, used_second) -> np.ndarray:
+    import torch
+
+    rank_first = np.full(len(table), -1, dtype=np.int64)
+    rank_first[used_first] = np.arange(len(used_first))
+    rank_second = np.full(len(table), -1, dtype=np.int64)
+    rank_second[used_second] = np.arange(len(used_second))
+    left = table[torch.from_numpy(used_first)]
+    right = table[torch.from_numpy(used_second)]
+    gram = (left @ right.T).ravel()
+    flat = rank_first[first] * len(used_second) + rank_second[second]
+    return gram[torch.from_numpy(flat)].numpy()
+
+
+def _score_sparse(table, first, second) -> np.ndarray:
+    import torch
+
+    num_rows = len(table)
+    if np.all(first[1:] >= first[:-1]):  # already grouped (pair files usually are)
+        order = None
+        columns = second
+        indptr = np.searchsorted(first, np.arange(num_rows + 1), side="left")
+    else:
+        import scipy.sparse as sp
+
+        # A (rows x pairs) CSR with one entry per pair is a counting sort by first index:
+        # its column indices are the pair order, its data the second indices.
+        grouped = sp.csr_array((second, (first, np.arange(len(first)))),
+                               shape=(num_rows, len(first)))
+        order, columns, indptr = grouped.indices, grouped.data, grouped.indptr
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "sparse CSR support is in beta" / invariant checks
+        mask = torch.sparse_csr_tensor(
+            torch.from_numpy(np.asarray(indptr, dtype=np.int64)),
+            torch.from_numpy(np.asarray(columns, dtype=np.int64)),
+            torch.zeros(len(first), dtype=table.dtype), size=(num_rows, num_rows))
+        values = torch.sparse.sampled_addmm(mask, table, table.T, beta=0.0).values().numpy()
+    if order is None:
+        return values
+    out = np.empty(len(first), dtype=np.float32)
+    out[order] = values
+    return out
+
+
+def _score_rowwise(table, first, second, chunk: int) -> np.ndarray:
+    import torch
+
+    out = np.empty(len(first), dtype=np.float32)
+    for start in range(0, len(first), chunk):
+        a = table[torch.from_numpy(first[start:start + chunk])]
+        b = table[torch.from_numpy(second[start:start + chunk])]
+        out[start:start + chunk] = (a * b).sum(1).numpy()
+    return out
+
+
+def pair_scores_and_quality(features: np.ndarray, first, second) -> tuple[np.ndarray, np.ndarray]:
+    """Raw features (N, D) and pair indices -> (cosine (P,), min of the two norms (P,))."""
+    unit, norms = l2_normalize(features)
+    first = _check_indices(first, len(unit), "first")
+    second = _check_indices(second, len(unit), "second")
+    return score_pairs(unit, first, second), np.minimum(norms[first], norms[second])
+
+
+@dataclass
+class QMagFace:
+    """Quality-aware comparison ``s' = s + min(beta * s - alpha, 0) * q`` (see module doc).
+
+    ``fit_fmrs``, ``fit_omegas``, ``fit_thresholds``: the per-FMR optimum the line was fitted
+    to (kept for inspection and plots; empty when constructed by hand).
+    """
+
+    alpha: float
+    beta: float
+    fit_fmrs: list[float] = field(default_factory=list)
+    fit_omegas: list[float] = field(default_factory=list)
+    fit_thresholds: list[float] = field(default_factory=list)
+
+    def omega(self, scores: np.ndarray) -> np.ndarray:
+        """The quality weight for each raw score (P,): ``min(beta * s - alpha, 0)``."""
+        return np.minimum(self.beta * np.asarray(scores, dtype=np.float64) - self.alpha, 0.0)
+
+    def score(self, scores, quality) -> np.ndarray:
+        """Raw cosine scores (P,) and pair qualities (P,) -> quality-aware scores (P,)."""
+        scores = np.asarray(scores, dtype=np.float64)
+        quality = np.asarray(quality, dtype=np.float64)
+        if scores.shape != quality.shape:
+            raise EvaluationError(f"QMagFace: {scores.shape} scores but {quality.shape} qualities")
+        return scores + self.omega(scores) * quality
+
+    @classmethod
+    def fit(cls, scores, quality, labels, *, fmrs: Sequence[float] | None = None,
+            num_omegas: int = 41, max_ratio: float = 0.5) -> QMagFace:
+        """Fit alpha and beta on a training pair set (scores (P,), qualities (P,), labels (P,)).
+
+        ``fmrs``: the FMR range (default 50 log-spaced values in [1e-5, 1e-2]; values with
+        fewer than ``1 / fmr`` impostor pairs are skipped as not measurable).
+        """
+        from qualiface.eval.verification import check_pairs, roc_curve, tar_at_far
+
+        scores, labels = check_pairs(scores, labels, "QMagFace training pairs")
+        scores = scores.astype(np.float64)
+        quality = np.asarray(quality, dtype=np.float64)
+        if quality.shape != scores.shape:
+            raise EvaluationError(f"QMagFace: {scores.shape} scores but {quality.shape} qualities")
+        fmrs = np.logspace(-5, -2, 50) if fmrs is None else np.asarray(fmrs, dtype=np.float64)
+        num_impostor = int((~labels).sum())
+        fmrs = fmrs[fmrs * num_impostor >= 1]
+        if len(fmrs) < 2:
+            raise EvaluationError(f"QMagFace fit: {num_impostor} impostor pairs measure fewer "
+                                  "than two FMRs of the range; use more pairs or higher FMRs")
+        max_omega = max_ratio / max(float(quality.max()), _EPS)
+        omegas = np.linspace(-max_omega, max_omega, num_omegas)
+        tars = np.zeros((num_omegas, len(fmrs)))
+        thresholds = np.zeros((num_omegas, len(fmrs)))
+        for i, omega in enumerate(omegas):
+            result = tar_at_far(roc_curve(scores + omega * quality, labels), fmrs.tolist())
+            tars[i] = [result[f][0] for f in fmrs]
+            thresholds[i] = [result[f][1] for f in fmrs]
+        # Best omega per FMR; among equally good ones the smallest |omega| (least change).
+        preference = np.argsort(np.abs(omegas), kind="stable")
+        best = preference[np.argmax(tars[preference], axis=0)]
+        chosen_omegas = omegas[best]
+        chosen_thresholds = thresholds[best, np.arange(len(fmrs))]
+        finite = np.isfinite(chosen_thresholds)
+        if finite.sum() < 2 or np.ptp(chosen_thresholds[finite]) == 0:
+            raise EvaluationError("QMagFace fit: thresholds do not vary over the FMR range; "
+                                  "cannot fit the omega line")
+        beta, intercept = np.polyfit(chosen_thresholds[finite], chosen_omegas[finite], 1)
+        return cls(alpha=float(-intercept), beta=float(beta), fit_fmrs=fmrs.tolist(),
+                   fit_omegas=chosen_omegas.tolist(), fit_thresholds=chosen_thresholds.tolist())
+
+    def save(self, path: str | Path) -> None:
+        """Write the fitted parameters (and fit details) as JSON."""
+        Path(path).write_text(json.dumps({"method": "qmagface", **asdict(self)}, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> QMagFace:
+        """Read parameters written by ``save``; errors name the file."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise EvaluationError(f"{path}: QMagFace parameter file not found") from None
+        except json.JSONDecodeError as exc:
+            raise EvaluationError(f"{path}: not valid JSON ({exc})") from None
+        if not isinstance(data, dict) or data.get("method") != "qmagface":
+            raise EvaluationError(f"{path}: not a QMagFace parameter file")
+        try:
+            return cls(alpha=float(data["alpha"]), beta=float(data["beta"]),
+                       fit_fmrs=list(data.get("fit_fmrs", [])),
+                       fit_omegas=list(data.get("fit_omegas", [])),
+                       fit_thresholds=list(data.get("fit_thresholds", [])))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise EvaluationError(f"{path}: missing or invalid alpha/beta ({exc})") from None

@@ -1,0 +1,243 @@
+"""Calibrated quality: raw quality -> probability that a comparison with this face is correct.
+
+Raw quality scores (an embedding norm, an EQFace sigmoid, ...) are only ordinal. Calibration
+turns them into a number a deployer can reason with: the probability that a verification pair
+involving a sample of this quality is decided correctly at the operating point.
+
+Procedure (``calibrate_from_pairs``):
+
+1. Score labelled pairs by cosine similarity of their embeddings.
+2. Fix the operating threshold at a target false match rate (FMR) on the impostor pairs
+   (``qualiface.eval.quality.threshold_at_fmr``); a pair is *accepted* when
+   ``score >= threshold`` (the ``qualiface.eval`` convention).
+3. A pair is *correct* when accepted == issame. Each of the two samples of a pair inherits the
+   pair's outcome, so a sample appearing in several pairs contributes one observation per pair.
+4. Fit a monotone increasing map from raw quality to the probability of a correct outcome:
+   isotonic regression (default; stored as breakpoints, applied by linear interpolation) or a
+   logistic curve (stored as slope + intercept).
+
+The result is a :class:`QualityCalibration`, plain JSON inside the model package (no pickle).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from qualiface.eval import EvaluationError
+from qualiface.eval.quality import threshold_at_fmr
+from qualiface.eval.similarity import cosine_scores
+
+CALIBRATION_METHODS = ("isotonic", "logistic")
+
+
+class CalibrationError(ValueError):
+    """Invalid calibration data (bad shapes, a single class, malformed stored calibration)."""
+
+
+@dataclass
+class QualityCalibration:
+    """A monotone map from raw quality to P(pair with this sample verified correctly).
+
+    method:     ``isotonic`` (piecewise linear through ``x``/``y`` breakpoints, clipped at the
+                ends) or ``logistic`` (``sigmoid(coef * q + intercept)``).
+    fmr:        the target false match rate that fixed the operating threshold.
+    threshold:  the cosine threshold (accept when score >= threshold) the outcomes refer to.
+    n_pairs:    pairs used for fitting; ``accuracy``: overall pair accuracy at the threshold.
+    """
+
+    method: str
+    fmr: float
+    threshold: float
+    x: list[float] = field(default_factory=list)
+    y: list[float] = field(default_factory=list)
+    coef: float = 0.0
+    intercept: float = 0.0
+    n_pairs: int = 0
+    accuracy: float = float("nan")
+
+    def apply(self, quality) -> np.ndarray:
+        """Raw quality (any shape, array-like or tensor) -> calibrated probability, float32."""
+        q = np.asarray(quality.detach().cpu() if hasattr(quality, "detach") else quality, dtype=np.float64)
+        if self.method == "isotonic":
+            out = np.interp(q, np.asarray(self.x), np.asarray(self.y))
+        else:
+            out = 1.0 / (1.0 + np.exp(-(self.coef * q + self.intercept)))
+        return out.astype(np.float32)
+
+    def to_dict(self) -> dict:
+        """JSON-able dict (what ``model.json`` stores under ``calibration``)."""
+        data = asdict(self)
+        if self.method == "isotonic":
+            data.pop("coef"), data.pop("intercept")
+        else:
+            data.pop("x"), data.pop("y")
+        if not np.isfinite(self.accuracy):
+            data["accuracy"] = None
+        return data
+
+    @classmethod
+    def from_dict(cls, data: object) -> QualityCalibration:
+        """Validate and rebuild a stored calibration; ``CalibrationError`` names the bad key."""
+        if not isinstance(data, dict):
+            raise CalibrationError(f"calibration must be an object, got {type(data).__name__}")
+        method = data.get("method")
+        if method not in CALIBRATION_METHODS:
+            raise CalibrationError(f"calibration.method must be one of {CALIBRATION_METHODS}, got {method!r}")
+        for key in ("fmr", "threshold"):
+            if not isinstance(data.get(key), (int, float)):
+                raise CalibrationError(f"calibration.{key} must be a number, got {data.get(key)!r}")
+        kwargs = dict(method=method, fmr=float(data["fmr"]), threshold=float(data["threshold"]))
+        if method == "isotonic":
+            x, y = data.get("x"), data.get("y")
+            for key, values in (("x", x), ("y", y)):
+                if not isinstance(values, list) or not values or not all(
+                    isinstance(v, (int, float)) for v in values
+                ):
+                    raise CalibrationError(f"calibration.{key} must be a non-empty list of numbers")
+            if len(x) != len(y):
+                raise CalibrationError(f"calibration.x and .y differ in length ({len(x)} vs {len(y)})")
+            if np.any(np.diff(x) < 0) or np.any(np.diff(y) < 0):
+                raise CalibrationError("calibration breakpoints must be non-decreasing in x and y")
+            kwargs.update(x=[float(v) for v in x], y=[float(v) for v in y])
+        else:
+            for key in ("coef", "intercept"):
+                if not isinstance(data.get(key), (int, float)):
+                    raise CalibrationError(f"calibration.{key} must be a number, got {data.get(key)!r}")
+            kwargs.update(coef=float(data["coef"]), intercept=float(data["intercept"]))
+        if isinstance(data.get("n_pairs"), int):
+            kwargs["n_pairs"] = data["n_pairs"]
+        if isinstance(data.get("accuracy"), (int, float)):
+            kwargs["accuracy"] = float(data["accuracy"])
+        return cls(**kwargs)
+
+
+def fit_calibration(
+    quality, correct, *, method: str = "isotonic", fmr: float = float("nan"), threshold: float = float("nan")
+) -> QualityCalibration:
+    """Fit the monotone increasing map quality (N,) -> P(correct) from per-sample outcomes (N,)."""
+    q = np.asarray(quality, dtype=np.float64).ravel()
+    c = np.asarray(correct, dtype=np.float64).ravel()
+    if q.shape != c.shape or q.size == 0:
+        raise CalibrationError(f"quality and outcomes must be equal-length 1-D, got {q.shape} and {c.shape}")
+    if not np.all(np.isfinite(q)):
+        raise CalibrationError("quality contains NaN or infinite values")
+    if method == "isotonic":
+        from sklearn.isotonic import IsotonicRegression
+
+        iso = IsotonicRegression(increasing=True, y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(q, c)
+        return QualityCalibration(
+            method=method,
+            fmr=fmr,
+            threshold=threshold,
+            x=[float(v) for v in iso.X_thresholds_],
+            y=[float(v) for v in iso.y_thresholds_],
+        )
+    if method == "logistic":
+        if c.min() == c.max():
+            raise CalibrationError("all outcomes are identical; a logistic curve cannot be fitted")
+        from sklearn.linear_model import LogisticRegression
+
+        # Fit on standardised quality (well-conditioned for any raw scale), then fold the
+        # scaling back so the stored curve applies to raw quality directly.
+        mean, std = q.mean(), max(q.std(), 1e-12)
+        model = LogisticRegression(C=1e4).fit(((q - mean) / std)[:, None], c.astype(int))
+        slope = float(model.coef_[0, 0]) / std
+        intercept = float(model.intercept_[0]) - slope * mean
+        if slope < 0:  # keep the promise of a monotone increasing map: a flat curve instead
+            slope, intercept = 0.0, float(np.log(c.mean() / max(1.0 - c.mean(), 1e-12)))
+        return QualityCalibration(
+            method=method, fmr=fmr, threshold=threshold, coef=float(slope), intercept=float(intercept)
+        )
+    raise CalibrationError(f"unknown calibration method {method!r}; known: {', '.join(CALIBRATION_METHODS)}")
+
+
+@dataclass
+class PairOutcomes:
+    """Scores and outcomes of a labelled pair set at a fixed operating threshold."""
+
+    scores: np.ndarray  # (N,) cosine similarities
+    threshold: float
+    correct: np.ndarray  # (N,) bool: (score >= threshold) == issame
+
+
+def pair_outcomes(emb1, emb2, issame, fmr: float) -> PairOutcomes:
+    """Cosine-score the pairs, fix the threshold at ``fmr`` and mark each pair correct or not.
+
+    Needs at least ``1 / fmr`` impostor pairs (else ``CalibrationError``).
+    """
+    issame = np.asarray(issame, dtype=bool)
+    emb1, emb2 = np.asarray(emb1), np.asarray(emb2)
+    if emb1.shape != emb2.shape or emb1.ndim != 2 or emb1.shape[0] != issame.shape[0]:
+        raise CalibrationError(
+            f"pair embeddings must both be (N, D) with N = {issame.shape[0]} labels, got {emb1.shape} and {emb2.shape}"
+        )
+    scores = cosine_scores(emb1, emb2).astype(np.float64)
+    try:
+        threshold = threshold_at_fmr(scores, issame, fmr)
+    except EvaluationError as exc:
+        raise CalibrationError(str(exc)) from None
+    return PairOutcomes(scores=scores, threshold=threshold, correct=(scores >= threshold) == issame)
+
+
+def calibrate_from_pairs(
+    emb1, emb2, quality1, quality2, issame, *, fmr: float = 1e-2, method: str = "isotonic"
+) -> QualityCalibration:
+    """Fit a calibration from a labelled pair set.
+
+    emb1, emb2: (N, D) embeddings of the two images of each pair; quality1, quality2: (N,) raw
+    quality; issame: (N,) bool. Returns a :class:`QualityCalibration` at the threshold that gives
+    ``fmr`` on the impostor pairs.
+    """
+    outcomes = pair_outcomes(emb1, emb2, issame, fmr)
+    q = np.concatenate([np.asarray(quality1, dtype=np.float64), np.asarray(quality2, dtype=np.float64)])
+    if q.shape[0] != 2 * outcomes.correct.shape[0]:
+        raise CalibrationError(f"quality arrays must have one value per pair ({outcomes.correct.shape[0]})")
+    calibration = fit_calibration(
+        q, np.concatenate([outcomes.correct, outcomes.correct]), method=method, fmr=fmr,
+        threshold=outcomes.threshold,
+    )
+    calibration.n_pairs = int(outcomes.correct.shape[0])
+    calibration.accuracy = float(outcomes.correct.mean())
+    return calibration
+
+
+@dataclass
+class RejectionPoint:
+    """A quality threshold and what it buys on genuine pairs at the operating threshold."""
+
+    quality_threshold: float  # reject a sample whose (calibrated) quality is below this
+    fnmr: float  # FNMR on the genuine pairs whose two samples are both kept
+    rejected_fraction: float  # fraction of genuine pairs dropped (one of its samples rejected)
+
+
+def rejection_threshold_for_fnmr(
+    quality1, quality2, scores, issame, threshold: float, target_fnmr: float
+) -> RejectionPoint:
+    """The lowest quality threshold whose kept genuine pairs reach ``target_fnmr``.
+
+    A pair is kept when both its samples have quality >= the quality threshold (a pair is as
+    good as its worse sample). Use held-out pairs, not the ones the calibration was fitted on.
+    Raises ``CalibrationError`` when even the strictest threshold keeping one pair misses it.
+    """
+    issame = np.asarray(issame, dtype=bool)
+    pair_quality = np.minimum(np.asarray(quality1, dtype=np.float64), np.asarray(quality2, dtype=np.float64))[issame]
+    genuine_miss = (np.asarray(scores, dtype=np.float64) < threshold)[issame]
+    if pair_quality.size == 0:
+        raise CalibrationError("no genuine pairs: FNMR is undefined")
+    order = np.argsort(pair_quality)
+    sorted_quality, sorted_miss = pair_quality[order], genuine_miss[order]
+    # Keeping pairs from index i on: misses among them = suffix sum, count = n - i.
+    suffix_misses = np.cumsum(sorted_miss[::-1])[::-1]
+    kept = np.arange(sorted_quality.size, 0, -1)
+    fnmr = suffix_misses / kept
+    # Only cut between distinct quality values (ties are kept or dropped together).
+    starts = np.r_[True, sorted_quality[1:] > sorted_quality[:-1]]
+    ok = np.flatnonzero(starts & (fnmr <= target_fnmr))
+    if ok.size == 0:
+        raise CalibrationError(f"no quality threshold reaches FNMR <= {target_fnmr} on these pairs")
+    i = int(ok[0])
+    return RejectionPoint(
+        quality_threshold=float(sorted_quality[i]), fnmr=float(fnmr[i]), rejected_fraction=i / sorted_quality.size
+    )

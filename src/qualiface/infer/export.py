@@ -1,0 +1,180 @@
+"""ONNX export of a model package, verified against PyTorch with onnxruntime.
+
+The exported graph is ``InferenceModule`` (backbone + quality estimator):
+
+- input ``input``: float32 (B, 3, H, W), **already normalised** exactly as ``model.json``
+  says (``(pixel / 255 - mean) / std``, channel order as in ``input.channel_order``). Float
+  input keeps the graph free of preprocessing choices (resizing, channel order) that differ
+  between deployments; ``Model.preprocess`` shows the reference computation.
+- outputs ``embedding`` float32 (B, D) raw (unnormalised: its norm carries quality for
+  norm-based heads) and ``quality`` float32 (B,) raw.
+- the batch axis is dynamic.
+
+With ``fp16`` the weights and the computation are float16, but input and outputs stay float32
+(casts at both ends), so callers feed the same arrays. ``model.json`` is embedded in the ONNX
+metadata (key ``qualiface.model_json``) so the calibration and the quality meaning travel
+with the file.
+
+The TorchScript-based exporter (``dynamo=False``) is the default: it is fast and reliable for
+these convolutional nets; ``exporter="dynamo"`` uses ``torch.export`` + onnxscript instead.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from qualiface.infer.model import Model
+
+EXPORTERS = ("torchscript", "dynamo")
+MODEL_JSON_KEY = "qualiface.model_json"
+FP32_TOLERANCE = 1e-3
+FP16_RELATIVE_TOLERANCE = 1e-2  # of the largest |output| value: fp16 keeps ~3 significant digits
+
+
+class ExportError(RuntimeError):
+    """Export failed or the exported graph disagrees with PyTorch beyond the tolerance."""
+
+
+class _Float16Wrapper(nn.Module):
+    """Runs the network in float16 between float32 input and outputs."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = copy.deepcopy(inner).half()
+
+    def forward(self, x: torch.Tensor):
+        embedding, quality = self.inner(x.half())
+        return embedding.float(), quality.float()
+
+
+@dataclass
+class ExportReport:
+    """What ``export_onnx`` wrote and how well onnxruntime reproduces PyTorch (fp32 reference)."""
+
+    path: Path
+    opset: int
+    fp16: bool
+    exporter: str
+    max_abs_diff_embedding: float
+    max_abs_diff_quality: float
+    tolerance: float
+    batch_sizes: tuple[int, ...]
+
+    @property
+    def passed(self) -> bool:
+        return max(self.max_abs_diff_embedding, self.max_abs_diff_quality) <= self.tolerance
+
+
+def _export(module: nn.Module, example: torch.Tensor, out: Path, opset: int, exporter: str) -> None:
+    names = dict(input_names=["input"], output_names=["embedding", "quality"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer / deprecation chatter; verification is the real check
+        if exporter == "torchscript":
+            torch.onnx.export(
+                module, (example,), str(out), dynamo=False, opset_version=opset, do_constant_folding=True,
+                dynamic_axes={"input": {0: "batch"}, "embedding": {0: "batch"}, "quality": {0: "batch"}},
+                **names,
+            )
+        else:
+            batch = torch.export.Dim("batch", min=1)
+            program = torch.onnx.export(
+                module, (example,), dynamo=True, opset_version=opset, dynamic_shapes=({0: batch},),
+                verbose=False, **names,
+            )
+            program.save(str(out))
+
+
+def _attach_metadata(path: Path, model: Model, fp16: bool) -> None:
+    import onnx
+
+    proto = onnx.load(str(path))
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = MODEL_JSON_KEY, json.dumps(model.spec.to_json())
+    h, w = model.spec.input_size
+    proto.doc_string = (
+        f"qualiface {model.spec.backbone_name} ({'fp16' if fp16 else 'fp32'} weights). input: float32 "
+        f"(B, 3, {h}, {w}) {model.spec.channel_order}, (pixel/255 - mean)/std with mean={list(model.spec.mean)} "
+        f"std={list(model.spec.std)}; outputs: embedding (B, {model.spec.embedding_size}) raw, "
+        f"quality (B,) raw ({model.spec.quality.kind})."
+    )
+    onnx.save(proto, str(path))
+
+
+def compare_with_onnxruntime(path: str | Path, model: Model, images: torch.Tensor) -> tuple[float, float]:
+    """Max |onnxruntime - PyTorch| over uint8 ``images`` (B, 3, H, W) for (embedding, quality).
+
+    ``model`` must be on the CPU (the PyTorch reference runs in float32 there).
+    """
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = model.preprocess(images).cpu()
+    embedding, quality = session.run(["embedding", "quality"], {"input": x.numpy()})
+    with torch.no_grad():
+        ref_embedding, ref_quality = model.module(x)
+    return (
+        float(np.abs(embedding - ref_embedding.numpy()).max()),
+        float(np.abs(quality - ref_quality.numpy()).max()),
+    )
+
+
+def export_onnx(
+    model: Model,
+    out: str | Path,
+    *,
+    fp16: bool = False,
+    opset: int = 17,
+    exporter: str = "torchscript",
+    verify_batch_sizes: tuple[int, ...] = (1, 3),
+    seed: int = 0,
+) -> ExportReport:
+    """Export ``model`` to ``out`` and verify it with onnxruntime on random images.
+
+    Verification runs each batch size in ``verify_batch_sizes`` (two sizes exercise the
+    dynamic batch axis). Tolerance: 1e-3 absolute for fp32; for fp16 1% of the largest output
+    magnitude. Raises :class:`ExportError` when the export fails or misses the tolerance.
+    """
+    if exporter not in EXPORTERS:
+        raise ExportError(f"unknown exporter {exporter!r}; known: {', '.join(EXPORTERS)}")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    original_device = model.device
+    model.to("cpu")  # export and reference run on CPU, the same place onnxruntime runs here
+    try:
+        module = _Float16Wrapper(model.module).eval() if fp16 else model.module
+        h, w = model.spec.input_size
+        generator = torch.Generator().manual_seed(seed)
+        example = model.preprocess(torch.randint(0, 256, (2, 3, h, w), dtype=torch.uint8, generator=generator))
+        try:
+            _export(module, example, out, opset, exporter)
+        except Exception as exc:  # exporter internals raise anything; report it in one line
+            raise ExportError(f"{exporter} ONNX export failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+        _attach_metadata(out, model, fp16)
+        diff_embedding = diff_quality = 0.0
+        scale = 0.0
+        for batch_size in verify_batch_sizes:
+            images = torch.randint(0, 256, (batch_size, 3, h, w), dtype=torch.uint8, generator=generator)
+            d_e, d_q = compare_with_onnxruntime(out, model, images)
+            diff_embedding, diff_quality = max(diff_embedding, d_e), max(diff_quality, d_q)
+            if fp16:
+                with torch.no_grad():
+                    e, q = model.module(model.preprocess(images))
+                scale = max(scale, float(e.abs().max()), float(q.abs().max()))
+        tolerance = FP16_RELATIVE_TOLERANCE * max(scale, 1.0) if fp16 else FP32_TOLERANCE
+    finally:
+        model.to(original_device)
+    report = ExportReport(out, opset, fp16, exporter, diff_embedding, diff_quality, tolerance, tuple(verify_batch_sizes))
+    if not report.passed:
+        raise ExportError(
+            f"{out}: onnxruntime disagrees with PyTorch (max abs diff embedding {diff_embedding:.3g}, "
+            f"quality {diff_quality:.3g} > tolerance {tolerance:.3g})"
+        )
+    return report

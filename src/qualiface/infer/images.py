@@ -1,0 +1,106 @@
+"""Turning what users hand to inference (paths, numpy arrays, tensors) into uint8 RGB batches.
+
+The internal image convention (``qualiface.data.transforms``) is a uint8 tensor, channels first,
+RGB. Users more often hold numpy ``(H, W, 3)`` arrays (OpenCV / PIL style, channels last) or
+file paths (decoded by ``qualiface.data.decode``), so everything funnels through :func:`as_uint8_batch`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qualiface.data import decode
+from qualiface.data.decode import DecodeError as ImageDecodeError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def read_image(path: str | Path) -> torch.Tensor:
+    """Decode an image file to a uint8 ``(3, H, W)`` RGB tensor (``qualiface.data.decode``).
+
+    Raises :class:`ImageDecodeError` naming the file when it is missing or undecodable.
+    """
+    path = Path(path)
+    try:
+        return decode.read_image(path)
+    except OSError as exc:
+        raise ImageDecodeError(str(path), f"cannot read file ({exc.strerror or exc})") from None
+
+
+def list_images(inputs: str | Path | Iterable[str | Path]) -> list[Path]:
+    """Expand files and folders (searched recursively, sorted) into a list of image paths.
+
+    Explicitly named files are kept whatever their extension (so that an undecodable one is
+    reported rather than silently skipped); folders contribute files with image extensions.
+    """
+    if isinstance(inputs, (str, Path)):
+        inputs = [inputs]
+    paths: list[Path] = []
+    for item in inputs:
+        item = Path(item)
+        if item.is_dir():
+            paths.extend(
+                sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            )
+        elif item.exists():
+            paths.append(item)
+        else:
+            raise FileNotFoundError(f"{item}: no such file or folder")
+    return paths
+
+
+def hwc_to_chw(image: np.ndarray) -> torch.Tensor:
+    """uint8 ``(H, W, 3)`` array -> uint8 ``(3, H, W)`` tensor."""
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+
+
+def as_uint8_batch(images, size: Sequence[int] | None = None) -> torch.Tensor:
+    """Normalise an image batch to a uint8 ``(B, 3, H, W)`` RGB tensor.
+
+    ``images`` may be a uint8 tensor ``(B, 3, H, W)`` / ``(3, H, W)``, a uint8 numpy array
+    ``(B, H, W, 3)`` / ``(H, W, 3)``, or a sequence of file paths / HWC arrays / CHW tensors.
+    When ``size`` (H, W) is given every image must have it (faces must be aligned first; see
+    ``qualiface align``); a mismatch raises ``ValueError`` naming the offending item.
+    """
+    if isinstance(images, torch.Tensor):
+        batch = images.unsqueeze(0) if images.dim() == 3 else images
+        if batch.dim() != 4 or batch.shape[1] != 3:
+            raise ValueError(f"expected a (B, 3, H, W) tensor, got shape {tuple(images.shape)}")
+        if batch.dtype != torch.uint8:
+            raise TypeError(f"expected uint8 images (0..255), got {batch.dtype}")
+    elif isinstance(images, np.ndarray):
+        array = images[None] if images.ndim == 3 else images
+        if array.ndim != 4 or array.shape[3] != 3:
+            raise ValueError(f"expected a (B, H, W, 3) array, got shape {images.shape}")
+        if array.dtype != np.uint8:
+            raise TypeError(f"expected uint8 images (0..255), got {array.dtype}")
+        batch = torch.from_numpy(np.ascontiguousarray(array.transpose(0, 3, 1, 2)))
+    elif isinstance(images, (str, Path)):
+        batch = as_uint8_batch([images], size)
+    else:
+        items = []
+        for item in images:
+            name = str(item) if isinstance(item, (str, Path)) else f"item {len(items)}"
+            if isinstance(item, (str, Path)):
+                item = read_image(item)
+            try:
+                items.append(as_uint8_batch(item, size)[0])
+            except (ValueError, TypeError) as exc:
+                raise type(exc)(f"{name}: {exc}") from None
+        if not items:
+            raise ValueError("no images given")
+        shapes = {tuple(t.shape) for t in items}
+        if len(shapes) > 1:
+            raise ValueError(f"images differ in size: {sorted(shapes)}")
+        batch = torch.stack(items)
+    if size is not None and tuple(batch.shape[2:]) != tuple(size):
+        h, w = size
+        raise ValueError(
+            f"image size {batch.shape[3]}x{batch.shape[2]} (WxH), the model expects {w}x{h}; "
+            "align faces first (qualiface align)"
+        )
+    return batch

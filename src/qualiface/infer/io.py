@@ -1,0 +1,113 @@
+"""Reading and writing tables of per-face arrays (embed outputs, per-frame files, templates).
+
+One table = a dict of equal-length numpy arrays: 1-D columns (``ids``, ``quality``, ...) and
+2-D ones (``embeddings`` (N, D)). Three on-disk forms, chosen by the path:
+
+- ``*.npz``: one ``np.savez`` archive (string columns stored as fixed-width unicode, so
+  ``np.load`` never needs pickle);
+- ``*.parquet``: a pyarrow table, 2-D arrays as fixed-size list columns;
+- anything else: a folder with one ``<column>.npy`` per array.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+class TableError(ValueError):
+    """A table file that is missing, unreadable, or lacks / mis-shapes a required column."""
+
+
+def table_format(path: str | Path) -> str:
+    """``npz``, ``parquet`` or ``npy-folder`` for a path (by its suffix)."""
+    suffix = Path(path).suffix.lower()
+    return {".npz": "npz", ".parquet": "parquet"}.get(suffix, "npy-folder")
+
+
+def _check_lengths(arrays: dict[str, np.ndarray], source: str) -> int:
+    lengths = {name: len(a) for name, a in arrays.items()}
+    if len(set(lengths.values())) > 1:
+        raise TableError(f"{source}: columns differ in length: {lengths}")
+    return next(iter(lengths.values()), 0)
+
+
+def _storable(array) -> np.ndarray:
+    array = np.asarray(array)
+    if array.dtype == object:  # python strings -> fixed-width unicode (loadable without pickle)
+        array = array.astype(str)
+    return array
+
+
+def write_table(path: str | Path, arrays: dict[str, np.ndarray]) -> Path:
+    """Write equal-length arrays (1-D or 2-D) to ``path`` in the format its suffix names."""
+    path = Path(path)
+    arrays = {name: _storable(a) for name, a in arrays.items()}
+    _check_lengths(arrays, str(path))
+    fmt = table_format(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "npz":
+        np.savez(path, **arrays)
+    elif fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        columns = {}
+        for name, array in arrays.items():
+            if array.ndim == 1:
+                columns[name] = pa.array(array)
+            elif array.ndim == 2:
+                flat = pa.array(np.ascontiguousarray(array).reshape(-1))
+                columns[name] = pa.FixedSizeListArray.from_arrays(flat, array.shape[1])
+            else:
+                raise TableError(f"{path}: column '{name}' has {array.ndim} dimensions (1 or 2 allowed)")
+        pq.write_table(pa.table(columns), path)
+    else:
+        path.mkdir(parents=True, exist_ok=True)
+        for name, array in arrays.items():
+            np.save(path / f"{name}.npy", array, allow_pickle=False)
+    return path
+
+
+def read_table(path: str | Path, required: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """Read a table written by :func:`write_table` (or by hand in the same layout).
+
+    ``required`` column names are checked; a missing one raises :class:`TableError` naming the
+    file and listing the columns it has.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise TableError(f"{path}: no such file or folder")
+    fmt = table_format(path)
+    try:
+        if fmt == "npz":
+            with np.load(path, allow_pickle=False) as archive:
+                arrays = {name: archive[name] for name in archive.files}
+        elif fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(path)
+            arrays = {}
+            for name in table.column_names:
+                column = table.column(name).combine_chunks()
+                if hasattr(column.type, "list_size"):
+                    values = column.flatten().to_numpy(zero_copy_only=False)
+                    arrays[name] = values.reshape(len(column), column.type.list_size)
+                else:
+                    arrays[name] = column.to_numpy(zero_copy_only=False)
+                if arrays[name].dtype == object:  # pyarrow strings -> fixed-width unicode
+                    arrays[name] = arrays[name].astype(str)
+        else:
+            if not path.is_dir():
+                raise TableError(f"{path}: expected a .npz, a .parquet or a folder of .npy files")
+            arrays = {p.stem: np.load(p, allow_pickle=False) for p in sorted(path.glob("*.npy"))}
+    except TableError:
+        raise
+    except Exception as exc:  # numpy / pyarrow raise many types for corrupt files
+        raise TableError(f"{path}: cannot read ({type(exc).__name__}: {exc})") from None
+    missing = [name for name in required if name not in arrays]
+    if missing:
+        raise TableError(f"{path}: missing column(s) {', '.join(missing)}; it has: {', '.join(sorted(arrays)) or 'none'}")
+    _check_lengths(arrays, str(path))
+    return arrays

@@ -1,0 +1,141 @@
+"""Streaming (video) aggregation: per-track templates updated frame by frame.
+
+:class:`StreamAggregator` keeps one EQFace progressive template per track id
+(``qualiface.eval.aggregation.ProgressiveTemplate``): a frame updates its track's template only
+when its quality exceeds ``s_th`` and it agrees with the template (cosine > ``f_th``); the
+template is the quality-weighted mean of the accepted frames. Templates are available at any
+time, so a tracker can query the gallery while the video plays.
+
+For whole videos known in advance, :func:`aggregate_tracks` pools all frames of each track at
+once with the batch forms (QWFA, QWFA with filter, plain mean) of
+``qualiface.eval.aggregation.aggregate_templates``; ``mode="progressive"`` replays the frames
+through a :class:`StreamAggregator` so both paths share one output format.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from dataclasses import dataclass
+
+import numpy as np
+
+from qualiface.eval.aggregation import ProgressiveTemplate, aggregate_templates
+
+STREAM_MODES = ("progressive", "qwfa", "qwfaf", "mean")
+
+
+@dataclass
+class TrackTemplate:
+    """The current template of one track.
+
+    embedding: (D,) float32 L2-normalised template; quality: sum of accepted frame qualities;
+    frames_seen / frames_used: frames offered / accepted.
+    """
+
+    track_id: Hashable
+    embedding: np.ndarray
+    quality: float
+    frames_seen: int
+    frames_used: int
+
+
+class StreamAggregator:
+    """Per-track EQFace progressive templates fed one frame at a time.
+
+    ``feature_threshold`` (f_th, cosine) and ``quality_threshold`` (s_th, raw quality) are the
+    EQFace acceptance thresholds; their defaults accept every frame with positive quality.
+    """
+
+    def __init__(self, feature_threshold: float = -1.0, quality_threshold: float = 0.0) -> None:
+        self.feature_threshold = feature_threshold
+        self.quality_threshold = quality_threshold
+        self._tracks: dict[Hashable, ProgressiveTemplate] = {}
+        self._seen: dict[Hashable, int] = {}
+
+    def feed(self, track_id: Hashable, embedding, quality: float) -> bool:
+        """Offer one frame: embedding (D,) raw or normalised, raw quality. Returns accepted."""
+        template = self._tracks.get(track_id)
+        if template is None:
+            template = self._tracks[track_id] = ProgressiveTemplate(self.feature_threshold, self.quality_threshold)
+        self._seen[track_id] = self._seen.get(track_id, 0) + 1
+        return template.update(embedding, quality)
+
+    def feed_many(self, track_ids, embeddings, qualities) -> np.ndarray:
+        """Feed frames in order: track_ids (N,), embeddings (N, D), qualities (N,) -> accepted (N,)."""
+        embeddings = np.asarray(embeddings)
+        qualities = np.asarray(qualities, dtype=np.float64)
+        if len(track_ids) != len(embeddings) or len(embeddings) != len(qualities):
+            raise ValueError(
+                f"{len(track_ids)} track ids, {len(embeddings)} embeddings and {len(qualities)} qualities"
+            )
+        return np.array([self.feed(t, e, q) for t, e, q in zip(track_ids, embeddings, qualities)], dtype=bool)
+
+    def template(self, track_id: Hashable) -> TrackTemplate | None:
+        """The track's current template, or None if it has no accepted frame yet (or is unknown)."""
+        state = self._tracks.get(track_id)
+        if state is None or state.embedding is None:
+            return None
+        return TrackTemplate(
+            track_id, state.embedding.astype(np.float32), float(state.quality_sum), self._seen[track_id], state.count
+        )
+
+    def templates(self) -> list[TrackTemplate]:
+        """Current templates of every track with at least one accepted frame (first-seen order)."""
+        return [t for t in (self.template(track) for track in self._tracks) if t is not None]
+
+    def tracks_without_template(self) -> list[Hashable]:
+        """Tracks seen but with no accepted frame (every frame below s_th or degenerate)."""
+        return [track for track, state in self._tracks.items() if state.embedding is None]
+
+    def drop(self, track_id: Hashable) -> TrackTemplate | None:
+        """End a track (e.g. it left the scene): returns its final template and forgets it."""
+        final = self.template(track_id)
+        self._tracks.pop(track_id, None)
+        self._seen.pop(track_id, None)
+        return final
+
+
+def aggregate_tracks(
+    track_ids,
+    embeddings,
+    qualities,
+    *,
+    mode: str = "progressive",
+    feature_threshold: float = -1.0,
+    quality_threshold: float = 0.0,
+) -> list[TrackTemplate]:
+    """Whole-video templates: frames (N,) track ids, (N, D) embeddings, (N,) raw qualities.
+
+    ``progressive`` replays frames in the given order through :class:`StreamAggregator`
+    (uses both thresholds); ``qwfa`` = quality-weighted mean; ``qwfaf`` = QWFA over frames with
+    quality >= ``quality_threshold`` when the track's mean quality reaches it, else the plain
+    mean; ``mean`` ignores quality. Batch modes return tracks sorted by id; their ``quality``
+    is the sum of the qualities of the frames they pooled.
+    """
+    if mode not in STREAM_MODES:
+        raise ValueError(f"unknown mode {mode!r}; known: {', '.join(STREAM_MODES)}")
+    track_ids = np.asarray(track_ids)
+    qualities = np.asarray(qualities, dtype=np.float64)
+    if mode == "progressive":
+        aggregator = StreamAggregator(feature_threshold, quality_threshold)
+        aggregator.feed_many(track_ids.tolist(), embeddings, qualities)
+        return aggregator.templates()
+    pooled = aggregate_templates(
+        np.asarray(embeddings, dtype=np.float32), track_ids, quality=qualities, mode=mode,
+        quality_threshold=quality_threshold if mode == "qwfaf" else None,
+    )
+    _, row, frame_counts = np.unique(track_ids, return_inverse=True, return_counts=True)  # same order as pooled.ids
+    row = row.ravel()
+    used = np.ones(len(track_ids), dtype=bool)
+    if mode == "qwfaf":  # mirror the filter of the batch form to report which frames it pooled
+        mean_quality = np.bincount(row, weights=qualities) / frame_counts
+        used = np.where(mean_quality[row] >= quality_threshold, qualities >= quality_threshold, True)
+    quality_sums = np.bincount(row, weights=qualities * used, minlength=len(frame_counts))
+    used_counts = np.bincount(row, weights=used, minlength=len(frame_counts)).astype(int)
+    return [
+        TrackTemplate(
+            track.item() if hasattr(track, "item") else track, pooled.features[index].astype(np.float32),
+            float(quality_sums[index]), int(frame_counts[index]), int(used_counts[index]),
+        )
+        for index, track in enumerate(pooled.ids)
+    ]

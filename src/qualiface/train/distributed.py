@@ -1,0 +1,459 @@
+"""Process-group setup and autograd-aware collectives for multi-GPU / multi-node training.
+
+``init_distributed`` reads the environment variables that ``torchrun`` sets (``RANK``,
+``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) and starts a process group:
+NCCL when CUDA is available, gloo otherwise. Without those variables it returns a
+single-process ``DistInfo`` and every helper below degrades to the identity, so the same
+training code runs unchanged on a laptop and on a cluster.
+
+The collectives come in two kinds:
+
+* autograd-aware ones used *inside* the loss: ``all_gather_with_grad`` (the sharded classifier
+  gathers every rank's embeddings) and ``DistributedReducer`` (the class-axis reductions of a
+  head, see ``qualiface.heads.base``). Their backward passes are the exact adjoints of their
+  forward passes, so the gradient that reaches each rank is the derivative of the *sum over
+  ranks* of whatever each rank back-propagates (the usual PyTorch convention).
+* plain ones for bookkeeping: ``all_reduce_mean`` (metrics), ``broadcast_object``, ``barrier``.
+
+Fault handling: every collective is bounded by the process group's timeout (``timeout_s``).
+With gloo, a peer that exits closes its sockets and the survivors' next collective fails at
+once, and a peer that hangs makes them fail when the timeout expires; either way they raise
+``DistributedError`` with the rank, the operation and the cause instead of blocking forever.
+With NCCL, collectives run asynchronously on the GPU, so the per-process watchdog enforces the
+timeout: we default ``TORCH_NCCL_ASYNC_ERROR_HANDLING=1`` (abort the communicator and tear the
+process down on error or timeout), after which ``torchrun`` stops the remaining workers.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from qualiface.heads.base import ClassReducer
+
+_T = TypeVar("_T")
+
+#: torchrun's own default; long enough for a slow first CUDA/NCCL initialisation or a long
+#: checkpoint write on rank 0 while the others wait in a barrier.
+DEFAULT_TIMEOUT_S = 1800.0
+
+_REQUIRED_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+class DistributedError(RuntimeError):
+    """A process group could not be started, or a collective failed (peer died or timed out)."""
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in the job.
+
+    rank:           global rank in [0, world_size).
+    world_size:     number of processes in the job (1 without a process group).
+    local_rank:     rank on this node; selects the GPU.
+    device:         the device this process computes on (``cuda:<local_rank>`` or ``cpu``).
+    is_distributed: a process group is running (collectives do real communication).
+    is_main:        rank 0: the process that logs, evaluates and writes checkpoints.
+    """
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    is_distributed: bool
+    is_main: bool
+
+
+def _env_int(name: str) -> int:
+    raw = os.environ[name]
+    try:
+        return int(raw)
+    except ValueError:
+        raise DistributedError(f"environment variable {name}={raw!r} is not an integer") from None
+
+
+def _single_process_info() -> DistInfo:
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    return DistInfo(0, 1, 0, device, is_distributed=False, is_main=True)
+
+
+def current_info() -> DistInfo:
+    """The ``DistInfo`` of the running process group, or the single-process one."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return _single_process_info()
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    if dist.get_backend() == "nccl":
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    return DistInfo(rank, world_size, local_rank, device, True, rank == 0)
+
+
+def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> DistInfo:
+    """Start the process group described by torchrun's environment variables.
+
+    backend:   ``"nccl"``, ``"gloo"`` or None (NCCL when CUDA is available, else gloo).
+    timeout_s: seconds any collective (and the rendezvous) may wait for a peer before this
+               process fails with an error instead of hanging.
+
+    Without ``RANK``/``WORLD_SIZE`` in the environment no group is started and the returned
+    info describes one process. Calling it again once a group is running returns that group.
+    NCCL places this process on ``cuda:<LOCAL_RANK>``; gloo computes on the CPU.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return current_info()
+    if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
+        return _single_process_info()
+    missing = [name for name in _REQUIRED_ENV if name not in os.environ]
+    if missing:
+        raise DistributedError(
+            "incomplete distributed environment: missing " + ", ".join(missing)
+            + " (launch with torchrun, which sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR "
+            "and MASTER_PORT)"
+        )
+    if not dist.is_available():
+        raise DistributedError("this PyTorch build has no torch.distributed support")
+    rank, world_size = _env_int("RANK"), _env_int("WORLD_SIZE")
+    local_rank = _env_int("LOCAL_RANK") if "LOCAL_RANK" in os.environ else rank
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise DistributedError(f"RANK={rank} is outside [0, WORLD_SIZE={world_size})")
+    if timeout_s <= 0:
+        raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    backend = backend.lower()
+    if backend == "nccl":
+        if not torch.cuda.is_available():
+            raise DistributedError("backend 'nccl' needs CUDA, which is not available here")
+        if local_rank >= torch.cuda.device_count():
+            raise DistributedError(
+                f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} GPU(s) are visible"
+            )
+        # Without async error handling a dead peer leaves NCCL kernels spinning forever;
+        # 1 = abort the communicator and end this process when a collective errors or times out.
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    elif backend == "gloo":
+        device = torch.device("cpu")
+    else:
+        raise DistributedError(f"unknown backend {backend!r}; use 'nccl' or 'gloo'")
+
+    try:
+        dist.init_process_group(
+            backend=backend,
+            init_method="env://",
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+    except Exception as error:  # rendezvous failures come as several exception types
+        raise DistributedError(
+            f"rank {rank}/{world_size} could not join the process group at "
+            f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} within {timeout_s:g} s: "
+            f"{error}"
+        ) from error
+    return DistInfo(rank, world_size, local_rank, device, True, rank == 0)
+
+
+def cleanup() -> None:
+    """Destroy the process group if one is running (safe to call more than once)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _multi_rank() -> bool:
+    """True when a process group with more than one rank is running."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def guarded_collective(name: str, operation: Callable[[], _T]) -> _T:
+    """Run ``operation`` (one collective called ``name``), turning backend errors (a dead peer,
+    a timeout) into a ``DistributedError`` that names the rank and the operation."""
+    try:
+        return operation()
+    except DistributedError:
+        raise
+    except RuntimeError as error:  # DistBackendError, gloo "Connection closed", timeouts
+        rank = dist.get_rank() if dist.is_initialized() else "?"
+        world = dist.get_world_size() if dist.is_initialized() else "?"
+        raise DistributedError(
+            f"{name} failed on rank {rank} of {world}: a peer rank probably exited or stopped "
+            f"responding within the process-group timeout ({error.__class__.__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else 'no message'})"
+        ) from error
+
+
+def _gather_list(tensor: torch.Tensor, group: Any = None) -> list[torch.Tensor]:
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+    guarded_collective("all_gather", lambda: dist.all_gather(parts, tensor, group=group))
+    return parts
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """Concatenate equal-sized tensors from all ranks along dim 0; backward keeps our slice.
+
+    Every rank's loss depends on the gathered tensor, so the gradient of the (summed) objective
+    w.r.t. this rank's input is the sum over ranks of the gradient of their copy, restricted to
+    the rows this rank contributed: a reduce-scatter.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, group: Any) -> torch.Tensor:
+        ctx.group = group
+        ctx.rows = tensor.shape[0]
+        return torch.cat(_gather_list(tensor.contiguous(), group), dim=0)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        grad_output = grad_output.contiguous()
+        group, rows = ctx.group, ctx.rows
+        rank = dist.get_rank(group)
+        if dist.get_backend(group) == "nccl":
+            grad = grad_output.new_empty((rows, *grad_output.shape[1:]))
+            guarded_collective(
+                "reduce_scatter",
+                lambda: dist.reduce_scatter_tensor(grad, grad_output, op=dist.ReduceOp.SUM, group=group),
+            )
+            return grad, None
+        # gloo has no reduce-scatter: sum the whole gradient and keep our rows.
+        summed = grad_output.clone()
+        guarded_collective("all_reduce", lambda: dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=group))
+        return summed[rank * rows : (rank + 1) * rows], None
+
+
+def all_gather_with_grad(tensor: torch.Tensor, group: Any = None) -> torch.Tensor:
+    """Concatenate ``tensor`` (B, ...) from every rank in rank order: (W*B, ...).
+
+    All ranks must pass the same shape. The backward pass returns, for this rank's input, the
+    sum over ranks of the gradient of rows [rank*B, (rank+1)*B) (the same semantics as
+    ``torch.distributed.nn.functional.all_gather``, with one reduce-scatter on NCCL and one
+    all-reduce on gloo). Without a process group it returns ``tensor`` unchanged.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return tensor
+    return _AllGatherWithGrad.apply(tensor, group)
+
+
+def all_gather_no_grad(tensor: torch.Tensor, group: Any = None) -> torch.Tensor:
+    """Concatenate ``tensor`` (B, ...) from every rank along dim 0, outside autograd."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return tensor
+    return torch.cat(_gather_list(tensor.detach().contiguous(), group), dim=0)
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks; the adjoint of a sum broadcast to every rank is again a sum over ranks."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, group: Any) -> torch.Tensor:
+        ctx.group = group
+        out = tensor.clone()
+        guarded_collective("all_reduce(sum)", lambda: dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        grad = grad_output.clone()
+        guarded_collective(
+            "all_reduce(sum) backward",
+            lambda: dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group),
+        )
+        return grad, None
+
+
+class DistributedReducer(ClassReducer):
+    """Class-axis reductions across the ranks that each hold a shard of the class centres.
+
+    ``sum`` is an all-reduce SUM whose backward is an all-reduce SUM of the incoming gradient
+    (exact for the objective "sum over ranks of each rank's loss"); ``max`` is an all-reduce MAX
+    of a detached copy (it only stabilises exponentials, so it carries no gradient). Every rank
+    must call them in the same order with tensors of the same shape.
+    """
+
+    def __init__(self, group: Any = None) -> None:
+        self.group = group
+
+    def _active(self) -> bool:
+        return dist.is_available() and dist.is_initialized() and dist.get_world_size(self.group) > 1
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if not self._active():
+            return tensor
+        return _AllReduceSum.apply(tensor, self.group)
+
+    def max(self, tensor: torch.Tensor) -> torch.Tensor:
+        if not self._active():
+            return tensor.detach()
+        out = tensor.detach().clone()
+        guarded_collective("all_reduce(max)", lambda: dist.all_reduce(out, op=dist.ReduceOp.MAX, group=self.group))
+        return out
+
+
+def all_reduce_mean(tensor: torch.Tensor, group: Any = None) -> torch.Tensor:
+    """Mean of ``tensor`` over ranks (a new, detached tensor; for logging metrics)."""
+    out = tensor.detach().clone()
+    if not _multi_rank():
+        return out
+    if not out.is_floating_point():
+        out = out.double()
+    guarded_collective("all_reduce(mean)", lambda: dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group))
+    return out / dist.get_world_size(group)
+
+
+def broadcast_object(obj: _T, src: int = 0, group: Any = None) -> _T:
+    """Return ``src``'s ``obj`` on every rank (any picklable object; e.g. a run directory)."""
+    if not _multi_rank():
+        return obj
+    holder = [obj]
+    guarded_collective("broadcast_object", lambda: dist.broadcast_object_list(holder, src=src, group=group))
+    return holder[0]
+
+
+def barrier(group: Any = None) -> None:
+    """Wait until every rank reaches this point (no-op in a single process)."""
+    if _multi_rank():
+        guarded_collective("barrier", lambda: dist.barrier(group=group))
+
+
+# -- local multi-process launcher (tests, CPU debugging) ---------------------------------------
+
+
+@dataclass
+class RankOutcome:
+    """How one rank of ``launch_local`` ended.
+
+    ok: the function returned; value: what it returned (None unless ok); error: the formatted
+    exception when it raised; exitcode: the process's exit code (None if it had to be killed).
+    """
+
+    rank: int
+    ok: bool
+    value: Any = None
+    error: str | None = None
+    exitcode: int | None = None
+
+
+def find_free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for MASTER_PORT)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _local_worker(fn, rank, world_size, port, args, results, collective_timeout_s) -> None:
+    import io
+    import traceback
+
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(1)
+    try:
+        info = init_distributed(backend="gloo", timeout_s=collective_timeout_s)
+        value = fn(info, *args)
+        buffer = io.BytesIO()
+        # torch.save rather than the queue's pickler: tensors sent through a multiprocessing
+        # queue are shared by reference and vanish when this process exits.
+        torch.save(value, buffer)
+        results.put((rank, True, buffer.getvalue()))
+    except BaseException as error:  # report everything, including SystemExit from the worker
+        results.put((rank, False, "".join(traceback.format_exception(error)).rstrip()))
+    finally:
+        cleanup()
+
+
+def launch_local(
+    fn: Callable[..., Any],
+    world_size: int,
+    args: tuple = (),
+    *,
+    timeout_s: float = 120.0,
+    collective_timeout_s: float = 60.0,
+    raise_on_error: bool = True,
+) -> list[RankOutcome]:
+    """Run ``fn(info, *args)`` in ``world_size`` fresh CPU processes joined by a gloo group.
+
+    Each process gets torchrun-style environment variables and calls ``init_distributed``
+    (gloo, ``collective_timeout_s``); ``fn`` must be importable by module path (spawned
+    processes re-import it) and return something ``torch.save`` can write. The whole run is
+    bounded by ``timeout_s``: ranks still running then are terminated. Returns one
+    ``RankOutcome`` per rank in rank order; with ``raise_on_error`` a rank that raised, crashed
+    or timed out raises ``DistributedError`` carrying every failing rank's error.
+    """
+    import io
+    import queue as queue_module
+    import time
+
+    import torch.multiprocessing as mp
+
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    port = find_free_port()
+    processes = [
+        context.Process(
+            target=_local_worker,
+            args=(fn, rank, world_size, port, args, results, collective_timeout_s),
+            daemon=True,
+        )
+        for rank in range(world_size)
+    ]
+    for process in processes:
+        process.start()
+    reported: dict[int, tuple[bool, Any]] = {}
+    deadline = time.monotonic() + timeout_s
+    grace_until = None  # once every silent rank is dead, drain the queue a little longer
+    while len(reported) < world_size and time.monotonic() < deadline:
+        try:
+            rank, ok, payload = results.get(timeout=0.2)
+            reported[rank] = (ok, payload)
+            continue
+        except queue_module.Empty:
+            pass
+        # A rank that died without reporting (os._exit, segfault, OOM kill) never will.
+        if all(rank in reported or not p.is_alive() for rank, p in enumerate(processes)):
+            grace_until = grace_until or time.monotonic() + 1.0
+            if time.monotonic() > grace_until:
+                break
+    outcomes = []
+    for rank, process in enumerate(processes):
+        process.join(timeout=max(0.0, min(5.0, deadline - time.monotonic())))
+        if process.is_alive():
+            process.terminate()
+            process.join(5.0)
+            exitcode = None
+        else:
+            exitcode = process.exitcode
+        if rank in reported:
+            ok, payload = reported[rank]
+            if ok:
+                value = torch.load(io.BytesIO(payload), weights_only=False)
+                outcomes.append(RankOutcome(rank, True, value, None, exitcode))
+            else:
+                outcomes.append(RankOutcome(rank, False, None, payload, exitcode))
+        elif exitcode is None:
+            outcomes.append(RankOutcome(rank, False, None, f"timed out after {timeout_s:g} s", None))
+        else:
+            outcomes.append(
+                RankOutcome(rank, False, None, f"exited with code {exitcode} without a result", exitcode)
+            )
+    failed = [outcome for outcome in outcomes if not outcome.ok]
+    if failed and raise_on_error:
+        details = "\n".join(f"--- rank {o.rank}: {o.error}" for o in failed)
+        raise DistributedError(f"{len(failed)} of {world_size} local rank(s) failed:\n{details}")
+    return outcomes

@@ -1,0 +1,110 @@
+"""Training output: a rich progress bar, ``metrics.jsonl`` and (optionally) TensorBoard.
+
+Only rank 0 writes. Every record is one JSON object per line with at least ``step`` (global
+optimizer step), ``phase`` and ``time`` (seconds since the logger started), so a run can be
+plotted with a few lines of pandas; the same scalars go to TensorBoard when it imports.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+log = logging.getLogger("qualiface.train")
+console = Console(stderr=True)
+
+
+def make_progress(*, enabled: bool = True, extra: str = "") -> Progress:
+    """A progress bar with count, rate-derived ETA and an optional free-text field column."""
+    columns = [
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TaskProgressColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    ]
+    if extra:
+        columns.append(TextColumn(extra))
+    return Progress(*columns, console=console, disable=not enabled, transient=False)
+
+
+def training_progress(enabled: bool = True) -> Progress:
+    """The training bar: loss, accuracy, mean feature norm and images/s next to the ETA."""
+    return make_progress(
+        enabled=enabled,
+        extra="loss {task.fields[loss]} acc {task.fields[acc]} norm {task.fields[norm]} {task.fields[ips]} img/s",
+    )
+
+
+def _clean(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/Inf; keep it visible as a string
+    return value
+
+
+class MetricsLogger:
+    """Appends JSON lines to ``out_dir/metrics.jsonl`` and mirrors scalars to TensorBoard."""
+
+    def __init__(self, out_dir: str | Path, *, enabled: bool = True, tensorboard: bool = True) -> None:
+        self.enabled = enabled
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.start = time.time()
+        self._writer = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.path.open("a")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._writer = SummaryWriter(log_dir=str(Path(out_dir) / "tensorboard"))
+            except Exception as exc:  # tensorboard is optional; metrics.jsonl is the record
+                log.info("TensorBoard logging off (%s)", exc)
+
+    def log(self, step: int, record: dict, *, kind: str = "train") -> None:
+        """Write one record (floats/ints/strings) for global optimizer step ``step``."""
+        if not self.enabled:
+            return
+        row = {"kind": kind, "step": step, "time": round(time.time() - self.start, 3)}
+        row.update({k: _clean(v) for k, v in record.items()})
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        if self._writer is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                    self._writer.add_scalar(f"{kind}/{key}", value, step)
+
+    def note(self, step: int, message: str) -> None:
+        """A human-readable event (also printed): skipped steps, phase changes, filtering."""
+        console.print(f"[dim]step {step}:[/] {message}")
+        self.log(step, {"message": message}, kind="event")
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self._file.close()
+        if self._writer is not None:
+            self._writer.close()
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """All records of a ``metrics.jsonl`` file."""
+    with Path(path).open() as handle:
+        return [json.loads(line) for line in handle if line.strip()]

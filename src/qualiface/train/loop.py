@@ -1,0 +1,580 @@
+"""The training loop: one loop for every head and method, readable top to bottom.
+
+``train(cfg)`` builds everything from a ``TrainingConfig`` and runs the method's phases
+(``train.pipelines``). Each optimizer step:
+
+1. asks the pipeline for per-step switches, sets the learning rate from the pure schedule;
+2. for each of ``grad_accum`` micro-batches: random flip, (second degraded view when the head
+   wants one; both views go through the backbone as one batch), forward under autocast, head
+   in fp32, ``loss / grad_accum`` backward (DDP's ``no_sync`` on all but the last micro-batch);
+3. skips the step when any micro-batch loss is NaN/Inf (and stops after
+   ``max_nonfinite_steps`` in a row), else unscales, clips and steps the optimizer;
+4. logs, evaluates and checkpoints on their intervals; on SIGTERM/SIGINT writes a checkpoint
+   and raises ``TrainingInterrupted``.
+
+Single process: the plain head. Under ``torchrun``: DDP backbone plus the sharded head of
+``train.sharded``. The loop never looks at the method's name; heads expose
+``requires_features`` / ``requires_second_view`` and pipelines the stage hooks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+import math
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from qualiface.config import ConfigError, TrainingConfig, save_config, to_dict
+from qualiface.data.transforms import to_model_input
+from qualiface.train import checkpoint as ckpt
+from qualiface.train.data import BatchPlan, BatchSource, DataError, cached_size_bytes, decode_all, random_flip
+from qualiface.train.logging import MetricsLogger, console, training_progress
+from qualiface.train.optim import build_optimizer, set_lr
+from qualiface.train.pipelines import Phase, build_pipeline, inner_head
+from qualiface.train.precision import autocast, make_scaler, resolve_precision
+from qualiface.train.schedule import build_schedule
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (diverged, bad setup); the message says why and what to do."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGTERM/SIGINT arrived; a checkpoint was written so ``resume=true`` continues."""
+
+    def __init__(self, signum: int, step: int, path: Path) -> None:
+        name = signal.Signals(signum).name
+        super().__init__(f"{name} received: checkpoint written at step {step} to {path}; "
+                         f"continue with resume=true")
+        self.signum = signum
+        self.step = step
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced."""
+
+    out_dir: Path
+    global_step: int
+    final_weights: Path
+    model_package: Path | None
+    last_metrics: dict = field(default_factory=dict)
+    validation: dict = field(default_factory=dict)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch (CPU and every CUDA device)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(requested: str, dist_device: torch.device) -> torch.device:
+    """``auto`` -> the process group's device (cuda:<local_rank> or cpu); else as given."""
+    if requested == "auto":
+        return dist_device
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={requested} but CUDA is not available")
+    return device
+
+
+class Trainer:
+    """Holds the run's state; ``run()`` executes every phase (resuming when asked)."""
+
+    def __init__(self, cfg: TrainingConfig, *, out_dir: str | Path | None = None) -> None:
+        from qualiface.backbones import build_backbone
+        from qualiface.data import build_dataset
+        from qualiface.train.distributed import init_distributed
+
+        self.cfg = cfg
+        t = cfg.train
+        backend = None if cfg.distributed.backend == "auto" else cfg.distributed.backend
+        self.dist = init_distributed(backend=backend)
+        self.device = resolve_device(t.device, self.dist.device)
+        self.precision = resolve_precision(t.precision, self.device)
+        self.out_dir = Path(out_dir or t.output_dir)
+        self.is_main = self.dist.rank == 0
+        self.checkpoint_path = self.out_dir / ckpt.CHECKPOINT_NAME
+
+        seed_everything(t.seed)  # same model init on every rank (DDP also broadcasts rank 0's)
+        try:
+            self.dataset = build_dataset(cfg.data.name, **cfg.data.params)
+            self.backbone = build_backbone(cfg.model.backbone, **cfg.model.params)
+        except TypeError as exc:  # a bad keyword in data.params / model.params
+            raise ConfigError(f"{exc}") from None
+        self.num_classes = int(self.dataset.num_classes)
+        self.backbone.to(self.device)
+        if t.channels_last:
+            self.backbone.to(memory_format=torch.channels_last)
+        self.head = self._build_head().to(self.device)
+        self.pipeline = build_pipeline(cfg)
+
+        # Augmentation randomness (flips, degraded views) has its own generator so it is
+        # checkpointed explicitly; per rank, so ranks augment differently.
+        self.augment_generator = torch.Generator().manual_seed(t.seed * 7919 + self.dist.rank + 1)
+        self.indices = torch.arange(len(self.dataset))
+        self.cache = self._build_cache()
+        self.scaler = make_scaler(self.device, self.precision)
+        self.logger = MetricsLogger(self.out_dir, enabled=self.is_main)
+        self.validator = None
+        self.phase_index = 0
+        self.phase_step = 0
+        self.global_step = 0
+        self.nonfinite_streak = 0
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.model: nn.Module = self.backbone
+        self._stop_signal: int | None = None
+        self._resume_state: dict | None = None
+        self.last_metrics: dict = {}
+
+    # ------------------------------------------------------------------ construction helpers
+
+    def _build_head(self) -> nn.Module:
+        from qualiface.heads import HEADS, _load_all, build_head
+
+        _load_all()
+        cfg = self.cfg
+        params = dict(cfg.head.params)
+        factory = HEADS.get(cfg.head.name)
+        if "feature_dim" in inspect.signature(factory).parameters and "feature_dim" not in params:
+            params["feature_dim"] = int(self.backbone.feature_dim)  # EQFace's branch input size
+        embedding_size = int(self.backbone.embedding_size)
+        if self.dist.world_size > 1:
+            from qualiface.train.sharded import ShardedHead
+
+            return ShardedHead(
+                cfg.head.name, embedding_size, self.num_classes, params,
+                rank=self.dist.rank, world_size=self.dist.world_size,
+                sample_rate=cfg.distributed.sample_rate, seed=cfg.train.seed,
+            )
+        try:
+            return build_head(cfg.head.name, embedding_size, self.num_classes, **params)
+        except ValueError as exc:
+            raise ConfigError(f"head '{cfg.head.name}': {exc}") from None
+
+    def _build_cache(self):
+        """Decode the whole training set once when it fits (see ``DataConfig.cache``)."""
+        d = self.cfg.data
+        if d.cache == "never":
+            return None
+        size = cached_size_bytes(self.dataset)
+        if d.cache == "auto" and size > d.cache_max_gb * 2**30:
+            return None
+        images, labels = decode_all(self.dataset, num_workers=d.num_workers if len(self.dataset) > 2048 else 0,
+                                    progress=self.cfg.train.progress and self.is_main)
+        if self.device.type == "cuda":
+            free, _total = torch.cuda.mem_get_info(self.device)
+            if size < 0.5 * free:  # keep half the GPU for the model
+                images, labels = images.to(self.device), labels.to(self.device)
+        return images, labels
+
+    def _plan(self) -> BatchPlan:
+        t = self.cfg.train
+        return BatchPlan(self.indices, t.batch_size, t.grad_accum, self.dist.world_size, t.seed)
+
+    @property
+    def samples_per_step(self) -> int:
+        """Images one optimizer step consumes across all ranks."""
+        return self._plan().step_size
+
+    def set_training_subset(self, indices: torch.Tensor) -> None:
+        """Train on ``indices`` (dataset positions) from the next phase on (QWDF filtering)."""
+        self.indices = indices.to(torch.int64).cpu()
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _head_state(self) -> dict:
+        full = getattr(self.head, "full_state_dict", None)
+        return full() if full is not None else self.head.state_dict()
+
+    def _load_head_state(self, state: dict) -> None:
+        load = getattr(self.head, "load_full_state_dict", None)
+        if load is not None:
+            load(state)
+        else:
+            self.head.load_state_dict(state)
+
+    def save_checkpoint(self) -> None:
+        """Write the one resumable checkpoint (every rank calls: the head gather is collective)."""
+        head_state = self._head_state()
+        state = {
+            "phase_index": self.phase_index,
+            "phase_step": self.phase_step,
+            "global_step": self.global_step,
+            "nonfinite_streak": self.nonfinite_streak,
+            "world_size": self.dist.world_size,
+            "backbone": self.backbone.state_dict(),
+            "head": head_state,
+            "optimizer": self.optimizer.state_dict() if self.optimizer is not None else {},
+            "scaler": self.scaler.state_dict(),
+            "rng": ckpt.capture_rng_state({"augment": self.augment_generator}),
+            "data": {"seed": self.cfg.train.seed, "indices": self.indices,
+                     "epoch_and_position": list(divmod(self.phase_step, max(1, self._plan().steps_per_epoch)))},
+            "config": to_dict(self.cfg),
+        }
+        if self.is_main:
+            ckpt.save_checkpoint(self.checkpoint_path, state)
+            weights = {**ckpt.prefixed("backbone", state["backbone"]), **ckpt.prefixed("head", head_state)}
+            ckpt.export_safetensors(self.out_dir / "weights.safetensors", weights, {"global_step": self.global_step})
+        elif self.dist.world_size > 1:
+            # Ranks > 0 own their head shard's optimizer moments and their RNG streams.
+            rank_state = {k: state[k] for k in ("global_step", "optimizer", "rng")}
+            ckpt.save_checkpoint(self.out_dir / f"checkpoint-rank{self.dist.rank}.pt", rank_state)
+        self._barrier()
+
+    def load_checkpoint(self) -> None:
+        """Restore model, head, counters and data position; optimizer/RNG on phase entry."""
+        state = ckpt.load_checkpoint(self.checkpoint_path)
+        if self.dist.rank > 0:
+            rank_state = ckpt.load_checkpoint(self.out_dir / f"checkpoint-rank{self.dist.rank}.pt")
+            if rank_state["global_step"] != state["global_step"]:
+                raise ckpt.CheckpointError(
+                    f"{self.out_dir}: rank {self.dist.rank}'s checkpoint is from step "
+                    f"{rank_state['global_step']}, the main one from {state['global_step']}"
+                )
+            state.update({k: rank_state[k] for k in ("optimizer", "rng")})
+        if state["world_size"] != self.dist.world_size:
+            # The head re-shards from its full state, but per-shard optimizer moments cannot.
+            state["optimizer"] = {}
+            self.logger.note(state["global_step"], f"world size changed {state['world_size']} -> "
+                             f"{self.dist.world_size}: optimizer moments reset")
+        self.backbone.load_state_dict(state["backbone"])
+        self._load_head_state(state["head"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.phase_index = int(state["phase_index"])
+        self.phase_step = int(state["phase_step"])
+        self.global_step = int(state["global_step"])
+        self.nonfinite_streak = int(state["nonfinite_streak"])
+        self.indices = state["data"]["indices"]
+        self._resume_state = state
+
+    # ------------------------------------------------------------------ distributed helpers
+
+    def _barrier(self) -> None:
+        if self.dist.is_distributed:
+            from qualiface.train.distributed import barrier
+
+            barrier()
+
+    def _any_rank(self, flag: bool) -> bool:
+        """True when ``flag`` is set on any rank (all ranks must then act alike)."""
+        if not self.dist.is_distributed:
+            return flag
+        import torch.distributed as dist
+
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def _wrap_model(self) -> None:
+        """DDP around the backbone when distributed (rebuilt per phase: frozen sets change)."""
+        self.model = self.backbone
+        if self.dist.is_distributed and any(p.requires_grad for p in self.backbone.parameters()):
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = DistributedDataParallel(self.backbone, device_ids=ids)
+        if self.cfg.train.compile:
+            self.model = torch.compile(self.model)
+
+    # ------------------------------------------------------------------ one step
+
+    def _forward(self, images: torch.Tensor, labels: torch.Tensor):
+        """Forward one micro-batch: returns the head's output and the embeddings."""
+        head = inner_head(self.head)
+        wants_features = bool(getattr(head, "requires_features", False))
+        wants_view = bool(getattr(head, "requires_second_view", False))
+        batch = images.shape[0]
+        if wants_view:
+            lq = self.pipeline.second_view(images, self.augment_generator)
+            images = torch.cat([images, lq.to(images.device)])  # one pass: DDP sees one forward
+        x = to_model_input(images)
+        if self.cfg.train.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(self.device, self.precision):
+            if wants_features:
+                embeddings, features = self.model(x, return_features=True)
+            else:
+                embeddings, features = self.model(x), None
+        # Heads run in fp32: margins use acos/sqrt near +-1 where bf16 rounding hurts.
+        embeddings = embeddings.float()
+        second = None
+        if wants_view:
+            embeddings, second = embeddings[:batch], embeddings[batch:]
+            features = features[:batch] if features is not None else None
+        kwargs = {}
+        if features is not None:
+            kwargs["features"] = features.float()
+        if second is not None:
+            kwargs["second_view"] = second
+        return self.head(embeddings, labels, **kwargs), embeddings
+
+    def _train_step(self, micro_batches, trainable: list[nn.Parameter]) -> dict | None:
+        """One optimizer step over the micro-batches; None when skipped for a NaN/Inf loss."""
+        accum = len(micro_batches)
+        total_loss, correct, seen, norm_sum = 0.0, 0, 0, 0.0
+        metrics: dict[str, float] = {}
+        self.optimizer.zero_grad(set_to_none=True)
+        for k, (images, labels) in enumerate(micro_batches):
+            if self.cfg.data.flip:
+                images = random_flip(images, self.augment_generator)
+            last = k == accum - 1
+            sync = contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
+            with sync:
+                out, embeddings = self._forward(images, labels)
+                loss_value = float(out.loss.detach())
+                if self._any_rank(not math.isfinite(loss_value)):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    return None
+                self.scaler.scale(out.loss / accum).backward()
+            total_loss += loss_value / accum
+            norm_sum += float(embeddings.detach().norm(dim=1).sum())
+            if out.logits.shape[1] == self.num_classes:  # argmax is meaningful only unsharded
+                # Margin heads lower the target logit, so prefer the head's own (margin-free)
+                # accuracy when it reports one.
+                if "accuracy" in out.metrics:
+                    correct += float(out.metrics["accuracy"]) * labels.shape[0]
+                else:
+                    correct += int((out.logits.detach().argmax(dim=1) == labels).sum())
+            seen += labels.shape[0]
+            for key, value in out.metrics.items():
+                metrics[key] = metrics.get(key, 0.0) + float(value) / accum
+        clip = self.cfg.train.clip_grad_norm
+        if clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(trainable, clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        metrics.update(loss=total_loss, norm=norm_sum / seen)
+        if self.dist.world_size == 1:
+            metrics["acc"] = correct / seen
+        return metrics
+
+    # ------------------------------------------------------------------ phases
+
+    def _enter_phase(self, phase: Phase, steps_per_epoch: int) -> list[nn.Parameter]:
+        self.pipeline.enter_phase(phase, self.backbone, self.head)
+        if hasattr(self.pipeline, "resolve"):
+            self.pipeline.resolve(steps_per_epoch)
+        named = self.pipeline.trainable(phase, self.backbone, self.head)
+        self.optimizer = build_optimizer(named, self.cfg.optim, lr=phase.lr)
+        self._wrap_model()
+        return [p for _, p in named]
+
+    def _run_phase(self, phase: Phase, progress, task) -> None:
+        plan = self._plan()
+        steps_per_epoch = plan.steps_per_epoch
+        if steps_per_epoch < 1:
+            raise DataError(f"{len(plan.indices)} training samples are fewer than one step of {plan.step_size}")
+        total = phase.total_steps(steps_per_epoch)
+        trainable = self._enter_phase(phase, steps_per_epoch)
+        if self._resume_state is not None:  # resuming into this very phase
+            if self._resume_state["optimizer"]:
+                self.optimizer.load_state_dict(self._resume_state["optimizer"])
+            ckpt.restore_rng_state(self._resume_state["rng"], {"augment": self.augment_generator})
+            self._resume_state = None
+        schedule = build_schedule(self.cfg.schedule, base_lr=phase.lr, total_steps=total,
+                                  steps_per_epoch=steps_per_epoch)
+        source = BatchSource(self.dataset, plan, rank=self.dist.rank, cache=self.cache, device=self.device,
+                             num_workers=self.cfg.data.num_workers)
+        t = self.cfg.train
+        progress.update(task, description=phase.name, total=total, completed=self.phase_step)
+        window_start, window_images = time.perf_counter(), 0
+        while self.phase_step < total:
+            epoch, position = divmod(self.phase_step, steps_per_epoch)
+            self.pipeline.before_step(phase, self.phase_step, self.head)
+            lr = schedule(self.phase_step)
+            set_lr(self.optimizer, lr)
+            metrics = self._train_step(source.step(epoch, position), trainable)
+            self.phase_step += 1
+            self.global_step += 1
+            window_images += plan.step_size
+            if metrics is None:
+                self.nonfinite_streak += 1
+                self.logger.note(self.global_step, f"non-finite loss: step skipped "
+                                 f"({self.nonfinite_streak} in a row)")
+                if self.nonfinite_streak >= t.max_nonfinite_steps:
+                    raise TrainingError(
+                        f"{self.nonfinite_streak} consecutive steps had a NaN/Inf loss (phase "
+                        f"{phase.name}, step {self.phase_step}); lower optim.lr, set "
+                        f"train.clip_grad_norm, or use precision=fp32"
+                    )
+            else:
+                self.nonfinite_streak = 0
+                metrics.update(lr=lr, epoch=epoch, phase=phase.name)
+                self.last_metrics = metrics
+            if self.phase_step % t.log_every == 0 or self.phase_step == total:
+                elapsed = time.perf_counter() - window_start
+                ips = window_images / elapsed if elapsed > 0 else 0.0
+                window_start, window_images = time.perf_counter(), 0
+                record = dict(self.last_metrics, images_per_s=ips)
+                self.logger.log(self.global_step, record)
+                progress.update(task, loss=f"{record.get('loss', float('nan')):.3f}",
+                                acc=f"{record['acc']:.3f}" if "acc" in record else "-",
+                                norm=f"{record.get('norm', float('nan')):.1f}", ips=f"{ips:.0f}")
+            progress.update(task, completed=self.phase_step)
+            if t.eval_every > 0 and self.global_step % t.eval_every == 0:
+                self.validate()
+            if t.checkpoint_every > 0 and self.phase_step % t.checkpoint_every == 0 and self.phase_step < total:
+                self.save_checkpoint()
+            if self._any_rank(self._stop_signal is not None):
+                self.save_checkpoint()
+                raise TrainingInterrupted(self._stop_signal or signal.SIGTERM, self.global_step, self.checkpoint_path)
+
+    # ------------------------------------------------------------------ evaluation
+
+    def validate(self) -> dict:
+        """Held-out verification (rank 0 computes; the others wait)."""
+        from qualiface.train.validate import build_validator
+
+        if self.cfg.val.kind == "none":
+            return {}
+        result = {}
+        if self.is_main:
+            if self.validator is None:
+                self.validator = build_validator(self.cfg.val)
+            was_training = self.backbone.training
+            self.backbone.eval()
+            result = self.validator(self.backbone, inner_head(self.head), self.device, self.precision)
+            self.backbone.train(was_training)
+            self.logger.log(self.global_step, result, kind="val")
+            console.print(f"[green]validation[/] step {self.global_step}: "
+                          + ", ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float)))
+        self._barrier()
+        return result
+
+    @torch.no_grad()
+    def score_training_set(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Quality of every current training sample (no flip): ``(indices (N,), quality (N,))``.
+
+        Used by EQFace's QWDF filter. Every rank scores all samples (same result everywhere).
+        """
+        from qualiface.train.logging import make_progress
+
+        estimator = inner_head(self.head).quality_estimator().to(self.device).eval()
+        was_training = self.backbone.training
+        self.backbone.eval()
+        scores = []
+        bs = self.cfg.train.batch_size
+        with make_progress(enabled=self.cfg.train.progress and self.is_main) as bar:
+            task = bar.add_task("scoring training set", total=len(self.indices))
+            for start in range(0, len(self.indices), bs):
+                idx = self.indices[start : start + bs]
+                if self.cache is not None:
+                    images = self.cache[0][idx.to(self.cache[0].device)].to(self.device)
+                else:
+                    images = torch.stack([self.dataset[int(i)][0] for i in idx]).to(self.device)
+                x = to_model_input(images)
+                with autocast(self.device, self.precision):
+                    emb, feats = self.backbone(x, return_features=True)
+                if getattr(estimator, "requires_features", False):
+                    q = estimator(emb.float(), feats.float())
+                else:
+                    q = estimator(emb.float())
+                scores.append(q.float().cpu())
+                bar.advance(task, len(idx))
+        self.backbone.train(was_training)
+        return self.indices.clone(), torch.cat(scores)
+
+    # ------------------------------------------------------------------ the run
+
+    def _install_signal_handlers(self):
+        def handler(signum, _frame):
+            self._stop_signal = signum
+
+        previous = {}
+        try:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                previous[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread (e.g. inside a test runner thread)
+            pass
+        return previous
+
+    def run(self) -> TrainResult:
+        """Run (or resume) every phase, then write final weights and the model package."""
+        t = self.cfg.train
+        if t.resume:
+            if self.checkpoint_path.is_file():
+                self.load_checkpoint()
+                console.print(f"resuming from {self.checkpoint_path} at step {self.global_step}")
+            else:
+                console.print(f"[yellow]resume=true but no checkpoint in {self.out_dir}; starting fresh[/]")
+        if self.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            save_config(self.cfg, self.out_dir / "config.yaml")
+        phases = self.pipeline.phases()
+        previous = self._install_signal_handlers()
+        try:
+            with training_progress(enabled=t.progress and self.is_main) as progress:
+                task = progress.add_task("train", total=None, loss="-", acc="-", norm="-", ips="-")
+                while self.phase_index < len(phases):
+                    phase = phases[self.phase_index]
+                    self._run_phase(phase, progress, task)
+                    self.pipeline.after_phase(phase, self)
+                    self.phase_index += 1
+                    self.phase_step = 0
+                    if self.phase_index < len(phases):
+                        self.optimizer = None
+                        self.save_checkpoint()  # stage marker: resume starts the next phase
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+        self.save_checkpoint()
+        validation = self.validate()
+        result = self._finish(validation)
+        self.logger.close()
+        return result
+
+    def _finish(self, validation: dict) -> TrainResult:
+        final = self.out_dir / "final.safetensors"
+        package = None
+        if self.is_main:
+            weights = {**ckpt.prefixed("backbone", self.backbone.state_dict()),
+                       **ckpt.prefixed("head", self._head_state_for_export())}
+            ckpt.export_safetensors(final, weights, {"global_step": self.global_step,
+                                                     "backbone": self.cfg.model.backbone,
+                                                     "head": self.cfg.head.name})
+            package = self._save_package()
+        else:
+            self._head_state_for_export()
+        return TrainResult(self.out_dir, self.global_step, final, package, self.last_metrics, validation)
+
+    def _head_state_for_export(self) -> dict:
+        return self._head_state()
+
+    def _save_package(self) -> Path | None:
+        try:
+            from qualiface.infer.model import save_model_package
+        except ImportError:
+            self.logger.note(self.global_step, "model package skipped: qualiface.infer.model is not available")
+            return None
+        out = self.out_dir / "model"
+        head = inner_head(self.head)
+        self.backbone.eval()
+        save_model_package(
+            out,
+            backbone=self.backbone,
+            backbone_name=self.cfg.model.backbone,
+            backbone_kwargs=dict(self.cfg.model.params),
+            quality_estimator=head.quality_estimator(),
+            head_name=self.cfg.head.name,
+            metadata={"global_step": self.global_step, "config": to_dict(self.cfg),
+                      "last_metrics": {k: v for k, v in self.last_metrics.items() if isinstance(v, (int, float, str))}},
+        )
+        console.print(f"model package written to {out}")
+        return out
+
+
+def train(cfg: TrainingConfig, *, out_dir: str | Path | None = None) -> TrainResult:
+    """Train from a config (see ``qualiface.config``); returns where everything was written."""
+    return Trainer(cfg, out_dir=out_dir).run()

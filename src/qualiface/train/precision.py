@@ -1,0 +1,42 @@
+"""Numeric precision: which dtype the forward pass runs in, and the fp16 gradient scaler.
+
+``auto`` means bf16 autocast on a CUDA device that supports it (no loss scaling needed: bf16
+has fp32's exponent range), fp32 elsewhere. fp16 autocast is available on CUDA with a
+``GradScaler``. On CPU, fp32 is the default; bf16 may be asked for explicitly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+class PrecisionError(ValueError):
+    """A precision that the device cannot run."""
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """``auto|fp32|bf16|fp16`` -> the concrete ``fp32|bf16|fp16`` for ``device``."""
+    if requested == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return "bf16"
+        return "fp32"
+    if requested == "fp16" and device.type != "cuda":
+        raise PrecisionError("precision fp16 needs a CUDA device (use fp32 or bf16 on CPU)")
+    if requested not in ("fp32", "bf16", "fp16"):
+        raise PrecisionError(f"unknown precision '{requested}' (auto, fp32, bf16, fp16)")
+    return requested
+
+
+def autocast(device: torch.device, precision: str):
+    """Context manager for the forward pass (a no-op for fp32)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def make_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
+    """A GradScaler that is active only for fp16 (its state is checkpointed either way)."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")

@@ -1,0 +1,131 @@
+"""Config loading: YAML + dotted overrides, type checks, unknown keys, shipped configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qualiface.config import (
+    ConfigError,
+    TrainingConfig,
+    apply_overrides,
+    check_params,
+    load_config,
+    save_config,
+    to_dict,
+    validate_components,
+)
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+def write(tmp_path, data) -> Path:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_defaults_and_yaml_values(tmp_path):
+    path = write(tmp_path, {"optim": {"lr": 0.2}, "train": {"batch_size": 64, "epochs": 3}})
+    cfg = load_config(path)
+    assert isinstance(cfg, TrainingConfig)
+    assert cfg.optim.lr == 0.2 and cfg.train.batch_size == 64 and cfg.train.epochs == 3.0
+    assert isinstance(cfg.train.epochs, float)  # int widened to the field's float type
+    assert cfg.optim.momentum == 0.9  # untouched default
+
+
+def test_dotted_overrides_parse_values_and_reach_free_form_params(tmp_path):
+    path = write(tmp_path, {"head": {"name": "magface", "params": {"lambda_g": 35}}})
+    cfg = load_config(path, ["optim.lr=0.05", "head.params.lambda_g=2", "train.resume=true",
+                             "schedule.milestones=[8, 14]", "train.output_dir=runs/x"])
+    assert cfg.optim.lr == 0.05
+    assert cfg.head.params == {"lambda_g": 2}
+    assert cfg.train.resume is True
+    assert cfg.schedule.milestones == [8, 14]
+    assert cfg.train.output_dir == "runs/x"
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    path = write(tmp_path, {"optim": {"learning_rate": 0.1}})
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "optim.learning_rate" in str(err.value) and str(path) in str(err.value)
+    with pytest.raises(ConfigError, match="train.bogus"):
+        load_config(write(tmp_path, {}), ["train.bogus=1"])
+    with pytest.raises(ConfigError, match="nosuchsection"):
+        load_config(write(tmp_path, {}), ["nosuchsection.x=1"])
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [("optim.lr=fast", "optim.lr"), ("train.batch_size=1.5", "train.batch_size"),
+     ("train.resume=3", "train.resume"), ("train.batch_size=true", "train.batch_size"),
+     ("schedule.milestones=4", "schedule.milestones")],
+)
+def test_type_errors_name_the_field(tmp_path, override, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_config(write(tmp_path, {}), [override])
+
+
+def test_choices_and_ranges_are_checked(tmp_path):
+    with pytest.raises(ConfigError, match="train.precision"):
+        load_config(write(tmp_path, {}), ["train.precision=fp8"])
+    with pytest.raises(ConfigError, match="pipeline.name"):
+        load_config(write(tmp_path, {}), ["pipeline.name=magic"])
+    with pytest.raises(ConfigError, match="grad_accum"):
+        load_config(write(tmp_path, {}), ["train.grad_accum=0"])
+
+
+def test_malformed_override_and_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="key=value"):
+        apply_overrides({}, ["optim.lr"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="missing.yaml"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_save_round_trip(tmp_path):
+    cfg = load_config(write(tmp_path, {}), ["optim.lr=0.01", "head.params.margin=0.4"])
+    save_config(cfg, tmp_path / "saved.yaml")
+    again = load_config(tmp_path / "saved.yaml")
+    assert to_dict(again) == to_dict(cfg)
+
+
+def test_check_params_against_signature():
+    def factory(embedding_size, num_classes, margin=0.5, scale=64.0):
+        return None
+
+    check_params(factory, {"margin": 0.3}, what="head.params", reserved=("embedding_size", "num_classes"))
+    with pytest.raises(ConfigError, match="unknown parameter 'marg'.*margin, scale"):
+        check_params(factory, {"marg": 0.3}, what="head.params", reserved=("embedding_size", "num_classes"))
+    with pytest.raises(ConfigError, match="num_classes"):
+        check_params(factory, {"num_classes": 3}, what="head.params", reserved=("embedding_size", "num_classes"))
+
+
+def test_validate_components_names_bad_head_param(tmp_path):
+    cfg = load_config(write(tmp_path, {"head": {"name": "arcface", "params": {"lambda_g": 1}}}))
+    with pytest.raises(ConfigError, match="lambda_g"):
+        validate_components(cfg)
+    cfg = load_config(write(tmp_path, {"head": {"name": "arcfaze"}}))
+    with pytest.raises(ConfigError, match="arcfaze"):
+        validate_components(cfg)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_shipped_configs_parse_and_validate(path):
+    cfg = load_config(path)
+    validate_components(cfg, source=str(path))
+
+
+def test_expected_configs_are_shipped():
+    names = {p.stem for p in CONFIGS}
+    for method in ("arcface", "cosface", "magface", "adaface", "qcface", "qcface-cur", "eqface",
+                   "qgface", "curricular", "mv-softmax"):
+        assert f"{method}_r50" in names
+    assert "demo_nano" in names
+    assert any(n.endswith("_r100") for n in names)

@@ -1,0 +1,112 @@
+"""EDC, pAUC and rank correlations against brute-force loops, with quality ties."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from qualiface.eval import EvaluationError
+from qualiface.eval.quality import (edc, edc_pauc, edc_refixed, edc_summary, pair_quality,
+                                    rank_correlations, theoretical_best_area, threshold_at_fmr)
+
+
+def _pairs(seed: int, n: int = 3000):
+    rng = np.random.default_rng(seed)
+    labels = rng.random(n) < 0.4
+    q1 = rng.integers(0, 12, n) / 11.0  # few levels: many ties in pair quality
+    q2 = rng.integers(0, 12, n) / 11.0
+    pq = pair_quality(q1, q2)
+    # Low quality makes genuine scores worse, so discarding helps.
+    scores = np.where(labels, 0.3 + 0.5 * pq + rng.normal(0, 0.15, n), rng.normal(0, 0.1, n))
+    return scores, labels, pq
+
+
+def _brute_force_edc(scores, labels, pq, threshold):
+    """Discard every mated comparison with quality < v, for each distinct v (ties together)."""
+    mated_scores, mated_q = scores[labels], pq[labels]
+    fractions, errors = [], []
+    for v in np.unique(mated_q):
+        kept = mated_q >= v
+        fractions.append(1 - kept.mean())
+        errors.append(np.mean(mated_scores[kept] < threshold))
+    return np.array(fractions + [1.0]), np.array(errors + [0.0])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_edc_equals_brute_force_and_threshold_fixed_beforehand(seed):
+    scores, labels, pq = _pairs(seed)
+    curve = edc(scores, labels, pq, fmr=1e-2)
+    threshold = threshold_at_fmr(scores, labels, 1e-2)
+    # The threshold is the lowest one with FMR <= 1e-2 over *all* impostors.
+    impostors = scores[~labels]
+    assert np.mean(impostors >= threshold) <= 1e-2
+    assert np.mean(impostors >= np.nextafter(threshold, -np.inf)) > 1e-2 or threshold == impostors.min()
+    fractions, errors = _brute_force_edc(scores, labels, pq, threshold)
+    np.testing.assert_allclose(curve.discard_fractions, fractions, atol=1e-12)
+    np.testing.assert_allclose(curve.errors, errors, atol=1e-12)
+    assert np.all(curve.thresholds == threshold)
+    assert curve.errors[-2] < curve.errors[0]  # quality carries information here
+
+
+def test_pauc_equals_numerical_integral_of_the_step_curve():
+    scores, labels, pq = _pairs(2)
+    curve = edc(scores, labels, pq, fmr=1e-2)
+    grid = np.linspace(0, 0.3, 300_001)[:-1]
+    index = np.searchsorted(curve.discard_fractions, grid, side="right") - 1
+    for limit in (0.2, 0.3):
+        numeric = np.sum(curve.errors[index][grid < limit]) * (0.3 / 300_000)
+        assert edc_pauc(curve, limit) == pytest.approx(numeric, abs=2e-5)
+
+
+@pytest.mark.parametrize("e0", [0.05, 0.25, 0.6])
+def test_theoretical_best_areas_match_their_curves(e0):
+    x = np.linspace(0, 1, 2_000_001)[:-1]
+    dx = 1 / 2_000_000
+    for limit in (0.2, 0.3):
+        linear = np.sum(np.maximum(0, e0 - x)[x < limit]) * dx
+        exact = np.sum((np.maximum(0, e0 - x) / (1 - x))[x < limit]) * dx
+        assert theoretical_best_area(e0, limit, "linear") == pytest.approx(linear, abs=1e-5)
+        assert theoretical_best_area(e0, limit, "exact") == pytest.approx(exact, abs=1e-5)
+
+
+def test_a_perfect_quality_measure_reaches_the_exact_best_curve():
+    rng = np.random.default_rng(3)
+    labels = rng.random(4000) < 0.5
+    scores = np.where(labels, rng.normal(0.6, 0.2, 4000), rng.normal(0, 0.1, 4000))
+    threshold = threshold_at_fmr(scores, labels, 1e-2)
+    oracle = np.where(labels, (scores >= threshold).astype(float) + rng.random(4000), 1.0)
+    curve = edc(scores, labels, oracle, fmr=1e-2)
+    summary = edc_summary(curve, best="exact")
+    assert summary["pauc_20_minus_best"] == pytest.approx(0.0, abs=2e-3)
+
+
+def test_refixed_edc_equals_brute_force_recomputation():
+    scores, labels, pq = _pairs(4, n=6000)
+    curve = edc_refixed(scores, labels, pq, fmr=1e-2, fractions=[0.0, 0.1, 0.25])
+    for fraction, error, threshold in zip(curve.discard_fractions, curve.errors, curve.thresholds):
+        cut = np.sort(pq)[int(round(fraction * len(pq)))] if fraction > 0 else -np.inf
+        kept = pq >= cut
+        t = threshold_at_fmr(scores[kept], labels[kept], 1e-2)
+        assert threshold == t
+        assert error == pytest.approx(np.mean(scores[kept & labels] < t))
+    # Requested fractions snap down to whole quality levels (ties discarded together).
+    sorted_q = np.sort(pq)
+    realisable = np.concatenate([[0], np.flatnonzero(sorted_q[1:] != sorted_q[:-1]) + 1]) / len(pq)
+    snapped = {realisable[realisable <= r + 1e-12].max() for r in (0.0, 0.1, 0.25)}
+    assert set(curve.discard_fractions.tolist()) == snapped
+
+
+def test_rank_correlations_and_errors():
+    severity = np.repeat(np.arange(5), 20).astype(float)
+    quality = -severity + np.linspace(0, 0.1, 100)  # monotone decreasing in severity
+    result = rank_correlations(quality, severity)
+    from scipy import stats
+
+    assert result["spearman"] == pytest.approx(stats.spearmanr(quality, severity)[0])
+    assert result["spearman"] < -0.95 and result["kendall"] < -0.8
+    with pytest.raises(EvaluationError, match="constant"):
+        rank_correlations(np.ones(10), np.arange(10))
+    with pytest.raises(EvaluationError, match="pair qualities"):
+        edc([0.1, 0.9], [0, 1], [0.5], fmr=0.5)
+    with pytest.raises(EvaluationError, match="not measurable"):
+        edc([0.1, 0.2, 0.9], [0, 0, 1], [1, 1, 1], fmr=1e-3)

@@ -1,0 +1,117 @@
+"""Verification metrics against scikit-learn and brute force, on random data with heavy ties."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+from sklearn.metrics import roc_curve as sk_roc_curve
+
+from qualiface.eval import EvaluationError
+from qualiface.eval.verification import (
+    area_under_curve,
+    best_accuracy_threshold,
+    equal_error_rate,
+    evaluate_verification,
+    kfold_accuracy,
+    roc_curve,
+    tar_at_far,
+)
+
+
+def _random_pairs(seed: int, n: int = 3000, levels: int | None = 40):
+    rng = np.random.default_rng(seed)
+    labels = rng.random(n) < 0.3
+    scores = rng.normal(0.0, 1.0, n) + 1.2 * labels
+    if levels is not None:  # quantise to force many ties, within and across classes
+        scores = np.round(scores * levels / 8) / (levels / 8)
+    return scores.astype(np.float32), labels
+
+
+@pytest.mark.parametrize("seed,levels", [(0, 40), (1, 8), (2, None)])
+def test_roc_points_lie_on_sklearn_curve_and_auc_matches(seed, levels):
+    scores, labels = _random_pairs(seed, levels=levels)
+    roc = roc_curve(scores, labels)
+    fpr, tpr, thr = sk_roc_curve(labels, scores, drop_intermediate=False)
+    sk_points = set(zip(np.round(fpr, 12), np.round(tpr, 12)))
+    ours = set(zip(np.round(roc.far, 12), np.round(roc.tar, 12)))
+    assert ours <= sk_points
+    assert area_under_curve(roc) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+    # Thresholds reproduce their own operating points.
+    for far, tar, t in zip(roc.far[1:], roc.tar[1:], roc.thresholds[1:]):
+        accepted = scores >= t
+        assert np.mean(accepted[~labels]) == pytest.approx(far)
+        assert np.mean(accepted[labels]) == pytest.approx(tar)
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+def test_tar_at_far_equals_brute_force_threshold_search(seed):
+    scores, labels = _random_pairs(seed, n=4000, levels=30)
+    roc = roc_curve(scores, labels)
+    result = tar_at_far(roc, [1e-3, 1e-2, 1e-1])
+    candidates = np.concatenate([np.unique(scores), [np.inf]])
+    for far, (tar, threshold) in result.items():
+        best = 0.0
+        for t in candidates:  # every possible decision rule score >= t
+            if np.mean(scores[~labels] >= t) <= far:
+                best = max(best, np.mean(scores[labels] >= t))
+        assert tar == pytest.approx(best)
+        assert np.mean(scores[~labels] >= threshold) <= far
+        assert np.mean(scores[labels] >= threshold) == pytest.approx(tar)
+
+
+def test_tar_at_unmeasurable_far_is_nan():
+    scores, labels = _random_pairs(5, n=500)
+    result = tar_at_far(roc_curve(scores, labels), [1e-4, 1e-1])
+    assert np.isnan(result[1e-4][0])
+    assert np.isfinite(result[1e-1][0])
+
+
+def test_eer_matches_sklearn_interpolation_on_continuous_scores():
+    scores, labels = _random_pairs(6, n=20000, levels=None)
+    fpr, tpr, _ = sk_roc_curve(labels, scores)
+    fnr = 1 - tpr
+    k = np.argmax(fnr <= fpr)  # first point where the curves crossed
+    eer_bounds = sorted([fpr[k - 1], fnr[k - 1], fpr[k], fnr[k]])
+    eer = equal_error_rate(roc_curve(scores, labels))
+    assert eer_bounds[0] - 1e-12 <= eer <= eer_bounds[-1] + 1e-12
+    # Separable scores have zero EER; identical distributions have EER 0.5 in expectation.
+    assert equal_error_rate(roc_curve([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1])) == 0.0
+
+
+def test_best_accuracy_threshold_is_optimal_and_between_samples():
+    scores, labels = _random_pairs(7, n=600, levels=10)
+    threshold, accuracy = best_accuracy_threshold(scores, labels)
+    brute = max(np.mean((scores >= t) == labels) for t in np.concatenate([np.unique(scores), [np.inf]]))
+    assert accuracy == pytest.approx(brute)
+    assert np.mean((scores >= threshold) == labels) == pytest.approx(brute)
+    assert threshold not in set(scores.tolist())  # placed between two observed scores
+
+
+def test_kfold_uses_other_folds_only_and_accepts_protocol_folds():
+    scores, labels = _random_pairs(8, n=1200, levels=25)
+    folds = np.repeat([8, 9, 10], 400)
+    result = kfold_accuracy(scores, labels, folds)
+    for fold, accuracy, threshold in zip([8, 9, 10], result.accuracies, result.thresholds):
+        train = folds != fold
+        expected_threshold, _ = best_accuracy_threshold(scores[train], labels[train])
+        assert threshold == expected_threshold
+        held = folds == fold
+        assert accuracy == pytest.approx(np.mean((scores[held] >= threshold) == labels[held]))
+    assert result.mean == pytest.approx(np.mean(result.accuracies))
+    assert result.std == pytest.approx(np.std(result.accuracies))
+    default = kfold_accuracy(scores, labels, num_folds=3)
+    np.testing.assert_allclose(default.accuracies, result.accuracies)  # contiguous == 8,9,10
+
+
+def test_evaluate_verification_metrics_dict_and_bad_input():
+    scores, labels = _random_pairs(9, n=2000)
+    metrics = evaluate_verification(scores, labels).metrics()
+    assert set(metrics["tar_at_far"]) == {"1e-06", "1e-05", "1e-04", "1e-03", "1e-02", "1e-01"}
+    assert 0.5 < metrics["accuracy"] <= 1.0 and len(metrics["fold_accuracies"]) == 10
+    with pytest.raises(EvaluationError, match="both genuine and impostor"):
+        roc_curve([0.1, 0.2], [1, 1])
+    with pytest.raises(EvaluationError, match="3 scores but 2 labels"):
+        roc_curve([0.1, 0.2, 0.3], [1, 0])
+    with pytest.raises(EvaluationError, match="not finite"):
+        roc_curve([0.1, np.nan], [1, 0])

@@ -1,0 +1,134 @@
+"""IJB protocol parsing and evaluation on a small fixture written in the real file layout."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from qualiface.data.ijb import IJBFormatError, load_ijb, read_int_columns
+from qualiface.eval.features import FeatureSet
+from qualiface.eval.ijb import IJBOptions, evaluate_ijb
+
+
+def write_ijb_fixture(root, seed: int = 0, name: str = "IJBC"):
+    """A tiny IJB-C: 30 subjects, 2 templates each, several media per template."""
+    rng = np.random.default_rng(seed)
+    folder = root / name
+    (folder / "meta").mkdir(parents=True)
+    (folder / "loose_crop").mkdir()
+    prefix = name.lower()
+    lines, lmk_lines, images, templates, medias = [], [], [], [], []
+    subject_of_template = {}
+    image_number = 1
+    for subject in range(30):
+        for k in range(2):
+            template = 1000 + subject * 7 + k * 3  # non-contiguous ids
+            subject_of_template[template] = subject
+            for _ in range(rng.integers(1, 6)):
+                media = int(rng.integers(50, 60))
+                image = f"{image_number}.jpg"
+                image_number += 1
+                lines.append(f"{image} {template} {media}")
+                points = " ".join(f"{v:.3f}" for v in rng.uniform(20, 90, 10))
+                lmk_lines.append(f"{image} {points} {rng.uniform(0.5, 1):.3f}")
+                images.append(image)
+                templates.append(template)
+                medias.append(media)
+    (folder / "meta" / f"{prefix}_face_tid_mid.txt").write_text("\n".join(lines) + "\n")
+    (folder / "meta" / f"{prefix}_name_5pts_score.txt").write_text("\n".join(lmk_lines) + "\n")
+    ids = sorted(subject_of_template)
+    gallery = [t for t in ids if (t - 1000) % 7 == 0]  # k == 0 templates
+    probes = [t for t in ids if t not in gallery]
+    pairs = [(g, p, int(subject_of_template[g] == subject_of_template[p]))
+             for g in gallery for p in probes if rng.random() < 0.5 or
+             subject_of_template[g] == subject_of_template[p]]
+    (folder / "meta" / f"{prefix}_template_pair_label.txt").write_text(
+        "\n".join(f"{a} {b} {c}" for a, b, c in pairs) + "\n")
+    # 1:N: G1 holds the first 15 subjects, G2 the rest; probes are the other templates.
+    for label, members in (("G1", gallery[:15]), ("G2", gallery[15:])):
+        rows = [f"{t},{subject_of_template[t]},img/{t}.jpg" for t in members]
+        (folder / "meta" / f"{prefix}_1N_gallery_{label}.csv").write_text(
+            "TEMPLATE_ID,SUBJECT_ID,FILENAME\n" + "\n".join(rows) + "\n")
+    rows = [f"{t},{subject_of_template[t]},img/{t}.jpg" for t in probes for _ in range(2)]
+    (folder / "meta" / f"{prefix}_1N_probe_mixed.csv").write_text(
+        "TEMPLATE_ID,SUBJECT_ID,FILENAME\n" + "\n".join(rows) + "\n")
+    # Features: subject direction + noise; raw norms vary (so norm pooling differs from mean).
+    centers = rng.normal(size=(30, 16))
+    feats = np.stack([centers[subject_of_template[t]] + rng.normal(0, 1.2, 16) for t in templates])
+    feats *= rng.uniform(0.3, 3.0, (len(feats), 1))
+    return images, FeatureSet(images, feats.astype(np.float32),
+                              rng.uniform(0.1, 1, len(images)).astype(np.float32))
+
+
+def _naive_templates(protocol, features, mode):
+    """The InsightFace reference loops: mean within media, sum across media, normalise."""
+    out = {}
+    f = features.features[features.rows(protocol.images)].astype(np.float64)
+    if mode == "media":
+        f = f / np.linalg.norm(f, axis=1, keepdims=True)
+    for t in np.unique(protocol.template_ids):
+        idx = np.flatnonzero(protocol.template_ids == t)
+        total = sum(f[idx][protocol.media_ids[idx] == m].mean(0)
+                    for m in np.unique(protocol.media_ids[idx]))
+        out[t] = total / np.linalg.norm(total)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["norm", "media"])
+def test_vectorised_ijb_equals_naive_loops(tmp_path, mode):
+    _, features = write_ijb_fixture(tmp_path)
+    protocol = load_ijb(tmp_path, "IJBC")
+    assert set(protocol.galleries) == {"G1", "G2"} and len(protocol.probe[0]) == 30
+    result = evaluate_ijb(protocol, features, IJBOptions(aggregation=mode, fars=(1e-2, 1e-1)))
+    templates = _naive_templates(protocol, features, mode)
+    naive_scores = np.array([templates[a] @ templates[b]
+                             for a, b in zip(protocol.pair_first, protocol.pair_second)])
+    np.testing.assert_allclose(result.scores, naive_scores, atol=1e-5)
+    labels = protocol.pair_label
+    for far in (1e-2, 1e-1):
+        best = 0.0
+        for t in np.concatenate([np.unique(naive_scores), [np.inf]]):
+            if np.mean(naive_scores[~labels] >= t) <= far:
+                best = max(best, np.mean(naive_scores[labels] >= t))
+        got = result.metrics["verification"]["tar_at_far"][f"{far:.0e}"]
+        assert got == pytest.approx(best, abs=1e-9)
+    # 1:N rank-1 per gallery with a naive argsort loop.
+    ident = result.metrics["identification"]
+    probe_ids, probe_subjects = protocol.probe
+    for label, (gallery_ids, gallery_subjects) in protocol.galleries.items():
+        hits, mated = 0, 0
+        for t, subject in zip(probe_ids, probe_subjects):
+            if subject not in gallery_subjects:
+                continue
+            mated += 1
+            sims = np.array([templates[t] @ templates[g] for g in gallery_ids])
+            hits += gallery_subjects[int(np.argmax(sims))] == subject
+        assert ident["galleries"][label]["rank1"] == pytest.approx(hits / mated)
+        assert ident["galleries"][label]["num_mated_probes"] == mated == 15
+
+
+def test_ijb_format_errors_name_file_and_line(tmp_path):
+    write_ijb_fixture(tmp_path)
+    pair_file = tmp_path / "IJBC" / "meta" / "ijbc_template_pair_label.txt"
+    text = pair_file.read_text().splitlines()
+    text[2] = "1000 1003"
+    pair_file.write_text("\n".join(text) + "\n")
+    with pytest.raises(IJBFormatError, match=r"ijbc_template_pair_label.txt:3: expected 3 numbers"):
+        load_ijb(tmp_path, "IJBC")
+    text[2] = "1000 99999 0"
+    pair_file.write_text("\n".join(text) + "\n")
+    with pytest.raises(IJBFormatError, match="template 99999 that has no image"):
+        load_ijb(tmp_path, "IJBC")
+    with pytest.raises(IJBFormatError, match="no IJBB protocol"):
+        load_ijb(tmp_path, "IJBB")
+
+
+def test_int_reader_handles_chunk_boundaries(tmp_path):
+    rng = np.random.default_rng(3)
+    values = rng.integers(0, 10**12, size=(5000, 3))
+    path = tmp_path / "ints.txt"
+    path.write_text("\n".join(" ".join(map(str, row)) for row in values))  # no final newline
+    np.testing.assert_array_equal(read_int_columns(path, 3, chunk_bytes=997), values)
+    path.write_text("1 2 3\n4 x 6\n")
+    with pytest.raises(IJBFormatError, match=r"ints.txt:2: expected non-negative integers"):
+        read_int_columns(path, 3)

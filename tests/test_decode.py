@@ -9,6 +9,8 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from qualiface.data.decode import (
@@ -178,3 +180,18 @@ def test_encode_jpeg_round_trip_and_argument_checks():
         encode_jpeg(image[:2])
     with pytest.raises(ValueError):
         encode_jpeg(image, quality=0)
+
+
+_PREFIXES = [b"", b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM", b"GIF89a", b"RIFF\0\0\0\0WEBPVP8 "]
+
+
+@settings(max_examples=200, deadline=5000, derandomize=True)
+@given(st.sampled_from(_PREFIXES), st.binary(max_size=200), st.sampled_from(BACKENDS))
+def test_fuzz_arbitrary_bytes_decode_or_raise_decode_error(prefix, body, backend):
+    try:
+        image = decode_image(prefix + body, name="fuzz", backend=backend)
+    except DecodeError as exc:
+        assert "fuzz" in str(exc)
+        return
+    # Whatever decodes must honour the layout contract.
+    assert image.dtype == torch.uint8 and image.dim() == 3 and image.shape[0] == 3

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 from test_heads import (
+    FEAT,
     B,
     C,
     D,
-    FEAT,
     make_head,
     make_inputs,
     qc_f,
@@ -47,7 +47,7 @@ def test_qcface_k_and_target_norms():
     assert prior.k == pytest.approx(3421.93, abs=0.01)
     p = torch.tensor(P_GRID, dtype=torch.float64)
     target = prior.target_norm(p)
-    for value, expected in zip(target.tolist(), P_GRID):
+    for value, expected in zip(target.tolist(), P_GRID, strict=True):
         assert value == pytest.approx(qc_zstar(expected), rel=1e-12)
     assert target[0].item() == pytest.approx(1.0, abs=1e-3)
     assert target[2].item() == pytest.approx(50.5, abs=0.05)
@@ -119,7 +119,8 @@ def test_qcface_quality_is_recovered_p_and_p_is_label_softmax():
     expected_p = torch.softmax(64 * cos, dim=1)[torch.arange(B), y]
     torch.testing.assert_close(out.extras["p"], expected_p)
     # A face sitting exactly at its target norm gets its own p back as quality.
-    at_target = torch.nn.functional.normalize(x.detach(), dim=1) * out.extras["target_norm"][:, None]
+    unit = torch.nn.functional.normalize(x.detach(), dim=1)
+    at_target = unit * out.extras["target_norm"][:, None]
     again = head(at_target, y)
     torch.testing.assert_close(again.quality, expected_p, atol=1e-8, rtol=0)
 

@@ -308,7 +308,7 @@ def _valid_file() -> bytes:
 
 
 VALID = _valid_file()
-FUZZ = settings(max_examples=150, deadline=2000, derandomize=True,
+FUZZ = settings(max_examples=150, deadline=5000, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow])
 
 

@@ -62,8 +62,9 @@ def _global_batch(step: int) -> dict[str, torch.Tensor]:
         "embeddings": embeddings,
         "labels": torch.randint(0, CLASSES, (total,), generator=generator),
         "features": torch.randn(total, FEATURES, generator=generator, dtype=torch.float64),
-        "second_view": embeddings + 0.3 * torch.randn(total, EMBED, generator=generator,
-                                                      dtype=torch.float64),
+        # A loosely related second view, so that QGFace's contrastive term is far from zero.
+        "second_view": 0.5 * embeddings + 10.0 * torch.randn(total, EMBED, generator=generator,
+                                                             dtype=torch.float64),
     }
 
 
@@ -433,3 +434,106 @@ def test_bad_state_dict_errors():
         shard.load_full_state_dict({"weight": torch.zeros(10, EMBED), "t": torch.zeros(())})
     with pytest.raises(ShardingError, match=r"shape \(5, 3\) for this shard"):
         shard.load_full_state_dict({"weight": torch.zeros(10, 3)})
+
+
+# -- the real trainer on two ranks ---------------------------------------------------------
+
+
+class _FlatLinearBackbone(nn.Module):
+    """Flatten + linear: a stand-in backbone with the backbone contract and no batch norm."""
+
+    def __init__(self, embedding_size: int = EMBED, input_size: int = 8) -> None:
+        super().__init__()
+        self.embedding_size = embedding_size
+        self.feature_dim = 3 * input_size * input_size
+        self.fc = nn.Linear(self.feature_dim, embedding_size)
+
+    def forward(self, x, return_features: bool = False):
+        features = x.flatten(1)
+        embedding = self.fc(features)
+        return (embedding, features) if return_features else embedding
+
+
+class _ClassBlobs(torch.utils.data.Dataset):
+    """Tiny uint8 images with a random prototype per class plus noise."""
+
+    def __init__(self, num: int = 48, classes: int = CLASSES, size: int = 8) -> None:
+        generator = torch.Generator().manual_seed(0)
+        self.labels = torch.arange(num) % classes
+        prototypes = torch.randint(0, 256, (classes, 3, size, size), generator=generator)
+        noise = torch.randint(-30, 31, (num, 3, size, size), generator=generator)
+        self.images = (prototypes[self.labels] + noise).clamp(0, 255).to(torch.uint8)
+        self.num_classes = classes
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        return self.images[index], int(self.labels[index])
+
+
+def _register_trainer_fixtures() -> None:
+    # Registered at import so that the spawned ranks (which re-import this module) have them.
+    from qualiface.backbones import BACKBONES
+    from qualiface.data import DATASETS
+
+    if "test-sharded-linear" not in BACKBONES:
+        BACKBONES.register("test-sharded-linear")(_FlatLinearBackbone)
+    if "test-sharded-blobs" not in DATASETS:
+        DATASETS.register("test-sharded-blobs")(_ClassBlobs)
+
+
+_register_trainer_fixtures()
+
+
+def _trainer_config(out_dir: str, steps: int, resume: bool = False):
+    from qualiface.config import from_dict
+
+    return from_dict({
+        "model": {"backbone": "test-sharded-linear", "params": {}},
+        "head": {"name": "arcface", "params": {}},
+        "data": {"name": "test-sharded-blobs", "params": {}, "flip": False, "num_workers": 0},
+        "optim": {"lr": 0.2},
+        "schedule": {"kind": "constant"},
+        "train": {"steps": steps, "batch_size": 4, "device": "cpu", "output_dir": out_dir,
+                  "log_every": 1, "checkpoint_every": 0, "progress": False, "seed": 3,
+                  "resume": resume},
+    })
+
+
+def _trainer_worker(info: DistInfo, out_dir: str) -> dict:
+    from qualiface.train.loop import Trainer
+
+    trainer = Trainer(_trainer_config(out_dir, steps=3))
+    result = trainer.run()
+    return {
+        "global_step": result.global_step,
+        "loss": result.last_metrics.get("loss"),
+        "backbone": {k: v.clone() for k, v in trainer.backbone.state_dict().items()},
+        "head_shard": trainer.head.head.weight.detach().clone(),
+    }
+
+
+def test_trainer_on_two_ranks_keeps_backbones_identical_and_resumes_on_one(tmp_path):
+    from qualiface.train import checkpoint as ckpt
+    from qualiface.train.loop import Trainer
+
+    out_dir = str(tmp_path / "run")
+    outcomes = launch_local(_trainer_worker, WORLD, (out_dir,), timeout_s=180,
+                            collective_timeout_s=60)
+    first, second = (outcome.value for outcome in outcomes)
+    assert first["global_step"] == second["global_step"] == 3
+    assert first["loss"] == pytest.approx(second["loss"])  # the global loss, same everywhere
+    for key, value in first["backbone"].items():
+        assert torch.equal(value, second["backbone"][key]), key
+    # The checkpoint holds the full (C, D) centre matrix: both shards, in class order.
+    state = ckpt.load_checkpoint(tmp_path / "run" / ckpt.CHECKPOINT_NAME)
+    assert torch.equal(state["head"]["weight"],
+                       torch.cat([first["head_shard"], second["head_shard"]]))
+    # Re-sharding through the trainer: one process resumes the 2-rank run and goes on.
+    resumed = Trainer(_trainer_config(out_dir, steps=5, resume=True))
+    resumed.load_checkpoint()
+    assert torch.equal(resumed.head.weight.detach(), state["head"]["weight"])
+    result = resumed.run()
+    assert result.global_step == 5
+    assert torch.isfinite(torch.tensor(result.last_metrics["loss"]))

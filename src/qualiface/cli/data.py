@@ -1,4 +1,4 @@
-"""`qualiface data ...`: pack an image folder into InsightFace RecordIO, unpack it, inspect datasets.
+"""`qualiface data ...`: pack an image folder into InsightFace RecordIO, unpack it, inspect data.
 
 ``pack`` copies each JPEG's bytes unchanged (so ``unpack`` gives byte-identical files back) and
 re-encodes other formats as JPEG; identity names go to ``identities.txt`` beside the ``.rec``
@@ -58,7 +58,7 @@ def _print_table(title: str, rows: list[tuple[str, object]]) -> None:
 
 @app.command("pack")
 def pack(
-    src_folder: Annotated[Path, typer.Argument(help="Image folder laid out as <identity>/<image>.")],
+    src_folder: Annotated[Path, typer.Argument(help="Image folder: <identity>/<image>.")],
     out_prefix: Annotated[Path, typer.Argument(help="Output prefix: writes PREFIX.rec, PREFIX.idx, "
                                                     "property and identities.txt.")],
     quality: Annotated[int, typer.Option(min=1, max=100, help="JPEG quality for re-encoded "

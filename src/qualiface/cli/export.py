@@ -93,12 +93,8 @@ def calibrate_command(
 
     from qualiface.data.decode import DataError
     from qualiface.data.lfw import read_pairs
-    from qualiface.infer.calibrate import (
-        CalibrationError,
-        calibrate_from_pairs,
-        pair_outcomes,
-        rejection_threshold_for_fnmr,
-    )
+    from qualiface.eval.similarity import cosine_scores
+    from qualiface.infer.calibrate import CalibrationError, calibrate_from_pairs, rejection_threshold_for_fnmr
     from qualiface.infer.model import MODEL_JSON, WEIGHTS_FILE, Model, ModelPackageError, write_model_spec
 
     try:
@@ -118,7 +114,7 @@ def calibrate_command(
 
         calibration = calibrate_from_pairs(*gather(fit_set), fmr=fmr, method=method)
         e1, e2, q1, q2, issame = gather(report_set)
-        outcomes = pair_outcomes(e1, e2, issame, fmr)
+        scores = cosine_scores(e1, e2)
     except (ModelPackageError, DataError, CalibrationError, ValueError) as exc:
         raise fail(str(exc)) from None
 
@@ -134,12 +130,12 @@ def calibrate_command(
     )
     where = f"folds {holdout_folds}" if report_folds else "the fitting pairs (in-sample; use --holdout-folds)"
     calibrated1, calibrated2 = calibration.apply(q1), calibration.apply(q2)
-    start_fnmr = float((outcomes.scores[issame] < calibration.threshold).mean()) if issame.any() else float("nan")
+    start_fnmr = float((scores[issame] < calibration.threshold).mean()) if issame.any() else float("nan")
     console.print(f"rejection thresholds on {where}; FNMR without rejection {start_fnmr:.4f}:")
     for target_fnmr in (0.2, 0.1, 0.05, 0.02, 0.01):
         try:
             point = rejection_threshold_for_fnmr(
-                calibrated1, calibrated2, outcomes.scores, issame, calibration.threshold, target_fnmr
+                calibrated1, calibrated2, scores, issame, calibration.threshold, target_fnmr
             )
         except CalibrationError:
             console.print(f"  FNMR <= {target_fnmr:g}: not reachable on these pairs")

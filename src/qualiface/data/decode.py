@@ -164,8 +164,8 @@ def _probe_with_pillow(data: bytes, source: str) -> ImageInfo:
                 channels = len(image.getbands())
     except UnidentifiedImageError:
         raise DecodeError(source, "not an image (unrecognised format)") from None
-    except (OSError, ValueError, SyntaxError, struct.error, Image.DecompressionBombError) as exc:
-        raise DecodeError(source, f"corrupt image header ({exc})") from None
+    except Exception as exc:  # Pillow's format plugins raise many types on hostile bytes
+        raise DecodeError(source, f"corrupt image header ({type(exc).__name__}: {exc})") from None
     return ImageInfo(fmt, width, height, channels)
 
 
@@ -235,8 +235,9 @@ def _decode_with_pillow(buffer: bytes, source: str) -> np.ndarray:
                 return np.asarray(image, dtype=np.uint8)
     except UnidentifiedImageError:
         raise DecodeError(source, "not an image (unrecognised format)") from None
-    except (OSError, ValueError, SyntaxError, struct.error, Image.DecompressionBombError) as exc:
-        raise DecodeError(source, f"corrupt or truncated image data ({exc})") from None
+    except Exception as exc:  # Pillow's format plugins raise many types on hostile bytes
+        raise DecodeError(source, f"corrupt or truncated image data "
+                                  f"({type(exc).__name__}: {exc})") from None
 
 
 def decode_image(

@@ -1,4 +1,4 @@
-"""InsightFace RecordIO (``train.rec`` + ``train.idx`` + ``property``), read and written in pure Python.
+"""InsightFace RecordIO (``.rec``, ``.idx``, ``property``), read and written in pure Python.
 
 Framing (dmlc RecordIO, little-endian): every record is ``uint32 magic 0xCED7230A``, ``uint32
 cflag << 29 | length``, then ``length`` payload bytes padded with zeros to a multiple of 4. A

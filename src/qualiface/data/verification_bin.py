@@ -1,4 +1,4 @@
-"""InsightFace verification sets (``lfw.bin``, ``cfp_fp.bin``, ``agedb_30.bin`` ...): read and write.
+"""InsightFace verification sets (``lfw.bin``, ``cfp_fp.bin``, ``agedb_30.bin``...): read and write.
 
 A ``.bin`` is ``pickle.dump((bins, issame_list))``: ``bins`` a list of 2N encoded images (JPEG),
 consecutive images ``2k, 2k+1`` forming pair ``k``, and ``issame_list`` N booleans. The file is

@@ -14,7 +14,7 @@ Batch modes (``aggregate_templates``), all ending with an L2 normalisation of th
   ``s_i >= s_th`` are used (quality-weighted); otherwise the plain mean of all images.
 
 Every batch mode is *linear in the raw features* once the weights are known, so the whole
-pooling is one sparse (templates x images) weight matrix times the (images x D) feature matrix:
+pooling is one sparse (templates x images) weight matrix (scipy CSR) times the (images x D) feature matrix:
 IJB-C's 469k images pool into 23k templates in well under a second, with no Python loop over
 templates. Weights fold the ``1 / |f_i|`` normalisation in, so the raw features are read once.
 
@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from qualiface.eval import EvaluationError
+from qualiface.eval.similarity import row_norms
 
 AGGREGATION_MODES = ("mean", "media", "norm", "qwfa", "qwfaf")
 _EPS = 1e-12
@@ -124,27 +125,23 @@ def aggregate_templates(features, template_ids, *, media_ids=None, quality=None,
     See the module docstring for the modes; ``template_ids`` (N,), ``media_ids`` (N,) and
     ``quality`` (N,) as in ``pooling_weights``. Templates come out sorted by id.
     """
-    import torch
+    import scipy.sparse as sp
 
     features = np.ascontiguousarray(features, dtype=np.float32)
     if features.ndim != 2 or len(features) != len(np.asarray(template_ids)):
         raise EvaluationError(f"aggregation: features of shape {features.shape} for "
                               f"{len(np.asarray(template_ids))} template ids")
-    norms = np.linalg.norm(features, axis=1)
+    norms = row_norms(features)
     ids, row, weight = pooling_weights(template_ids, norms=norms, media_ids=media_ids,
                                        quality=quality, mode=mode,
                                        quality_threshold=quality_threshold)
     order = np.argsort(row, kind="stable")
     indptr = np.concatenate([[0], np.cumsum(np.bincount(row, minlength=len(ids)))])
-    pool = torch.sparse_csr_tensor(
-        torch.from_numpy(indptr.astype(np.int64)), torch.from_numpy(order.astype(np.int64)),
-        torch.from_numpy(weight[order].astype(np.float32)), size=(len(ids), len(features)))
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-        pooled = (pool @ torch.from_numpy(features)).numpy()
-    pooled_norms = np.linalg.norm(pooled, axis=1)
+    # scipy's CSR x dense product is ~3x faster here than torch's sparse CSR on CPU.
+    pool = sp.csr_array((weight[order].astype(np.float32), order, indptr),
+                        shape=(len(ids), len(features)))
+    pooled = np.asarray(pool @ features, dtype=np.float32)
+    pooled_norms = row_norms(pooled)
     return Templates(ids, pooled / np.maximum(pooled_norms, _EPS)[:, None], pooled_norms)
 
 

@@ -70,10 +70,22 @@ def ijb_images(protocol: IJBProtocol) -> ImageFiles:
 
 
 def template_rows(templates: Templates, ids: np.ndarray, what: str) -> np.ndarray:
-    """Row of each template id in ``templates`` (vectorised lookup on the sorted ids)."""
-    rows = np.searchsorted(templates.ids, ids)
-    rows = np.minimum(rows, len(templates.ids) - 1)
-    bad = templates.ids[rows] != ids
+    """Row of each template id (P,) in ``templates`` (sorted ids) -> (P,) int64.
+
+    A lookup table when ids are small non-negative integers (IJB ids are < 200k): one gather,
+    several times faster than a binary search over 15.7 M pair ends.
+    """
+    ids = np.asarray(ids)
+    known = templates.ids
+    if (np.issubdtype(known.dtype, np.integer) and len(known) and known.min() >= 0
+            and known.max() < 50_000_000):
+        table = np.full(int(known.max()) + 2, -1, dtype=np.int64)
+        table[known] = np.arange(len(known))
+        rows = table[np.clip(ids, -1, len(table) - 1)]  # -1 and too-large ids hit a -1 slot
+        bad = rows < 0
+    else:
+        rows = np.minimum(np.searchsorted(known, ids), len(known) - 1)
+        bad = known[rows] != ids
     if bad.any():
         raise EvaluationError(f"{what}: template {ids[bad][0]} has no images")
     return rows

@@ -152,12 +152,17 @@ def hard_negative_metrics(batch: ClassBatch, hard: torch.Tensor) -> dict[str, fl
 
 
 def check_positive(name: str, value: float) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+    """Raise ValueError naming ``name`` unless ``value`` is a finite number > 0."""
+    if isinstance(value, bool) or not (
+        isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+    ):
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
 
 
 def check_range(name: str, value: float, low: float, high: float, *, closed_high=False) -> None:
-    ok = isinstance(value, (int, float)) and math.isfinite(value) and low <= value
+    """Raise ValueError naming ``name`` unless low <= value < high (<= high if closed_high)."""
+    ok = not isinstance(value, bool) and isinstance(value, (int, float))
+    ok = ok and math.isfinite(value) and low <= value
     ok = ok and (value <= high if closed_high else value < high)
     if not ok:
         bracket = "]" if closed_high else ")"
@@ -200,7 +205,7 @@ class CosineHead(nn.Module):
         features: torch.Tensor | None = None,
         second_view: torch.Tensor | None = None,
     ) -> HeadOutput:
-        """Loss, logits and quality for a batch; see ``qualiface.heads`` for the argument contract."""
+        """Loss, logits and quality for a batch; the argument contract is in ``qualiface.heads``."""
         batch = self.prepare_batch(embeddings, labels, weight, local_labels, class_ids, reducer)
         if self.requires_features and features is None:
             raise HeadInputError(f"{type(self).__name__} needs the backbone features (features=)")
@@ -268,7 +273,8 @@ class CosineHead(nn.Module):
             )
         if batch_size and int(local_labels.max()) >= weight.shape[0]:
             raise HeadInputError(
-                f"local_labels index row {int(local_labels.max())} of a {weight.shape[0]}-row weight"
+                f"local_labels index row {int(local_labels.max())} "
+                f"of a {weight.shape[0]}-row weight"
             )
 
         unit = F.normalize(embeddings, dim=1)
@@ -341,12 +347,8 @@ class MarginHead(CosineHead):
         negatives, negative_metrics = self.adjust_negatives(batch, target)
         cos_logits = replace_target(negatives, batch.target_mask, target)
         scale = self.row_scale(batch, features)
-        if isinstance(scale, torch.Tensor):
-            logits = cos_logits * scale[:, None]
-            target_logit = target * scale
-        else:
-            logits = cos_logits * scale
-            target_logit = target * scale
+        logits = cos_logits * (scale[:, None] if isinstance(scale, torch.Tensor) else scale)
+        target_logit = target * scale
         per_sample = reduced_cross_entropy(logits, target_logit, batch.reducer)
         loss = per_sample.mean()
         metrics = self.base_metrics(batch)

@@ -31,9 +31,6 @@ class CombinedMargin:
         shifted = arc_margin(target_cos, self.m2) if self.m2 > 0 else target_cos
         return self.m1 * shifted - self.m3
 
-    def as_dict(self) -> dict[str, float]:
-        return {"m1": self.m1, "m2": self.m2, "m3": self.m3}
-
 
 @HEADS.register("combined")
 class CombinedMarginHead(MarginHead):

@@ -193,7 +193,9 @@ class QGFace(CosineHead):
                 f"second_view must be {tuple(batch.unit.shape)}, got {tuple(second_view.shape)}"
             )
         if self.training and second_view is None:
-            raise HeadInputError("QGFace training needs second_view (embeddings of a degraded view)")
+            raise HeadInputError(
+                "QGFace training needs second_view (embeddings of a degraded view)"
+            )
         z = self.norm_statistic(batch.norm)
         q = (z + 1.0) / 2.0
         low_quality = q < self.tau

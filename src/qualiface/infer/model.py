@@ -21,7 +21,6 @@ Depends on ``qualiface.backbones.build_backbone`` and
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -470,10 +469,3 @@ class Model:
             calibrated = torch.from_numpy(self.spec.calibration.apply(quality))
         return EmbedResult(normalised, norms, quality, calibrated)
 
-
-def quality_range_text(spec: ModelSpec) -> str:
-    """Human-readable quality range, e.g. ``[0, inf)``."""
-    low, high = spec.quality.value_range
-    low_text = "-inf" if low is None else f"{low:g}"
-    high_text = "inf" if high is None or (isinstance(high, float) and math.isinf(high)) else f"{high:g}"
-    return f"[{low_text}, {high_text}{')' if high is None else ']'}"

@@ -1,0 +1,75 @@
+"""`qualiface embed` and `qualiface export calibrate` end to end on a tiny model."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from qualiface.cli import app
+from qualiface.infer.io import read_table
+from qualiface.infer.model import Model, read_model_spec
+from test_infer_model import make_package, random_images
+
+
+def _write_images(folder, images, names):
+    for image, name in zip(images, names):
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(path), image.permute(1, 2, 0).numpy()[:, :, ::-1])
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".parquet", ""])
+def test_embed_writes_table_and_logs_rejections(tmp_path, suffix):
+    make_package(tmp_path / "pkg")
+    images = random_images(6)
+    names = [f"p{i % 2}/{i}.png" for i in range(6)]
+    _write_images(tmp_path / "imgs", images, names)
+    (tmp_path / "imgs" / "p0" / "broken.jpg").write_bytes(b"\xff\xd8 not really")
+    model = Model.load(tmp_path / "pkg")
+    _, quality = model.embed(images)
+    threshold = float(np.median(quality.numpy()))
+    out = tmp_path / f"emb{suffix}"
+    result = CliRunner().invoke(app, ["embed", str(tmp_path / "imgs"), "--model", str(tmp_path / "pkg"),
+                                      "--out", str(out), "--batch-size", "4", "--min-quality", str(threshold)])
+    assert result.exit_code == 0, result.output
+    table = read_table(out, required=("ids", "embeddings", "norms", "quality"))
+    keep = quality.numpy() >= threshold
+    assert sorted(table["ids"].tolist()) == sorted(n for n, k in zip(names, keep) if k)
+    np.testing.assert_allclose(np.linalg.norm(table["embeddings"], axis=1), 1.0, atol=1e-5)
+    assert np.all(table["quality"] >= threshold)
+    log = (tmp_path / f"emb{suffix}.rejected.tsv").read_text().splitlines()
+    assert any(line.startswith("p0/broken.jpg\tunreadable") for line in log)
+    assert sum("\tlow-quality\t" in line for line in log) == int((~keep).sum())
+
+
+def test_embed_calibrated_needs_a_calibration(tmp_path):
+    make_package(tmp_path / "pkg")
+    _write_images(tmp_path / "imgs", random_images(1), ["a.png"])
+    result = CliRunner().invoke(app, ["embed", str(tmp_path / "imgs"), "--model", str(tmp_path / "pkg"),
+                                      "--out", str(tmp_path / "e.npz"), "--calibrated", "--min-quality", "0.5"])
+    assert result.exit_code == 1 and "no calibration" in result.output.replace("\n", " ")
+
+
+def test_calibrate_cli_stores_calibration_used_by_embed(tmp_path):
+    make_package(tmp_path / "pkg")
+    people = [f"Person_{i}" for i in range(12)]
+    images = random_images(24, seed=3)
+    _write_images(tmp_path / "lfw", images, [f"{p}/{p}_{n:04d}.jpg" for p in people for n in (1, 2)])
+    lines = ["1\t12"]
+    lines += [f"{p}\t1\t2" for p in people]
+    lines += [f"{people[i]}\t1\t{people[(i + 1) % 12]}\t2" for i in range(12)]
+    (tmp_path / "pairs.txt").write_text("\n".join(lines) + "\n")
+    result = CliRunner().invoke(app, ["export", "calibrate", "--model", str(tmp_path / "pkg"), "--pairs",
+                                      str(tmp_path / "pairs.txt"), "--images", str(tmp_path / "lfw"),
+                                      "--fmr", "0.1", "--out", str(tmp_path / "calibrated")])
+    assert result.exit_code == 0, result.output
+    calibration = read_model_spec(tmp_path / "calibrated").calibration
+    assert calibration is not None and calibration.n_pairs == 24 and calibration.fmr == 0.1
+    assert read_model_spec(tmp_path / "pkg").calibration is None  # --out leaves the source alone
+    embed = CliRunner().invoke(app, ["embed", str(tmp_path / "lfw"), "--model", str(tmp_path / "calibrated"),
+                                     "--out", str(tmp_path / "e.npz")])
+    assert embed.exit_code == 0, embed.output
+    table = read_table(tmp_path / "e.npz")
+    np.testing.assert_allclose(table["quality_calibrated"], calibration.apply(table["quality"]))

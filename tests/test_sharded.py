@@ -9,6 +9,8 @@ DDP-wrapped backbone, class sampling, unequal batches and the state-dict round t
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -502,24 +504,35 @@ def _trainer_config(out_dir: str, steps: int, resume: bool = False):
 
 
 def _trainer_worker(info: DistInfo, out_dir: str) -> dict:
-    from qualiface.train.loop import Trainer
+    import signal
 
-    trainer = Trainer(_trainer_config(out_dir, steps=3))
+    from qualiface.train.loop import Trainer, TrainingInterrupted
+
+    trainer = Trainer(_trainer_config(str(Path(out_dir) / "complete"), steps=3))
     result = trainer.run()
-    return {
+    out = {
         "global_step": result.global_step,
         "loss": result.last_metrics.get("loss"),
         "backbone": {k: v.clone() for k, v in trainer.backbone.state_dict().items()},
         "head_shard": trainer.head.head.weight.detach().clone(),
     }
+    # A second run interrupted after its first step, as SIGTERM would (the flag the trainer's
+    # signal handler sets): every rank writes its part of a mid-run checkpoint.
+    interrupted = Trainer(_trainer_config(str(Path(out_dir) / "interrupted"), steps=3))
+    interrupted._stop_signal = signal.SIGTERM
+    try:
+        interrupted.run()
+        out["interrupted_at"] = None
+    except TrainingInterrupted as stop:
+        out["interrupted_at"] = stop.step
+    return out
 
 
 def test_trainer_on_two_ranks_keeps_backbones_identical_and_resumes_on_one(tmp_path):
     from qualiface.train import checkpoint as ckpt
     from qualiface.train.loop import Trainer
 
-    out_dir = str(tmp_path / "run")
-    outcomes = launch_local(_trainer_worker, WORLD, (out_dir,), timeout_s=180,
+    outcomes = launch_local(_trainer_worker, WORLD, (str(tmp_path),), timeout_s=240,
                             collective_timeout_s=60)
     first, second = (outcome.value for outcome in outcomes)
     assert first["global_step"] == second["global_step"] == 3
@@ -527,13 +540,17 @@ def test_trainer_on_two_ranks_keeps_backbones_identical_and_resumes_on_one(tmp_p
     for key, value in first["backbone"].items():
         assert torch.equal(value, second["backbone"][key]), key
     # The checkpoint holds the full (C, D) centre matrix: both shards, in class order.
-    state = ckpt.load_checkpoint(tmp_path / "run" / ckpt.CHECKPOINT_NAME)
+    state = ckpt.load_checkpoint(tmp_path / "complete" / ckpt.CHECKPOINT_NAME)
     assert torch.equal(state["head"]["weight"],
                        torch.cat([first["head_shard"], second["head_shard"]]))
-    # Re-sharding through the trainer: one process resumes the 2-rank run and goes on.
-    resumed = Trainer(_trainer_config(out_dir, steps=5, resume=True))
-    resumed.load_checkpoint()
-    assert torch.equal(resumed.head.weight.detach(), state["head"]["weight"])
+    for key, value in first["backbone"].items():
+        assert torch.equal(state["backbone"][key], value), key
+    # Re-sharding through the trainer: one process resumes the interrupted 2-rank run.
+    assert first["interrupted_at"] == second["interrupted_at"] == 1
+    out_dir = str(tmp_path / "interrupted")
+    saved = ckpt.load_checkpoint(Path(out_dir) / ckpt.CHECKPOINT_NAME)
+    assert saved["head"]["weight"].shape == (CLASSES, EMBED)
+    resumed = Trainer(_trainer_config(out_dir, steps=3, resume=True))
     result = resumed.run()
-    assert result.global_step == 5
+    assert result.global_step == 3
     assert torch.isfinite(torch.tensor(result.last_metrics["loss"]))

@@ -528,6 +528,7 @@ def _trainer_worker(info: DistInfo, out_dir: str) -> dict:
     return out
 
 
+@pytest.mark.slow
 def test_trainer_on_two_ranks_keeps_backbones_identical_and_resumes_on_one(tmp_path):
     from qualiface.train import checkpoint as ckpt
     from qualiface.train.loop import Trainer

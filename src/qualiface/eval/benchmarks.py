@@ -123,13 +123,14 @@ def evaluate_pairs(bench: PairBenchmark, features: FeatureSet, *,
                                **aware_result.metrics()}
         rocs["QMagFace"] = aware_result.roc
     edcs, quality_metrics, histograms = {}, {}, {}
+    measurable = [f for f in edc_fmrs if f * result.roc.num_impostor >= 1]
+    if not measurable:  # small sets: the lowest power of ten their impostors can measure
+        fallback = 10.0 ** np.ceil(np.log10(1.0 / result.roc.num_impostor))
+        measurable = [float(fallback)] if fallback <= 0.1 + 1e-12 else []
     for qname, per_image in qualities.items():
         pq = pair_quality(per_image[bench.first], per_image[bench.second])
         entry: dict = {}
-        for fmr in edc_fmrs:
-            if fmr * result.roc.num_impostor < 1:
-                entry[f"fmr_{fmr:.0e}"] = "not measurable: too few impostor pairs"
-                continue
+        for fmr in measurable:
             curve = edc(scores, labels, pq, fmr=fmr)
             refixed = edc_refixed(scores, labels, pq, fmr=fmr)
             edcs[f"{qname} @ FMR {fmr:g}"] = curve

@@ -92,7 +92,7 @@ def _plot_rocs(rocs: dict, path: Path, title: str) -> Path | None:
             lowest = min(lowest, float(far[keep].min()))
             ax.step(far[keep], tar[keep], where="post", label=label)
     ax.set_xscale("log")
-    ax.set_xlim(max(lowest, 1e-6), 1.0)
+    ax.set_xlim(max(min(lowest, 1e-1), 1e-6), 1.0)
     ax.set_xlabel("false accept rate (FAR)")
     ax.set_ylabel("true accept rate (TAR)")
     ax.set_title(title)

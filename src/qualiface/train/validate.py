@@ -83,32 +83,25 @@ def synthetic_pairs(params: dict, num_pairs: int, seed: int) -> PairSet:
 
 
 def folder_pairs(root: str, pairs_file: str, folds: list) -> PairSet:
-    """Pairs of an LFW-style ``pairs.txt`` over an aligned image folder."""
+    """Pairs of an LFW-style ``pairs.txt`` over an aligned image folder (1-based ``folds``)."""
     from pathlib import Path
 
     from qualiface.data import lfw
-    from qualiface.data.decode import decode_image
+    from qualiface.data.decode import read_image
 
     root_path = Path(root)
     pairs_path = Path(pairs_file) if pairs_file else root_path.parent / "pairs.txt"
     if not pairs_path.is_file():
         raise ValidationError(f"{pairs_path}: pairs file not found (set val.pairs)")
     protocol = lfw.read_pairs(pairs_path, root_path)
-    keep = np.ones(len(protocol.issame), dtype=bool)
-    fold_ids = np.asarray(protocol.fold)
     if folds:
-        wanted = np.asarray([int(f) for f in folds])
-        # pairs.txt folds are numbered 1..10 in the docs; the parser's ids are 0-based
-        keep = np.isin(fold_ids + 1, wanted)
-        if not keep.any():
-            raise ValidationError(f"{pairs_path}: none of the folds {folds} exist")
-    paths, first, second = lfw.unique_images(protocol)
-    first, second = np.asarray(first)[keep], np.asarray(second)[keep]
-    used = np.unique(np.concatenate([first, second]))
-    remap = np.full(len(paths), -1)
-    remap[used] = np.arange(len(used))
-    images = torch.stack([decode_image(paths[i]) for i in used])
-    return PairSet(images, remap[first], remap[second], np.asarray(protocol.issame)[keep], fold_ids[keep])
+        try:
+            protocol = protocol.select_folds(*(int(f) for f in folds))
+        except ValueError as exc:
+            raise ValidationError(str(exc)) from None
+    paths, first, second = protocol.unique_images()
+    images = torch.stack([read_image(path) for path in paths])
+    return PairSet(images, first, second, np.asarray(protocol.issame), np.asarray(protocol.fold))
 
 
 def build_validator(cfg) -> PairValidator:

@@ -1,0 +1,111 @@
+"""`qualiface eval ...` end to end with a fake embedding function (no model package needed)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from qualiface.cli import app
+from qualiface.data.decode import encode_jpeg
+from qualiface.data.verification_bin import write_verification_bin
+
+
+def _fake_embed(images):
+    x = images.float() / 255
+    grid = torch.nn.functional.adaptive_avg_pool2d(x, 2).flatten(1)  # colour layout, 12-d
+    return (grid - 0.5) * 4, x.std(dim=(1, 2, 3))
+
+
+@pytest.fixture
+def fake_model(monkeypatch, tmp_path):
+    import qualiface.cli.eval as cli_eval
+
+    monkeypatch.setattr(cli_eval, "_load_embed_fn", lambda model, device: (_fake_embed, "fake-1"))
+    model = tmp_path / "model"
+    model.mkdir()
+    return model
+
+
+def _write_lfw(root, people=8, per_person=3, seed=0):
+    rng = np.random.default_rng(seed)
+    colours = rng.integers(30, 220, size=(people, 2, 2, 3))
+    names = [f"Person_{chr(65 + i)}" for i in range(people)]
+    for i, name in enumerate(names):
+        (root / name).mkdir(parents=True)
+        for k in range(1, per_person + 1):
+            base = np.kron(colours[i], np.ones((8, 8, 1)))
+            noisy = np.clip(base + rng.normal(0, 25 * k, base.shape), 0, 255).astype(np.uint8)
+            (root / name / f"{name}_{k:04d}.jpg").write_bytes(
+                encode_jpeg(torch.from_numpy(noisy).permute(2, 0, 1).contiguous()))
+    lines = ["2 6"]
+    for fold in range(2):
+        for j in range(6):
+            name = names[(fold * 6 + j) % people]
+            lines.append(f"{name} 1 {2 + (j % 2)}")
+        for j in range(6):
+            a, b = names[j % people], names[(j + 1 + fold) % people]
+            lines.append(f"{a} {1 + j % 3} {b} {1 + (j + 1) % 3}")
+    (root / "pairs.txt").write_text("\n".join(lines) + "\n")
+
+
+def test_lfw_bin_features_and_compare(tmp_path, fake_model):
+    data = tmp_path / "lfw"
+    _write_lfw(data)
+    runner = CliRunner()
+    out = tmp_path / "run-lfw"
+    result = runner.invoke(app, ["eval", "lfw", "--model", str(fake_model), "--data", str(data),
+                                 "--out", str(out), "--flip", "sum"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    verification = metrics["verification"]
+    assert metrics["num_pairs"] == 24 and len(verification["fold_accuracies"]) == 2
+    assert 0.5 <= verification["accuracy"] <= 1.0
+    for name in ("report.html", "report.md", "roc.png", "edc.png", "quality_hist.png"):
+        assert (out / name).stat().st_size > 0
+    assert "data:image/png;base64," in (out / "report.html").read_text()
+    features_file = next(out.glob("features-lfw-*.safetensors"))
+
+    # The precomputed features give the same numbers without any model.
+    again = tmp_path / "run-features"
+    result = runner.invoke(app, ["eval", "features", str(features_file), "--protocol", "lfw",
+                                 "--source", str(data), "--out", str(again)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((again / "metrics.json").read_text())["verification"] == verification
+
+    # A .bin of the same pairs.
+    images = torch.randint(0, 255, (8, 3, 16, 16), dtype=torch.uint8)
+    bin_path = write_verification_bin(tmp_path / "tiny.bin", images, [True, False, True, False])
+    bin_out = tmp_path / "run-bin"
+    result = runner.invoke(app, ["eval", "bin", str(bin_path), "--model", str(fake_model),
+                                 "--out", str(bin_out), "--flip", "none"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((bin_out / "metrics.json").read_text())["num_pairs"] == 4
+
+    compared = tmp_path / "compare"
+    result = runner.invoke(app, ["eval", "compare", str(out), str(bin_out), "--out", str(compared)])
+    assert result.exit_code == 0, result.output
+    table = (compared / "report.md").read_text()
+    assert "run-lfw" in table and "run-bin" in table and (compared / "roc.png").is_file()
+
+
+def test_clean_errors_name_the_missing_file(tmp_path, fake_model):
+    runner = CliRunner()
+    result = runner.invoke(app, ["eval", "lfw", "--model", str(fake_model), "--data",
+                                 str(tmp_path / "absent"), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 1 and "absent" in result.output and "Traceback" not in result.output
+    data = tmp_path / "lfw"
+    _write_lfw(data)
+    (data / "Person_A" / "Person_A_0002.jpg").unlink()
+    result = runner.invoke(app, ["eval", "lfw", "--model", str(fake_model), "--data", str(data),
+                                 "--out", str(tmp_path / "o")])
+    assert result.exit_code == 1 and "Person_A_0002.jpg" in result.output
+    result = runner.invoke(app, ["eval", "ijb", "--model", str(fake_model), "--root",
+                                 str(tmp_path), "--name", "IJBC", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 1 and "no IJBC protocol" in result.output
+    result = runner.invoke(app, ["eval", "compare", str(tmp_path / "nothing"), "--out",
+                                 str(tmp_path / "c")])
+    assert result.exit_code == 1 and "metrics.json" in result.output

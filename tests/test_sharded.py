@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from qualiface.heads import build_head
-from qualiface.train.distributed import DistInfo, launch_local
+from qualiface.train.distributed import DistInfo, clip_grad_norm_, launch_local
 from qualiface.train.sharded import ShardedHead, ShardingError, shard_range
 
 WORLD = 2
@@ -25,6 +25,7 @@ EMBED = 8
 CLASSES = 11  # odd on purpose: shards of 5 and 6 classes
 FEATURES = 6
 STEPS = 2
+CLIP = 0.05  # max gradient norm in the DDP test; well below the actual norm
 
 # (registry name, head parameters); every registered head, in float64 so that the only
 # difference between sharded and plain is the order of floating-point sums.
@@ -57,7 +58,8 @@ def _global_batch(step: int) -> dict[str, torch.Tensor]:
     total = WORLD * LOCAL_BATCH
     # Norms from ~3 to ~60 so that norm-aware heads (AdaFace, QGFace, MagFace, QCFace) see
     # samples on both sides of their thresholds.
-    norms = torch.linspace(3.0, 60.0, total, dtype=torch.float64)[torch.randperm(total, generator=generator)]
+    order = torch.randperm(total, generator=generator)
+    norms = torch.linspace(3.0, 60.0, total, dtype=torch.float64)[order]
     directions = torch.randn(total, EMBED, generator=generator, dtype=torch.float64)
     embeddings = directions / directions.norm(dim=1, keepdim=True) * norms[:, None]
     return {
@@ -155,6 +157,10 @@ def _distributed_worker(info: DistInfo) -> dict:
         "loss": output.loss.detach().clone(),
         "backbone_grads": _param_grads(backbone),
     }
+    # Clipping must use the norm of the whole (unsharded) gradient on every rank.
+    out["ddp"]["grad_norm"] = clip_grad_norm_(
+        list(ddp.parameters()) + list(head.parameters()), CLIP, sharded=head.sharded_parameters()
+    )
     optimizer.step()
     out["ddp"]["backbone_after_step"] = {k: v.clone() for k, v in backbone.state_dict().items()}
     out["ddp"]["head_after_step"] = head.full_state_dict()
@@ -238,7 +244,7 @@ def test_sharded_head_matches_plain_head_on_concatenated_batch(ranks, case):
             torch.testing.assert_close(full[key], value, msg=f"{case_id} rank {rank} {key}")
 
 
-def test_ddp_backbone_gradient_equals_single_process(ranks):
+def test_ddp_backbone_gradient_and_clipping_equal_single_process(ranks):
     torch.manual_seed(3)
     backbone = nn.Linear(FEATURES, EMBED).double()
     head = _reference_head("arcface", {})
@@ -248,12 +254,16 @@ def test_ddp_backbone_gradient_equals_single_process(ranks):
     output = head(backbone(batch["features"]), batch["labels"])
     output.loss.backward()
     reference_grads = _param_grads(backbone)
+    norm = torch.nn.utils.clip_grad_norm_(list(backbone.parameters()) + list(head.parameters()),
+                                          CLIP)
+    assert norm > CLIP  # the clip is active
     optimizer.step()
     for result in ranks:
         ddp = result["ddp"]
         torch.testing.assert_close(ddp["loss"], output.loss.detach())
         for name, grad in reference_grads.items():
             torch.testing.assert_close(ddp["backbone_grads"][name], grad)
+        torch.testing.assert_close(ddp["grad_norm"], norm.float())
         for name, value in backbone.state_dict().items():
             torch.testing.assert_close(ddp["backbone_after_step"][name], value)
         torch.testing.assert_close(ddp["head_after_step"]["weight"], head.weight.detach())

@@ -282,8 +282,14 @@ class RobustDataset(torch.utils.data.Dataset):
 
     def _bad(self, index: int, bad: _Bad) -> None:
         source = self._source(index, bad.error)
-        # Data errors usually start with the file name already: do not repeat it.
-        entry = bad.reason if source in bad.reason else f"{source}: {bad.reason}"
+        reason = bad.reason
+        if bad.error is not None:
+            # Data errors usually start with the file name already: do not repeat it.
+            message = str(bad.error)
+            if message.startswith(f"{source}: "):
+                message = message[len(source) + 2:]
+            reason = f"{type(bad.error).__name__}: {message}"
+        entry = f"{source}: {reason}"
         count, loud = self._counters.record_bad(entry)
         level = logging.WARNING if loud else logging.DEBUG
         logger.log(level, "bad sample %d skipped (%d so far): %s", index, count, entry)

@@ -39,8 +39,8 @@ from qualiface.heads.base import ClassReducer
 
 _T = TypeVar("_T")
 
-#: torchrun's own default; long enough for a slow first CUDA/NCCL initialisation or a long
-#: checkpoint write on rank 0 while the others wait in a barrier.
+#: PyTorch's default process-group timeout (gloo); long enough for a slow first CUDA/NCCL
+#: initialisation or a long checkpoint write on rank 0 while the others wait in a barrier.
 DEFAULT_TIMEOUT_S = 1800.0
 
 _REQUIRED_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -192,6 +192,11 @@ def guarded_collective(name: str, operation: Callable[[], _T]) -> _T:
         ) from error
 
 
+def _all_reduce_(tensor: torch.Tensor, op: Any, group: Any, name: str) -> None:
+    """In-place all-reduce of ``tensor`` with ``op``, with errors turned into DistributedError."""
+    guarded_collective(name, lambda: dist.all_reduce(tensor, op=op, group=group))
+
+
 def _gather_list(tensor: torch.Tensor, group: Any = None) -> list[torch.Tensor]:
     parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
     guarded_collective("all_gather", lambda: dist.all_gather(parts, tensor, group=group))
@@ -221,12 +226,12 @@ class _AllGatherWithGrad(torch.autograd.Function):
             grad = grad_output.new_empty((rows, *grad_output.shape[1:]))
             guarded_collective(
                 "reduce_scatter",
-                lambda: dist.reduce_scatter_tensor(grad, grad_output, op=dist.ReduceOp.SUM, group=group),
+                lambda: dist.reduce_scatter_tensor(grad, grad_output, group=group),
             )
             return grad, None
         # gloo has no reduce-scatter: sum the whole gradient and keep our rows.
         summed = grad_output.clone()
-        guarded_collective("all_reduce", lambda: dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=group))
+        _all_reduce_(summed, dist.ReduceOp.SUM, group, "all_reduce (all_gather backward)")
         return summed[rank * rows : (rank + 1) * rows], None
 
 
@@ -257,16 +262,13 @@ class _AllReduceSum(torch.autograd.Function):
     def forward(ctx, tensor: torch.Tensor, group: Any) -> torch.Tensor:
         ctx.group = group
         out = tensor.clone()
-        guarded_collective("all_reduce(sum)", lambda: dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group))
+        _all_reduce_(out, dist.ReduceOp.SUM, group, "all_reduce(sum)")
         return out
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         grad = grad_output.clone()
-        guarded_collective(
-            "all_reduce(sum) backward",
-            lambda: dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group),
-        )
+        _all_reduce_(grad, dist.ReduceOp.SUM, ctx.group, "all_reduce(sum) backward")
         return grad, None
 
 
@@ -294,7 +296,7 @@ class DistributedReducer(ClassReducer):
         if not self._active():
             return tensor.detach()
         out = tensor.detach().clone()
-        guarded_collective("all_reduce(max)", lambda: dist.all_reduce(out, op=dist.ReduceOp.MAX, group=self.group))
+        _all_reduce_(out, dist.ReduceOp.MAX, self.group, "all_reduce(max)")
         return out
 
 
@@ -305,8 +307,55 @@ def all_reduce_mean(tensor: torch.Tensor, group: Any = None) -> torch.Tensor:
         return out
     if not out.is_floating_point():
         out = out.double()
-    guarded_collective("all_reduce(mean)", lambda: dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group))
+    _all_reduce_(out, dist.ReduceOp.SUM, group, "all_reduce(mean)")
     return out / dist.get_world_size(group)
+
+
+def clip_grad_norm_(
+    parameters, max_norm: float, *, sharded=(), norm_type: float = 2.0, group: Any = None
+) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` for a model whose parameters are partly sharded.
+
+    parameters: every parameter being clipped (an iterable of tensors).
+    sharded:    those among them that hold a *different slice* on each rank (e.g.
+                ``ShardedHead.sharded_parameters()``); their contributions are combined over
+                ranks (sum of squares for the 2-norm, max for ``inf``). All others are taken as
+                replicated: identical on every rank, as DDP leaves the backbone's gradients.
+
+    Returns the total norm (a 0-d tensor), the same on every rank, which is the norm of the
+    whole unsharded model's gradient; every rank therefore applies the same clip coefficient.
+    Without a process group this is ``torch.nn.utils.clip_grad_norm_``.
+    """
+    parameters = [p for p in parameters if p.grad is not None]
+    sharded_ids = {id(p) for p in sharded}
+    if not _multi_rank() or not sharded_ids:
+        if not parameters:
+            return torch.zeros(())
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm, norm_type=norm_type)
+    if norm_type not in (2.0, float("inf")):
+        raise ValueError(f"sharded gradient clipping supports norm_type 2 or inf, got {norm_type}")
+    device = parameters[0].grad.device if parameters else torch.device("cpu")
+    local = [p.grad.detach() for p in parameters if id(p) in sharded_ids]
+    replicated = [p.grad.detach() for p in parameters if id(p) not in sharded_ids]
+
+    def norm_of(grads: list[torch.Tensor]) -> torch.Tensor:
+        if not grads:
+            return torch.zeros((), device=device, dtype=torch.float64)
+        norms = torch.stack([torch.linalg.vector_norm(g, norm_type).double() for g in grads])
+        return norms.max() if norm_type == float("inf") else norms.square().sum()
+
+    # Ranks without sharded parameters with a gradient must still join the collective.
+    shard_part = norm_of(local).to(device)
+    if norm_type == float("inf"):
+        _all_reduce_(shard_part, dist.ReduceOp.MAX, group, "all_reduce(grad norm)")
+        total = torch.maximum(shard_part, norm_of(replicated).to(device))
+    else:
+        _all_reduce_(shard_part, dist.ReduceOp.SUM, group, "all_reduce(grad norm)")
+        total = (shard_part + norm_of(replicated).to(device)).sqrt()
+    coefficient = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for p in parameters:
+        p.grad.detach().mul_(coefficient.to(p.grad.dtype))
+    return total.float()
 
 
 def broadcast_object(obj: _T, src: int = 0, group: Any = None) -> _T:
@@ -314,7 +363,9 @@ def broadcast_object(obj: _T, src: int = 0, group: Any = None) -> _T:
     if not _multi_rank():
         return obj
     holder = [obj]
-    guarded_collective("broadcast_object", lambda: dist.broadcast_object_list(holder, src=src, group=group))
+    guarded_collective(
+        "broadcast_object", lambda: dist.broadcast_object_list(holder, src=src, group=group)
+    )
     return holder[0]
 
 
@@ -447,11 +498,10 @@ def launch_local(
             else:
                 outcomes.append(RankOutcome(rank, False, None, payload, exitcode))
         elif exitcode is None:
-            outcomes.append(RankOutcome(rank, False, None, f"timed out after {timeout_s:g} s", None))
+            outcomes.append(RankOutcome(rank, False, None, f"timed out after {timeout_s:g} s"))
         else:
-            outcomes.append(
-                RankOutcome(rank, False, None, f"exited with code {exitcode} without a result", exitcode)
-            )
+            message = f"exited with code {exitcode} without a result"
+            outcomes.append(RankOutcome(rank, False, None, message, exitcode))
     failed = [outcome for outcome in outcomes if not outcome.ok]
     if failed and raise_on_error:
         details = "\n".join(f"--- rank {o.rank}: {o.error}" for o in failed)

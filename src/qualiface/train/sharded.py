@@ -183,7 +183,7 @@ class ShardedHead(nn.Module):
             self._check_group()
             self._check_equal_batches(batch_size, local_embeddings.device)
             embeddings = all_gather_with_grad(local_embeddings)
-            labels = all_gather_no_grad(local_labels)
+            labels = all_gather_no_grad(local_labels.to(local_embeddings.device))
             if features is not None:
                 features = all_gather_with_grad(features)
             if second_view is not None:
@@ -259,6 +259,14 @@ class ShardedHead(nn.Module):
         scores = torch.rand(self.num_local, generator=generator, device=device)
         scores[positives] = 2.0
         return torch.topk(scores, keep, sorted=False).indices.sort().values
+
+    def sharded_parameters(self) -> list[nn.Parameter]:
+        """The parameters that hold a different slice on each rank (the class centres); pass
+        them to ``qualiface.train.distributed.clip_grad_norm_`` as ``sharded``."""
+        if self.world_size == 1:
+            return []
+        named = dict(self.head.named_parameters())
+        return [named[key] for key in self.per_class_keys if key in named]
 
     # -- distributed plumbing ------------------------------------------------------------
     def _check_group(self) -> None:

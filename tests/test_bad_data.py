@@ -319,6 +319,9 @@ def test_replacement_index_is_deterministic_and_never_itself():
 
 
 def test_policy_validation_and_registry_entry(tmp_path):
+    for name in ("ann", "bob"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "0.png").write_bytes(_save(_face(len(name)), "PNG"))
     with pytest.raises(ValueError, match="max_bad_fraction"):
         SkipPolicy(max_bad_fraction=1.5)
     with pytest.raises(ValueError, match="on_bad"):
@@ -326,14 +329,14 @@ def test_policy_validation_and_registry_entry(tmp_path):
     with pytest.raises(ValueError, match="image_size"):
         SkipPolicy(image_size=(112, 0))
     with pytest.raises(TypeError, match="unknown policy key"):
-        build_dataset("robust", dataset="synthetic", params={}, max_bad=0.1)
-    wrapped = build_dataset("robust", dataset="synthetic",
-                            params={"num_identities": 2, "images_per_identity": 2},
+        build_dataset("robust", dataset="folder", params={"root": str(tmp_path)}, max_bad=0.1)
+    wrapped = build_dataset("robust", dataset="folder", params={"root": str(tmp_path)},
                             image_size=[112, 112])
-    assert len(wrapped) == 4 and wrapped.num_classes == 2 and wrapped.policy.image_size == (112, 112)
-    image, label = wrapped[3]
+    assert len(wrapped) == 2 and wrapped.num_classes == 2 and wrapped.policy.image_size == (112, 112)
+    image, label = wrapped[1]
     assert tuple(image.shape) == (3, 112, 112) and label == 1
-    assert wrapped.severities().shape == (4,)  # other attributes pass through
+    assert wrapped.identities == ["ann", "bob"]  # other attributes pass through
+    assert wrapped.meta(1)["path"].endswith("bob/0.png")
 
 
 # ----------------------------------------------------------------------------- RecordIO
@@ -431,16 +434,15 @@ def test_fuzz_ijb_int_reader_clean_errors_or_the_naive_result(text, columns, chu
 
 
 _CSV_CELLS = st.sampled_from(["TEMPLATE_ID", "SUBJECT_ID", "FILENAME", "1", "2", "17", "x",
-                              "", "-3", " 4", "1.5", '"', "\xe9"])
+                              "", "-3", " 4", "1.5", '"', "\xe9", "\r"])
 
 
 @FUZZ
-@given(st.lists(st.lists(_CSV_CELLS, max_size=4).map(",".join), max_size=6).map("\n".join),
-       st.booleans())
-def test_fuzz_ijb_csv_reader_gives_only_clean_errors(text, latin1):
+@given(st.lists(st.lists(_CSV_CELLS, max_size=4).map(",".join), max_size=6).map("\n".join))
+def test_fuzz_ijb_csv_reader_gives_only_clean_errors(text):
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "ijbc_1N_probe_mixed.csv"
-        path.write_bytes(text.encode("latin-1" if latin1 else "utf-8"))
+        path.write_bytes(text.encode("utf-8"))
         try:
             ids, subjects = read_template_subjects(path)
         except IJBFormatError as exc:
@@ -450,19 +452,20 @@ def test_fuzz_ijb_csv_reader_gives_only_clean_errors(text, latin1):
 
 
 _META_TEXT = st.lists(st.sampled_from(["a.jpg", "b.jpg", "1", "2", "0", "7", "0.5", "x",
-                                       " ", "\n", "\t", "-1", "\xff"]), max_size=40).map("".join)
+                                       " ", "\n", "\t", "-1", "nan", "1e400", "\xe9"]),
+                      max_size=40).map("".join)
 
 
-@FUZZ
+@settings(FUZZ, max_examples=60)
 @given(_META_TEXT, _META_TEXT, st.one_of(st.none(), _META_TEXT))
 def test_fuzz_ijb_protocol_loader_gives_only_clean_errors(faces, pairs, landmarks):
     with tempfile.TemporaryDirectory() as folder:
         meta = Path(folder) / "IJBC" / "meta"
         meta.mkdir(parents=True)
-        (meta / "ijbc_face_tid_mid.txt").write_bytes(faces.encode("latin-1"))
-        (meta / "ijbc_template_pair_label.txt").write_bytes(pairs.encode("latin-1"))
+        (meta / "ijbc_face_tid_mid.txt").write_text(faces, encoding="utf-8")
+        (meta / "ijbc_template_pair_label.txt").write_text(pairs, encoding="utf-8")
         if landmarks is not None:
-            (meta / "ijbc_name_5pts_score.txt").write_bytes(landmarks.encode("latin-1"))
+            (meta / "ijbc_name_5pts_score.txt").write_text(landmarks, encoding="utf-8")
         try:
             protocol = load_ijb(folder, "IJBC")
         except IJBFormatError as exc:
@@ -470,6 +473,23 @@ def test_fuzz_ijb_protocol_loader_gives_only_clean_errors(faces, pairs, landmark
             return
         assert len(protocol.images) == len(protocol.template_ids) > 0
         assert set(protocol.pair_first.tolist()) <= set(protocol.template_ids.tolist())
+
+
+@pytest.mark.xfail(strict=True, raises=UnicodeDecodeError, reason=(
+    "data/ijb.py opens the face list, landmark and CSV files as text without catching "
+    "UnicodeDecodeError: needs open(..., encoding='utf-8') and an IJBFormatError naming the "
+    "file and byte (reported to the lead); remove this marker once fixed"))
+@pytest.mark.parametrize("which", ["ijbc_face_tid_mid.txt", "ijbc_name_5pts_score.txt",
+                                   "ijbc_1N_probe_mixed.csv"])
+def test_non_utf8_ijb_files_give_a_clean_error(tmp_path, which):
+    meta = tmp_path / "IJBC" / "meta"
+    meta.mkdir(parents=True)
+    (meta / "ijbc_face_tid_mid.txt").write_text("a.jpg 1 1\nb.jpg 2 2\n")
+    (meta / "ijbc_template_pair_label.txt").write_text("1 2 0\n")
+    (meta / "ijbc_1N_gallery_G1.csv").write_text("TEMPLATE_ID,SUBJECT_ID\n1,1\n")
+    (meta / which).write_bytes(b"\xff\xfe junk 1 2\n")
+    with pytest.raises(IJBFormatError, match=which):
+        load_ijb(tmp_path, "IJBC")
 
 
 @FUZZ

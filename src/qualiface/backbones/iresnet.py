@@ -41,6 +41,25 @@ def _conv3x3(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_ch, out_ch, kernel_size=3, stride=stride, padding=1, bias=False)
 
 
+class StridedPointwiseConv(nn.Conv2d):
+    """1x1 convolution with stride, computed as subsample-then-1x1 (mathematically identical).
+
+    PyTorch 2.13's CPU (oneDNN) backward of a strided 1x1 conv in channels_last crashes the
+    process when it has fewer than 16 input channels, which thin test/demo nets hit. Taking
+    every ``stride``-th pixel first and running a stride-1 conv avoids that kernel; the
+    parameters (and state-dict keys) are those of a plain ``nn.Conv2d``.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int) -> None:
+        super().__init__(in_ch, out_ch, kernel_size=1, stride=1, bias=False)
+        self.subsample = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.subsample > 1:
+            x = x[:, :, :: self.subsample, :: self.subsample]
+        return super().forward(x)
+
+
 class IBasicBlock(nn.Module):
     """Pre-activation-style residual block of IResNet: BN-conv-BN-PReLU-conv(stride)-BN."""
 
@@ -55,7 +74,7 @@ class IBasicBlock(nn.Module):
         self.downsample: nn.Module | None = None
         if stride != 1 or in_ch != out_ch:
             self.downsample = nn.Sequential(
-                nn.Conv2d(in_ch, out_ch, kernel_size=1, stride=stride, bias=False),
+                StridedPointwiseConv(in_ch, out_ch, stride),
                 nn.BatchNorm2d(out_ch, eps=BN_EPS),
             )
 

@@ -150,3 +150,41 @@ def test_bf16_autocast_forward_and_backward_are_finite(name):
     # bf16 keeps ~3 significant digits: the embedding direction must survive.
     cosine = torch.nn.functional.cosine_similarity(low, reference, dim=1)
     assert torch.all(cosine > 0.95), cosine
+
+
+def test_strided_pointwise_conv_equals_a_strided_1x1_conv():
+    from qualiface.backbones.iresnet import StridedPointwiseConv
+
+    torch.manual_seed(0)
+    conv = StridedPointwiseConv(6, 10, stride=2)
+    x = torch.randn(2, 6, 15, 15)  # odd size: the strided conv keeps ceil(15 / 2) = 8 positions
+    expected = torch.nn.functional.conv2d(x, conv.weight, stride=2)
+    torch.testing.assert_close(conv(x), expected)
+    assert set(conv.state_dict()) == {"weight"}
+
+
+def test_thin_nets_train_in_channels_last_without_crashing():
+    # Thin nets once hit a PyTorch CPU crash (strided 1x1 conv backward, < 16 channels,
+    # channels_last). Run in a subprocess so a regression fails this test, not the whole run.
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        """
+        import torch
+        from qualiface.backbones import build_backbone
+        torch.set_num_threads(1)
+        thin = [("iresnet18", {"base_width": 8}), ("mobilefacenet", {"width_mult": 0.125})]
+        for name, kw in thin:
+            net = build_backbone(name, embedding_size=16, **kw)
+            net = net.to(memory_format=torch.channels_last)
+            x = torch.randn(4, 3, 112, 112).contiguous(memory_format=torch.channels_last)
+            net(x).square().mean().backward()
+            assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.requires_grad)
+        print("ok")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]

@@ -9,7 +9,6 @@ import fcntl
 import io
 import json
 import logging
-import os
 import struct
 import tempfile
 import time
@@ -332,7 +331,8 @@ def test_policy_validation_and_registry_entry(tmp_path):
         build_dataset("robust", dataset="folder", params={"root": str(tmp_path)}, max_bad=0.1)
     wrapped = build_dataset("robust", dataset="folder", params={"root": str(tmp_path)},
                             image_size=[112, 112])
-    assert len(wrapped) == 2 and wrapped.num_classes == 2 and wrapped.policy.image_size == (112, 112)
+    assert len(wrapped) == 2 and wrapped.num_classes == 2
+    assert wrapped.policy.image_size == (112, 112)
     image, label = wrapped[1]
     assert tuple(image.shape) == (3, 112, 112) and label == 1
     assert wrapped.identities == ["ann", "bob"]  # other attributes pass through
@@ -395,7 +395,8 @@ def test_structural_index_damage_is_refused_up_front_not_skipped(tmp_path, damag
 
 FUZZ = settings(max_examples=120, deadline=3000, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow])
-_DIGITS_AND_JUNK = st.sampled_from(list("0123456789 \t\n\r-x,.") + ["\xff", "\x00", "12345678901234567890"])
+_DIGITS_AND_JUNK = st.sampled_from(list("0123456789 \t\n\r-x,.")
+                                   + ["\xff", "\x00", "12345678901234567890"])
 
 
 def _naive_int_columns(data: bytes, columns: int) -> np.ndarray | None:
@@ -429,6 +430,10 @@ def test_fuzz_ijb_int_reader_clean_errors_or_the_naive_result(text, columns, chu
         except IJBFormatError as exc:
             assert str(path) in str(exc)
             assert expected is None, f"valid file refused: {exc}"
+            return
+        if expected is None and not data.strip():
+            # whitespace-only: an empty table is acceptable as well as an "empty file" error
+            assert got.shape == (0, columns)
             return
         assert expected is not None and np.array_equal(got, expected)
 

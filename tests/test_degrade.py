@@ -176,7 +176,8 @@ def test_invalid_images_and_kind_raise_clear_errors():
 
 
 def test_composite_records_the_union_of_applied_severities_and_is_reproducible():
-    composite = CompositeDegradation(CompositeConfig.uniform(probability=0.5, clean_probability=0.25))
+    config = CompositeConfig.uniform(probability=0.5, clean_probability=0.25)
+    composite = CompositeDegradation(config)
     batch = natural_image(12, batch=24)
     out, severity = composite(batch, _gen(4))
     again, severity_again = composite(batch, _gen(4))
@@ -212,8 +213,8 @@ def test_composite_severity_tracks_image_damage():
 
 
 def test_composite_max_combination_and_single_image():
-    config = CompositeConfig(specs=(KindSpec("noise", 1.0, (0.2, 0.4)), KindSpec("jpeg", 1.0, (0.5, 0.6))),
-                             combine="max")
+    specs = (KindSpec("noise", 1.0, (0.2, 0.4)), KindSpec("jpeg", 1.0, (0.5, 0.6)))
+    config = CompositeConfig(specs=specs, combine="max")
     composite = CompositeDegradation(config)
     out, severity = composite(natural_image(14), _gen(0))
     assert out.shape == (3, 112, 112) and severity.shape == ()
@@ -252,3 +253,15 @@ def test_damage_grows_with_severity_on_a_real_face(shared_data):
     for kind in ("downup", "gaussian_blur", "jpeg", "noise"):
         scores = [float(psnr(face, degrade(face, kind, s, _gen(0)))) for s in (0.2, 0.5, 0.9)]
         assert scores[0] > scores[1] > scores[2], (path, kind, scores)
+
+
+@pytest.mark.parametrize("kind", RANDOM_KINDS)
+def test_per_image_generators_make_batch_and_single_calls_agree(kind):
+    batch = natural_image(16, batch=3)
+    severities = [0.3, 0.0, 0.8]
+    together = degrade(batch, kind, severities, [_gen(i) for i in range(3)])
+    for i in range(3):
+        alone = degrade(batch[i], kind, severities[i], [_gen(i)])
+        assert (together[i].int() - alone.int()).abs().max() <= 1
+    with pytest.raises(DegradationError, match="one per image"):
+        degrade(batch, kind, 0.5, [_gen(0)])

@@ -217,3 +217,16 @@ def test_silent_peer_makes_the_survivor_fail_at_the_timeout(tmp_path):
     assert survivor.value["message"] is not None, "the collective succeeded without its peer"
     assert "all_reduce(sum) failed on rank 0 of 2" in survivor.value["message"]
     assert survivor.value["seconds"] < timeout + 8.0
+
+
+def test_clip_grad_norm_in_one_process_is_torchs(no_dist_env):
+    torch.manual_seed(0)
+    mine = [torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(4))]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in mine]
+    for group in (mine, theirs):
+        (sum((p * p).sum() for p in group) * 3.0).backward()
+    norm = qd.clip_grad_norm_(mine, 1.0, sharded=[mine[0]])
+    expected = torch.nn.utils.clip_grad_norm_(theirs, 1.0)
+    torch.testing.assert_close(norm, expected)
+    for a, b in zip(mine, theirs):
+        torch.testing.assert_close(a.grad, b.grad)

@@ -159,7 +159,7 @@ def _distributed_worker(info: DistInfo) -> dict:
     }
     # Clipping must use the norm of the whole (unsharded) gradient on every rank.
     out["ddp"]["grad_norm"] = clip_grad_norm_(
-        list(ddp.parameters()) + list(head.parameters()), CLIP, sharded=()
+        list(ddp.parameters()) + list(head.parameters()), CLIP, sharded=head.sharded_parameters()
     )
     optimizer.step()
     out["ddp"]["backbone_after_step"] = {k: v.clone() for k, v in backbone.state_dict().items()}

@@ -185,6 +185,8 @@ class DistributedConfig:
 
     sample_rate: float = 1.0
     backend: str = "auto"
+    # Seconds a collective may wait for a peer before the run fails with a clear error.
+    timeout_s: float = 1800.0
 
 
 @dataclass

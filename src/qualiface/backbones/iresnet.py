@@ -1,4 +1,4 @@
-"""Improved ResNets (IResNet) in the ArcFace form: ``iresnet18`` ... ``iresnet200`` and ``iresnet-nano``.
+"""Improved ResNets (IResNet), ArcFace form: ``iresnet18`` ... ``iresnet200``, ``iresnet-nano``.
 
 Layout (for ``base_width`` w = 64, 112x112 input):
 
@@ -117,7 +117,8 @@ class IResNet(nn.Module):
             raise ValueError(f"IResNet needs four stages of >= 1 block, got {list(layers)}")
         if base_width < 1 or embedding_size < 1:
             raise ValueError(
-                f"base_width and embedding_size must be positive, got {base_width}, {embedding_size}"
+                "base_width and embedding_size must be positive, got "
+                f"{base_width}, {embedding_size}"
             )
         if input_size % 16 != 0:
             raise ValueError(f"IResNet input_size must be a multiple of 16, got {input_size}")

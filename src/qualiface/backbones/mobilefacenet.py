@@ -103,7 +103,8 @@ class MobileFaceNet(nn.Module):
             raise ValueError(f"MobileFaceNet input_size must be a multiple of 16, got {input_size}")
         if embedding_size < 1 or width_mult <= 0:
             raise ValueError(
-                f"embedding_size and width_mult must be positive, got {embedding_size}, {width_mult}"
+                "embedding_size and width_mult must be positive, got "
+                f"{embedding_size}, {width_mult}"
             )
 
         def width(channels: int) -> int:

@@ -24,6 +24,8 @@ def command(
     from qualiface.registry import RegistryError
     from qualiface.train.checkpoint import CheckpointError
     from qualiface.train.data import DataError
+    from qualiface.train.distributed import DistributedError
+    from qualiface.train.sharded import ShardingError
     from qualiface.train.loop import TrainingError, TrainingInterrupted, train
     from qualiface.train.pipelines import PipelineError
 
@@ -38,7 +40,8 @@ def command(
     except TrainingInterrupted as exc:
         console.print(f"[yellow]{exc}[/]")
         raise typer.Exit(128 + int(exc.signum)) from None
-    except (ConfigError, RegistryError, CheckpointError, DataError, TrainingError, PipelineError) as exc:
+    except (ConfigError, RegistryError, CheckpointError, DataError, TrainingError, PipelineError,
+            DistributedError, ShardingError) as exc:
         raise fail(str(exc)) from None
     console.print(f"[bold green]done[/]: {result.global_step} steps; weights {result.final_weights}"
                   + (f"; model package {result.model_package}" if result.model_package else ""))

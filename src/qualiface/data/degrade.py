@@ -72,17 +72,25 @@ class DegradationError(ValueError):
 # ----------------------------------------------------------------------------- helpers
 
 
-def _uniform(shape: Sequence[int], generator: torch.Generator | None, device) -> torch.Tensor:
-    # Draw on the generator's device (a CPU generator can drive a GPU batch), then move.
+def _draw(sampler, shape: Sequence[int], generator, device) -> torch.Tensor:
+    """Random tensor of ``shape`` (first axis = samples) from one generator, or from one
+    generator per sample (row i from generator i, so a sample's draws do not depend on the
+    rest of its batch). Drawn on the generator's device, then moved to ``device``."""
+    shape = tuple(shape)
     if generator is None:
-        return torch.rand(tuple(shape), device=device)
-    return torch.rand(tuple(shape), generator=generator, device=generator.device).to(device)
+        return sampler(shape, device=device)
+    if isinstance(generator, torch.Generator):
+        return sampler(shape, generator=generator, device=generator.device).to(device)
+    rows = [sampler(shape[1:], generator=g, device=g.device).to(device) for g in generator]
+    return torch.stack(rows) if rows else torch.empty(shape, device=device)
 
 
-def _normal(shape: Sequence[int], generator: torch.Generator | None, device) -> torch.Tensor:
-    if generator is None:
-        return torch.randn(tuple(shape), device=device)
-    return torch.randn(tuple(shape), generator=generator, device=generator.device).to(device)
+def _uniform(shape: Sequence[int], generator, device) -> torch.Tensor:
+    return _draw(torch.rand, shape, generator, device)
+
+
+def _normal(shape: Sequence[int], generator, device) -> torch.Tensor:
+    return _draw(torch.randn, shape, generator, device)
 
 
 def _pixel_scale(images: torch.Tensor) -> float:
@@ -254,16 +262,29 @@ def _check_severity(severity, batch: int, device) -> torch.Tensor:
             f"severity must be a float or one value per image ({batch}), got shape "
             f"{tuple(values.shape)}"
         )
-    if not torch.isfinite(values).all() or values.min() < 0.0 or values.max() > 1.0:
+    if values.numel() and (not torch.isfinite(values).all() or values.min() < 0.0
+                           or values.max() > 1.0):
         raise DegradationError(f"severity must be in [0, 1], got {values.tolist()}")
     return values.to(device)
+
+
+def _check_generators(generator, batch: int):
+    if generator is None or isinstance(generator, torch.Generator):
+        return generator
+    generators = list(generator)
+    if len(generators) != batch or not all(isinstance(g, torch.Generator) for g in generators):
+        raise DegradationError(
+            f"generator must be a torch.Generator or one per image ({batch}), got "
+            f"{len(generators)} items"
+        )
+    return generators
 
 
 def degrade(
     images: torch.Tensor,
     kind: str,
     severity: float | Sequence[float] | torch.Tensor,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
 ) -> torch.Tensor:
     """Apply one named degradation.
 
@@ -271,7 +292,9 @@ def degrade(
         images: uint8 RGB, (3, H, W) or (B, 3, H, W), any device.
         kind: a name in ``DEGRADATIONS`` (see the module docstring).
         severity: in [0, 1]; a float for every image or a (B,) tensor/sequence.
-        generator: source of randomness for the random kinds (reproducible when seeded).
+        generator: randomness for the random kinds (reproducible when seeded): one generator
+            for the call, or a sequence of B generators, one per image, which makes each
+            image's result independent of the batch it is in.
 
     Returns:
         uint8 tensor of the same shape and device; images at severity 0 are unchanged.
@@ -281,12 +304,18 @@ def degrade(
     single = images.ndim == 3
     batch = images.unsqueeze(0) if single else images
     values = _check_severity(severity, batch.shape[0], batch.device)
+    generator = _check_generators(generator, batch.shape[0])
     active = torch.nonzero(values > 0).flatten()
     if active.numel() == 0:
         return images.clone()
+    if active.numel() == batch.shape[0]:  # common case: no gather/scatter needed
+        out = fn(batch.float(), values, generator).round_().clamp_(0, 255).to(torch.uint8)
+        return out[0] if single else out
+    if isinstance(generator, list):
+        generator = [generator[i] for i in active.tolist()]
     out = batch.clone()
     damaged = fn(batch[active].float(), values[active], generator)
-    out[active] = damaged.round().clamp(0, 255).to(torch.uint8)
+    out[active] = damaged.round_().clamp_(0, 255).to(torch.uint8)
     return out[0] if single else out
 
 
@@ -348,7 +377,8 @@ def qgface_lq_config(
         specs=(
             KindSpec("downup", 1.0,
                      (downup_severity_for_scale(hi_scale), downup_severity_for_scale(lo_scale))),
-            KindSpec("jpeg", 1.0, (jpeg_severity_for_quality(hi_q), jpeg_severity_for_quality(lo_q))),
+            KindSpec("jpeg", 1.0,
+                     (jpeg_severity_for_quality(hi_q), jpeg_severity_for_quality(lo_q))),
         ),
     )
 
@@ -388,7 +418,9 @@ class CompositeDegradation:
         self._low = torch.tensor([s.severity_range[0] for s in config.specs])
         self._high = torch.tensor([s.severity_range[1] for s in config.specs])
 
-    def sample_plan(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample_plan(
+        self, batch_size: int, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """Per-sample, per-kind severities (batch_size, K) on the CPU; 0 = kind not applied."""
         draws = _uniform((batch_size, 2 * len(self.kinds) + 1), generator, "cpu")
         k = len(self.kinds)
@@ -404,9 +436,14 @@ class CompositeDegradation:
         return 1.0 - torch.prod(1.0 - plan, dim=1)
 
     def apply_plan(
-        self, images: torch.Tensor, plan: torch.Tensor, generator: torch.Generator | None = None
+        self,
+        images: torch.Tensor,
+        plan: torch.Tensor,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
     ) -> torch.Tensor:
-        """Apply a plan from ``sample_plan`` to uint8 images (B, 3, H, W) or (3, H, W)."""
+        """Apply a plan from ``sample_plan`` to uint8 images (B, 3, H, W) or (3, H, W).
+
+        ``generator`` may be one per image (see ``degrade``)."""
         _check_images(images)
         single = images.ndim == 3
         out = images.unsqueeze(0) if single else images

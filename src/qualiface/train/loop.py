@@ -99,7 +99,7 @@ class Trainer:
         self.cfg = cfg
         t = cfg.train
         backend = None if cfg.distributed.backend == "auto" else cfg.distributed.backend
-        self.dist = init_distributed(backend=backend)
+        self.dist = init_distributed(backend=backend, timeout_s=cfg.distributed.timeout_s)
         self.device = resolve_device(t.device, self.dist.device)
         self.precision = resolve_precision(t.precision, self.device)
         self.out_dir = Path(out_dir or t.output_dir)
@@ -217,6 +217,8 @@ class Trainer:
             "head": head_state,
             "optimizer": self.optimizer.state_dict() if self.optimizer is not None else {},
             "scaler": self.scaler.state_dict(),
+            # The sharded head's centre-sampling counter, so resumed runs draw the same negatives.
+            "sampling_step": int(getattr(self.head, "step", 0)),
             "rng": ckpt.capture_rng_state({"augment": self.augment_generator}),
             "data": {"seed": self.cfg.train.seed, "indices": self.indices,
                      "epoch_and_position": list(divmod(self.phase_step, max(1, self._plan().steps_per_epoch)))},
@@ -235,7 +237,9 @@ class Trainer:
     def load_checkpoint(self) -> None:
         """Restore model, head, counters and data position; optimizer/RNG on phase entry."""
         state = ckpt.load_checkpoint(self.checkpoint_path)
-        if self.dist.rank > 0:
+        if self.dist.rank > 0 and state["world_size"] == self.dist.world_size:
+            # Per-rank files exist only for the world size that wrote them; on another world
+            # size the head re-shards and the optimizer moments are reset below.
             rank_state = ckpt.load_checkpoint(self.out_dir / f"checkpoint-rank{self.dist.rank}.pt")
             if rank_state["global_step"] != state["global_step"]:
                 raise ckpt.CheckpointError(
@@ -250,6 +254,8 @@ class Trainer:
                              f"{self.dist.world_size}: optimizer moments reset")
         self.backbone.load_state_dict(state["backbone"])
         self._load_head_state(state["head"])
+        if hasattr(self.head, "step"):
+            self.head.step = int(state.get("sampling_step", 0))
         self.scaler.load_state_dict(state["scaler"])
         self.phase_index = int(state["phase_index"])
         self.phase_step = int(state["phase_step"])
@@ -352,7 +358,12 @@ class Trainer:
         clip = self.cfg.train.clip_grad_norm
         if clip > 0:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(trainable, clip)
+            # Each rank holds a different centre shard: the norm must be the global one, or the
+            # ranks clip by different factors and their backbone replicas drift apart.
+            from qualiface.train.distributed import clip_grad_norm_
+
+            sharded = self.head.sharded_parameters() if hasattr(self.head, "sharded_parameters") else []
+            clip_grad_norm_(trainable, clip, sharded=sharded)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         metrics.update(loss=total_loss, norm=norm_sum / seen)

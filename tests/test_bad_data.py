@@ -36,8 +36,7 @@ from qualiface.data.robust import (
 )
 
 COUNTS_FILE = Path(__file__).resolve().parents[1] / "bench" / "results" / "reliability_counts.json"
-COUNT_KINDS = ("files_tried", "faults_injected", "runs_resumed", "runs_compared",
-               "fuzz_examples")
+COUNT_KINDS = ("files_tried", "faults_injected", "runs_resumed", "runs_compared")
 
 
 def record_counts(request, **counts: int) -> None:
@@ -234,6 +233,38 @@ def test_too_many_bad_samples_stop_with_a_summary(messy_folder):
     assert "max_bad_fraction" in str(error)
     assert any(name in str(error) for name in bad_names)
     assert error.first_bad and all(any(n in line for n in bad_names) for line in error.first_bad)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "cli/train.py catches qualiface.train.data.DataError (a RuntimeError) but not the "
+    "qualiface.data.decode.DataError family (DecodeError, TooManyBadSamplesError, "
+    "RecordIOError...): a broken dataset ends in a traceback. Needs that family added to the "
+    "except clause of cli/train.py command(); remove this marker once fixed"))
+def test_train_cli_reports_too_many_bad_samples_without_a_traceback(tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from qualiface.cli import app
+
+    for ident in range(2):
+        folder = tmp_path / "faces" / f"id{ident}"
+        folder.mkdir(parents=True)
+        for k in range(4):
+            data = _save(_face(k, (16, 16)), "PNG") if k == 0 else b"broken"
+            (folder / f"{k}.png").write_bytes(data)
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"backbone": "iresnet-nano",
+                  "params": {"input_size": 16, "base_width": 2, "embedding_size": 4}},
+        "data": {"name": "robust", "num_workers": 0,
+                 "params": {"dataset": "folder", "params": {"root": str(tmp_path / "faces")},
+                            "min_samples": 4}},
+        "train": {"steps": 2, "batch_size": 4, "device": "cpu", "progress": False,
+                  "output_dir": str(tmp_path / "out")},
+    }))
+    result = CliRunner().invoke(app, ["train", str(config)])
+    assert result.exit_code == 1 and "max_bad_fraction" in result.output, result.output
+    assert "Traceback" not in result.output and result.exception is None
 
 
 class _Flaky(torch.utils.data.Dataset):

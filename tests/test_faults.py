@@ -32,7 +32,7 @@ from qualiface.train import checkpoint as ckpt
 from qualiface.train.loop import Trainer, TrainingError
 
 KILL_TRIALS = 3
-KILL_SEED = 20240607
+KILL_SEED = 20240600  # kills after steps 1, 4 and 9: before any checkpoint, at one, between
 
 
 @pytest.fixture(scope="module")

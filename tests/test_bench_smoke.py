@@ -1,0 +1,215 @@
+"""The benchmark scripts (bench/train_throughput.py, bench/real_faces.py) in --smoke mode on CPU.
+
+They run in-process (imported from their files) with tiny sizes; the GPU measurements are
+checked only where CUDA exists. What a user relies on: the JSON has the documented keys and
+sane values, the FLOP/MFU arithmetic is the stated formula, the test-set helpers are
+deterministic and follow the protocol, and bad flags fail with one clear line.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def _load(name: str):
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def throughput():
+    return _load("train_throughput")
+
+
+@pytest.fixture(scope="module")
+def real_faces():
+    return _load("real_faces")
+
+
+PROVENANCE_KEYS = {"machine", "torch", "date", "command", "git_commit", "settings"}
+
+
+# --------------------------------------------------------------------------- train_throughput
+
+
+def test_throughput_smoke_writes_expected_json(throughput, tmp_path):
+    out = tmp_path / "tt.json"
+    throughput.main(["--smoke", "--heads", "arcface,eqface,qgface", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert PROVENANCE_KEYS <= set(data) and data["benchmark"] == "train_throughput"
+    assert data["settings"]["batch_size"] == 8 and data["settings"]["device"] == "cpu"
+    assert data["reference"]["insightface_h100_fp16_images_per_s"] == {"iresnet50": 2425.0,
+                                                                       "iresnet100": 1633.0}
+    by_head = {r["head"]: r for r in data["results"]}
+    assert set(by_head) == {"arcface", "eqface", "qgface"}
+    for r in by_head.values():
+        assert r["images_per_s"] > 0 and r["step_ms_median"] > 0 and r["skipped_steps"] == 0
+        # train FLOPs = 3 x (views x backbone forward + 2*D*C logits), D=64, C=100 in smoke.
+        expected = 3 * (r["views_per_image"] * r["forward_gflops_per_image"] + 2 * 64 * 100 / 1e9)
+        assert r["train_gflops_per_image"] == pytest.approx(expected)
+        assert r["achieved_tflops"] == pytest.approx(r["images_per_s"] * expected / 1e3)
+        assert r["mfu"] is None  # no peak known for a CPU
+    assert by_head["eqface"]["phase"] == "eqface-3-finetune"  # EQFace timed in its step 3
+    assert by_head["qgface"]["views_per_image"] == 2 and by_head["qgface"]["second_view_ms"] > 0
+    assert by_head["arcface"]["views_per_image"] == 1
+
+
+def test_flop_count_matches_the_published_iresnet50_cost(throughput):
+    from qualiface.backbones import build_backbone
+
+    with torch.device("meta"):  # shapes only: no memory, no compute
+        backbone = build_backbone("iresnet50")
+    flops = throughput.count_forward_flops(backbone, 112, torch.device("meta"))
+    assert flops / 1e9 == pytest.approx(throughput.REFERENCE_FORWARD_GFLOPS["iresnet50"], rel=0.01)
+
+
+def test_peak_lookup_by_gpu_name(throughput):
+    assert throughput.peak_tflops_for("NVIDIA H100 80GB HBM3") == pytest.approx(989.4)
+    assert throughput.peak_tflops_for("NVIDIA H100 PCIe") == pytest.approx(756.0)
+    assert throughput.peak_tflops_for("NVIDIA H200") == pytest.approx(989.4)
+    assert throughput.peak_tflops_for("Some Future GPU") is None
+    assert throughput.peak_tflops_for(None) is None
+
+
+def test_throughput_from_rec_smoke(throughput, tmp_path):
+    from qualiface.data.decode import encode_jpeg
+    from qualiface.data.recordio import RecordIOWriter
+
+    generator = torch.Generator().manual_seed(0)
+    with RecordIOWriter(tmp_path / "rec" / "train") as writer:
+        for i in range(40):
+            image = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8, generator=generator)
+            writer.add(encode_jpeg(image), label=i // 4)
+    out = tmp_path / "rec.json"
+    throughput.main(["--smoke", "--heads", "arcface", "--from-rec",
+                     str(tmp_path / "rec" / "train.rec"), "--out", str(out)])
+    (entry,) = json.loads(out.read_text())["results"]
+    assert entry["num_classes"] == 10
+    assert entry["end_to_end_images_per_s"] > 0 and entry["loader_only_images_per_s"] > 0
+
+
+def test_throughput_bad_input_is_one_clear_line(throughput, tmp_path, capsys):
+    code = throughput.run_main(throughput.main, ["--smoke", "--from-rec", str(tmp_path / "no.rec"),
+                                                 "--out", str(tmp_path / "x.json")])
+    assert code == 2 and "no.rec: .rec file not found" in capsys.readouterr().err
+    code = throughput.run_main(throughput.main, ["--smoke", "--steps", "0"])
+    assert code == 2 and "--steps must be positive" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        code = throughput.run_main(throughput.main, ["--device", "cuda"])
+        assert code == 2 and "CUDA is not available" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_throughput_on_gpu_reports_memory_syncs_and_mfu(throughput, tmp_path):
+    out = tmp_path / "gpu.json"
+    throughput.main(["--backbones", "iresnet-nano", "--heads", "arcface,qgface", "--batch-size",
+                     "32", "--classes", "1000", "--steps", "3", "--warmup", "2", "--out", str(out)])
+    data = json.loads(out.read_text())
+    for r in data["results"]:
+        assert r["peak_memory_gib"] > 0 and isinstance(r["host_syncs_per_step"], int)
+        if data["peak_tflops"]:
+            assert r["mfu"] == pytest.approx(r["achieved_tflops"] / data["peak_tflops"])
+
+
+# --------------------------------------------------------------------------- real_faces
+
+
+def test_phase_lengths_keep_their_shipped_share(real_faces):
+    cfg = real_faces.RealFacesConfig(epochs=12.0)
+    shipped = {"name": "eqface", "eqface": {"branch_epochs": 4, "finetune_epochs": 4, "s_th": 0.0}}
+    scaled = real_faces.rescale_phases(shipped, 24.0, cfg)  # 4 of 24 epochs -> 2 of 12
+    assert scaled["eqface"] == {"branch_epochs": 2.0, "finetune_epochs": 2.0, "s_th": 0.0}
+    budget = real_faces.rescale_phases(shipped, 24.0, real_faces.RealFacesConfig(max_steps=60))
+    assert budget["eqface"]["branch_steps"] == 10 and budget["eqface"]["finetune_steps"] == 10
+
+
+def test_degraded_copies_are_deterministic(real_faces):
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(3))
+    first, kinds = real_faces.degraded_copies(images, [0.5, 0.75])
+    again, kinds_again = real_faces.degraded_copies(images, [0.5, 0.75])
+    assert kinds == kinds_again and set(first) == {0.5, 0.75}
+    for severity in first:
+        assert torch.equal(first[severity], again[severity])
+        assert first[severity].shape == images.shape
+        assert not torch.equal(first[severity], images)
+
+
+def test_protocol_subsets(real_faces, shared_data, tmp_path):
+    bench = real_faces.test_benchmark(shared_data, 8)
+    assert sorted(set(bench.folds.tolist())) == [8, 9, 10] and len(bench.labels) == 24
+    for fold in (8, 9, 10):
+        assert bench.labels[bench.folds == fold].sum() == 4  # half genuine per fold
+    assert bench.first.max() < len(bench.ids) and bench.second.max() < len(bench.ids)
+    subset = real_faces.train_subset_list(shared_data, 5, tmp_path / "subset.txt")
+    labels = [int(line.rsplit(None, 1)[1]) for line in subset.read_text().splitlines()]
+    assert sorted(set(labels)) == [0, 1, 2, 3, 4]
+    assert all(labels.count(k) >= 2 for k in range(5))
+
+
+def test_real_faces_smoke_writes_expected_outputs(real_faces, shared_data, tmp_path):
+    out = tmp_path / "rf.json"
+    real_faces.main(["--smoke", "--data",
+                     str(shared_data), "--out", str(out), "--runs-dir", str(tmp_path / "runs")])
+    data = json.loads(out.read_text())
+    assert PROVENANCE_KEYS <= set(data) and data["benchmark"] == "real_faces"
+    assert data["protocol"]["severities"] == [0.25, 0.5, 0.75]
+    assert [r["method"] for r in data["runs"]] == list(real_faces.METHODS)
+    for run in data["runs"]:
+        assert "error" not in run, run.get("error")
+        results = run["results"]
+        assert set(results) == {"severity_0", "severity_0.25", "severity_0.5", "severity_0.75",
+                                "mixed", "spearman_vs_severity"}
+        clean = results["severity_0"]["summary"]
+        assert 0 <= clean["accuracy"] <= 1 and 0 <= clean["auc"] <= 1
+        mixed = results["mixed"]["summary"]
+        for key in ("quality_pauc_20", "quality_pauc_30", "norm_pauc_20", "norm_pauc_30"):
+            assert 0 <= mixed[key] <= 1
+        assert mixed["quality_pauc_20"] <= mixed["quality_pauc_30"]  # area grows with the limit
+        rho = results["spearman_vs_severity"]["model quality"]["spearman"]
+        assert -1 <= rho <= 1
+    eq_steps = next(r for r in data["runs"] if r["method"] == "eqface")["train"]["steps"]
+    assert eq_steps == 2 + 1 + 1  # step 1 uses the budget; steps 2-3 their (min 1) share
+    summary = data["summary"]["arcface"]
+    assert summary["severity_0:accuracy"]["n"] == 1
+    markdown = Path(data["markdown"]).read_text()
+    assert "CPU smoke scale" in markdown and "| qgface |" in markdown
+    assert Path(data["edc_plot"]).stat().st_size > 0
+    assert not math.isnan(summary["severity_0:accuracy"]["mean"])
+
+    # --merge: a second "seed" from another job; mean and sample std over the two.
+    other = json.loads(out.read_text())
+    for run in other["runs"]:
+        run["seed"] = 1
+        run["results"]["severity_0"]["summary"]["accuracy"] = 0.5
+    second = tmp_path / "rf_seed1.json"
+    second.write_text(json.dumps(other))
+    merged_path = tmp_path / "merged.json"
+    merged = real_faces.main(["--merge", str(out), str(second), "--out", str(merged_path)])
+    first_acc = data["runs"][0]["results"]["severity_0"]["summary"]["accuracy"]
+    entry = merged["summary"][data["runs"][0]["method"]]["severity_0:accuracy"]
+    assert entry["n"] == 2 and entry["mean"] == pytest.approx((first_acc + 0.5) / 2)
+    assert entry["std"] == pytest.approx(abs(first_acc - 0.5) / math.sqrt(2))
+    assert merged["settings"]["seeds"] == [0, 1] and " ± " in merged_path.with_suffix(".md").read_text()
+
+
+def test_real_faces_bad_input_is_one_clear_line(real_faces, tmp_path, capsys):
+    code = real_faces.run_main(real_faces.main, ["--smoke", "--data", str(tmp_path)])
+    assert code == 2 and f"{tmp_path / 'train.txt'}: not found" in capsys.readouterr().err
+    code = real_faces.run_main(real_faces.main, ["--smoke", "--methods", "arcface,nosuch"])
+    assert code == 2 and "nosuch" in capsys.readouterr().err

@@ -1,0 +1,232 @@
+"""The ``qualiface demo`` job: end to end on tiny settings, the identity split, clean CLI errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from qualiface.cli import app
+from qualiface.demo import (
+    DemoError,
+    DemoOptions,
+    choose_threads,
+    fnmr_after_discard,
+    run_demo,
+    severity_bins,
+    split_identities,
+)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+# A demo small enough for CI: 32-px faces, a handful of identities, three optimizer steps.
+TINY = [
+    "data.params.num_identities=8", "data.params.images_per_identity=4",
+    "data.params.image_size=32", "model.params.input_size=32", "model.params.embedding_size=32",
+    "val.params.num_identities=6", "val.params.images_per_identity=5",
+    "val.params.image_size=32", "train.batch_size=16",
+]
+
+
+def _check_report_folder(out: Path) -> dict:
+    for name in ("report.html", "report.md", "metrics.json", "curves.json"):
+        assert (out / name).is_file(), name
+    for name in ("roc.png", "edc.png", "quality_hist.png"):
+        data = (out / name).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 5000, name
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 3  # self-contained: plots embedded
+    return json.loads((out / "metrics.json").read_text())
+
+
+@pytest.mark.slow
+def test_synthetic_demo_writes_report_with_sane_metrics(tmp_path):
+    out = tmp_path / "demo"
+    result = run_demo(DemoOptions(out_dir=out, overrides=TINY, steps=3, num_pairs=200, seed=3,
+                                  threads=1, progress=False))
+    metrics = _check_report_folder(out)
+    assert result.report == out / "report.html"
+    assert (result.model_package / "model.json").is_file()
+
+    summary = metrics["summary"]
+    for key in ("accuracy", "auc", "eer", "tar@far=1e-02"):
+        assert 0.0 <= summary[key] <= 1.0, key
+    assert -1.0 <= summary["spearman_quality_vs_severity"] <= 1.0
+    verification = metrics["verification"]
+    assert verification["num_genuine"] + verification["num_impostor"] == 200
+    assert len(verification["fold_accuracies"]) == 10
+    assert metrics["data"]["test_images"] == 30 and metrics["data"]["test_identities"] == 6
+    assert metrics["data"]["train_images"] == 32
+    assert metrics["training"]["steps"] == 3
+    curve = metrics["training"]["loss_curve"]
+    assert curve["step"][-1] == 3 and all(np.isfinite(curve["loss"]))
+    for quality in ("model quality", "feature norm"):
+        assert set(metrics["quality"][quality]["vs_severity"]) == {"spearman", "kendall"}
+    assert set(metrics["run"]["seconds"]) >= {"generating data", "training", "evaluating"}
+
+    # Independent check of the quality-vs-severity number: re-render the held-out split,
+    # embed it with the saved package, and rank-correlate with scipy directly.
+    from scipy import stats
+
+    from qualiface.data.synthetic import SyntheticFaces
+    from qualiface.infer.model import Model
+
+    held_out = SyntheticFaces(num_identities=6, images_per_identity=5, image_size=32, seed=3,
+                              split="test")
+    images = torch.stack([held_out[i][0] for i in range(len(held_out))])
+    _, quality = Model.load(result.model_package).embed(images)
+    expected = stats.spearmanr(quality.numpy(), held_out.severities()).statistic
+    assert summary["spearman_quality_vs_severity"] == pytest.approx(expected, abs=1e-6)
+
+
+def _write_face_folder(root: Path, identities: int, per_identity: int, size: int) -> None:
+    import cv2
+
+    from qualiface.data.synthetic import SyntheticFaces
+
+    faces = SyntheticFaces(num_identities=identities, images_per_identity=per_identity,
+                           image_size=size, seed=11, degradation_probability=0.0)
+    for i in range(len(faces)):
+        image, label = faces[i]
+        folder = root / f"person_{label:02d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        bgr = np.ascontiguousarray(image.numpy().transpose(1, 2, 0)[:, :, ::-1])
+        assert cv2.imwrite(str(folder / f"{i:03d}.png"), bgr)
+
+
+@pytest.mark.slow
+def test_cli_demo_on_image_folder_splits_identities(tmp_path):
+    data = tmp_path / "faces"
+    _write_face_folder(data, identities=10, per_identity=5, size=48)
+    out = tmp_path / "out"
+    args = ["demo", "--data", str(data), "--out", str(out), "--steps", "2", "--num-pairs", "100",
+            "--threads", "1", "--no-progress", "--set", "model.params.input_size=32",
+            "--set", "model.params.embedding_size=32", "--set", "train.batch_size=16"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "report.html" in result.output
+    metrics = _check_report_folder(out)
+    d = metrics["data"]
+    assert d["format"] == "image folder" and d["source"] == str(data)
+    assert d["test_identities"] == 3 and d["train_identities"] == 7  # round(0.3 * 10) held out
+    assert d["train_images"] == 35 and d["test_images"] == 15
+    assert str(data) in (out / "report.html").read_text()  # the report says what was used
+
+    # The training copy is an ordinary .rec at the model's input size.
+    from qualiface.data.recordio import RecordIODataset
+
+    rec = RecordIODataset(out / "data" / "train.rec")
+    assert rec.num_classes == 7 and len(rec) == 35
+    assert tuple(rec[0][0].shape) == (3, 32, 32)
+
+
+@pytest.mark.slow
+def test_demo_on_recordio(tmp_path):
+    from qualiface.data.decode import encode_jpeg
+    from qualiface.data.recordio import RecordIOWriter
+    from qualiface.data.synthetic import SyntheticFaces
+
+    faces = SyntheticFaces(num_identities=8, images_per_identity=4, image_size=32, seed=5)
+    with RecordIOWriter(tmp_path / "src" / "train") as writer:
+        for i in range(len(faces)):
+            image, label = faces[i]
+            writer.add(encode_jpeg(image), label)
+    out = tmp_path / "out"
+    result = run_demo(DemoOptions(out_dir=out, data=tmp_path / "src" / "train.rec",
+                                  overrides=TINY, steps=1, num_pairs=40, threads=1,
+                                  progress=False))
+    assert result.metrics["data"]["format"] == "recordio"
+    assert result.metrics["data"]["train_identities"] + result.metrics["data"][
+        "test_identities"] == 8
+    _check_report_folder(out)
+
+
+# --------------------------------------------------------------------------- fast unit tests
+
+
+def test_split_identities_is_disjoint_capped_and_seeded():
+    labels = np.repeat(np.arange(12), [1, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5])
+    split = split_identities(labels, test_fraction=0.25, max_train=6, max_test=10, max_images=3,
+                             seed=1)
+    train_ids, test_ids = set(labels[split.train]), set(labels[split.test])
+    assert not train_ids & test_ids
+    assert len(test_ids) == 3 and len(train_ids) == 6  # round(0.25 * 12) held out; cap of 6
+    assert 0 not in test_ids  # identity 0 has one image: it can only train
+    assert np.bincount(split.test_labels).tolist() == [3, 3, 3]  # max_images per identity
+    assert np.all(np.diff(split.train_labels) >= 0) and split.train_labels.max() == 5
+    # New labels follow the original identity of each image.
+    for new in range(6):
+        assert len(set(labels[split.train[split.train_labels == new]])) == 1
+    again = split_identities(labels, test_fraction=0.25, max_train=6, max_test=10, max_images=3,
+                             seed=1)
+    assert np.array_equal(again.test, split.test) and np.array_equal(again.train, split.train)
+    other = split_identities(labels, test_fraction=0.25, max_train=6, max_test=10, max_images=3,
+                             seed=2)
+    assert not np.array_equal(other.test, split.test)
+
+
+def test_split_identities_needs_enough_identities():
+    with pytest.raises(DemoError, match="held-out identities"):
+        split_identities(np.array([0, 0, 1, 2]), test_fraction=0.3, max_train=10, max_test=10,
+                         max_images=5, seed=0)
+    with pytest.raises(DemoError, match="test_fraction"):
+        split_identities(np.arange(10).repeat(2), test_fraction=1.0, max_train=10, max_test=10,
+                         max_images=5, seed=0)
+
+
+def test_severity_bins_partition_the_images():
+    severity = np.array([0.0, 0.0, 0.1, 0.34, 0.5, 0.9, 1.0])
+    bins = severity_bins(severity)
+    assert [label for label, _ in bins] == ["clean", "severity 0.00-0.33", "severity 0.33-0.67",
+                                           "severity 0.67-1.00"]
+    masks = np.stack([mask for _, mask in bins])
+    assert np.array_equal(masks.sum(axis=0), np.ones(len(severity)))
+    assert masks[0].sum() == 2 and masks[3].sum() == 2
+
+
+def test_fnmr_after_discard_reads_the_step_curve():
+    from qualiface.eval.quality import edc
+
+    # 4 mated comparisons with qualities 1..4; the two lowest-quality ones are errors.
+    scores = np.array([0.1, 0.2, 0.9, 0.95, 0.0, 0.05, 0.3, 0.15])
+    labels = np.array([1, 1, 1, 1, 0, 0, 0, 0], dtype=bool)
+    quality = np.array([1.0, 2.0, 3.0, 4.0, 1.0, 1.0, 1.0, 1.0])
+    curve = edc(scores, labels, quality, threshold=0.5)
+    assert fnmr_after_discard(curve, 0.0) == pytest.approx(0.5)
+    assert fnmr_after_discard(curve, 0.2) == pytest.approx(0.5)  # 0.25 is the first cut
+    assert fnmr_after_discard(curve, 0.25) == pytest.approx(1 / 3)
+    assert fnmr_after_discard(curve, 0.5) == pytest.approx(0.0)
+
+
+def test_choose_threads(monkeypatch):
+    assert choose_threads(3) == 3
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    monkeypatch.setattr("os.getloadavg", lambda: (9.0, 9.0, 9.0))
+    assert choose_threads(0) == 1  # oversubscribed: one thread
+    monkeypatch.setattr("os.getloadavg", lambda: (0.1, 0.1, 0.1))
+    assert choose_threads(0) == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data", "/nonexistent/faces"], "/nonexistent/faces"),
+    (["--steps", "2", "--epochs", "1"], "not both"),
+    (["--set", "optim.lr"], "key=value"),
+    (["--set", "optim.nope=1"], "optim.nope"),
+])
+def test_cli_demo_bad_input_is_one_clean_error(tmp_path, args, message):
+    result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "out"), *args])
+    assert result.exit_code == 1
+    assert "error:" in result.output and message in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "out" / "train").exists()
+
+
+def test_cli_demo_rejects_a_folder_without_images(tmp_path):
+    (tmp_path / "empty" / "someone").mkdir(parents=True)
+    result = CliRunner().invoke(app, ["demo", "--data", str(tmp_path / "empty"), "--out",
+                                      str(tmp_path / "out")])
+    assert result.exit_code == 1 and "no identity folder with images" in result.output

@@ -68,7 +68,8 @@ def machine_info(device: str | None = None) -> dict:
         "cuda_available": torch.cuda.is_available(),
     }
     if torch.cuda.is_available() and (device is None or str(device).startswith("cuda")):
-        index = torch.device(device).index if device and ":" in str(device) else torch.cuda.current_device()
+        explicit = device is not None and ":" in str(device)
+        index = torch.device(device).index if explicit else torch.cuda.current_device()
         props = torch.cuda.get_device_properties(index)
         info.update({
             "gpu": props.name,

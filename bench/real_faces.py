@@ -268,7 +268,8 @@ def rescale_phases(pipeline: dict, shipped_epochs: float | None, cfg: RealFacesC
             if key.endswith("_epochs") and isinstance(value, (int, float)):
                 share = float(value) / shipped_epochs
                 if cfg.max_steps > 0:
-                    section[key[: -len("_epochs")] + "_steps"] = max(1, round(share * cfg.max_steps))
+                    steps_key = key[: -len("_epochs")] + "_steps"
+                    section[steps_key] = max(1, round(share * cfg.max_steps))
                 else:
                     section[key] = share * cfg.epochs
         out[name] = section
@@ -289,8 +290,10 @@ def _edc_entry(quality_metrics: dict) -> tuple[float | None, dict]:
 def summarise(metrics: dict) -> dict:
     """The numbers the table shows, from one ``evaluate_pairs`` metrics dict."""
     verification = metrics["verification"]
-    out = {"accuracy": verification.get("accuracy"), "accuracy_std": verification.get("accuracy_std"),
-           "tar_at_far_1e-2": verification["tar_at_far"].get("1e-02"), "auc": verification["auc"]}
+    out = {"accuracy": verification.get("accuracy"),
+           "accuracy_std": verification.get("accuracy_std"),
+           "tar_at_far_1e-2": verification["tar_at_far"].get("1e-02"),
+           "auc": verification["auc"]}
     for name, key in (("model quality", "quality"), ("feature norm", "norm")):
         fmr, edc = _edc_entry(metrics["quality"].get(name, {}))
         out[f"{key}_edc_fmr"] = fmr
@@ -381,12 +384,16 @@ def train_and_evaluate(cfg: RealFacesConfig, method: str, seed: int, list_file: 
 
 def table_columns(severities: list[float]) -> list[tuple[str, str, bool]]:
     """(header, key path "set:field", percent?) of the table, in order."""
-    cols = [("acc %", "severity_0:accuracy", True), ("TAR@FAR1e-2 %", "severity_0:tar_at_far_1e-2", True),
+    cols = [("acc %", "severity_0:accuracy", True),
+            ("TAR@FAR1e-2 %", "severity_0:tar_at_far_1e-2", True),
             ("AUC", "severity_0:auc", False)]
     cols += [(f"acc % s{s:g}", f"severity_{s:g}:accuracy", True) for s in severities]
-    cols += [("pAUC20 q", "mixed:quality_pauc_20", False), ("pAUC30 q", "mixed:quality_pauc_30", False),
-             ("pAUC20 norm", "mixed:norm_pauc_20", False), ("pAUC30 norm", "mixed:norm_pauc_30", False),
-             ("rho q", "spearman:model quality", False), ("rho norm", "spearman:feature norm", False)]
+    cols += [("pAUC20 q", "mixed:quality_pauc_20", False),
+             ("pAUC30 q", "mixed:quality_pauc_30", False),
+             ("pAUC20 norm", "mixed:norm_pauc_20", False),
+             ("pAUC30 norm", "mixed:norm_pauc_30", False),
+             ("rho q", "spearman:model quality", False),
+             ("rho norm", "spearman:feature norm", False)]
     return cols
 
 
@@ -517,7 +524,8 @@ def parse_args(argv) -> RealFacesConfig:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--embed-batch", type=int, default=256)
     parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="KEY=VALUE", help="config override for every run, e.g. optim.lr=0.05")
+                        metavar="KEY=VALUE",
+                        help="config override for every run, e.g. optim.lr=0.05")
     parser.add_argument("--runs-dir", default=None, help="where the runs are written")
     parser.add_argument("--out", default=None, help="results JSON (default bench/results/...)")
     parser.add_argument("--merge", nargs="+", default=[], metavar="JSON",
@@ -583,7 +591,8 @@ def main(argv=None) -> dict:
     list_file = data_root / "train.txt"
     train_set = "train.txt (all 18,976 images)"
     if cfg.train_identities > 0:
-        list_file = train_subset_list(data_root, cfg.train_identities, runs_dir / "train_subset.txt")
+        list_file = train_subset_list(data_root, cfg.train_identities,
+                                      runs_dir / "train_subset.txt")
         train_set = f"train.txt subset: {cfg.train_identities} identities with >= 2 images (seed 0)"
     bench = test_benchmark(data_root, cfg.test_pairs_per_fold)
     clean = decode_images(bench.images)

@@ -291,7 +291,8 @@ def measure_synthetic(cfg: ThroughputConfig, backbone_name: str, head_name: str,
         generator = torch.Generator(device=device).manual_seed(0)
         shape = (cfg.batch_size, 3, cfg.input_size, cfg.input_size)
         images = torch.randint(0, 256, shape, dtype=torch.uint8, device=device, generator=generator)
-        labels = torch.randint(0, cfg.classes, (cfg.batch_size,), device=device, generator=generator)
+        labels = torch.randint(0, cfg.classes, (cfg.batch_size,), device=device,
+                               generator=generator)
         batch = [(images, labels)]
 
         def step():
@@ -397,7 +398,8 @@ def measure_from_rec(cfg: ThroughputConfig, backbone_name: str, head_name: str,
         "end_to_end_images_per_s": cfg.steps * plan.step_size / seconds if seconds > 0 else None,
         "loader_only_images_per_s": loader_rate,
         "timed_steps": cfg.steps,
-        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "peak_memory_gib": (torch.cuda.max_memory_allocated(device) / 2**30
+                            if device.type == "cuda" else None),
     }
 
 
@@ -455,7 +457,8 @@ def parse_args(argv) -> ThroughputConfig:
         cfg.backbone_params = {"base_width": 8}
     for name in ("batch_size", "classes", "steps", "warmup"):
         if getattr(cfg, name) < (0 if name == "warmup" else 1):
-            raise BenchError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+            flag = "--" + name.replace("_", "-")
+            raise BenchError(f"{flag} must be positive, got {getattr(cfg, name)}")
     cfg.out = args.out or str(RESULTS_DIR / (
         "train_throughput_smoke.json" if args.smoke else "train_throughput.json"))
     return cfg

@@ -205,7 +205,8 @@ def test_real_faces_smoke_writes_expected_outputs(real_faces, shared_data, tmp_p
     entry = merged["summary"][data["runs"][0]["method"]]["severity_0:accuracy"]
     assert entry["n"] == 2 and entry["mean"] == pytest.approx((first_acc + 0.5) / 2)
     assert entry["std"] == pytest.approx(abs(first_acc - 0.5) / math.sqrt(2))
-    assert merged["settings"]["seeds"] == [0, 1] and " ± " in merged_path.with_suffix(".md").read_text()
+    assert merged["settings"]["seeds"] == [0, 1]
+    assert " ± " in merged_path.with_suffix(".md").read_text()
 
 
 def test_real_faces_bad_input_is_one_clear_line(real_faces, tmp_path, capsys):

@@ -338,10 +338,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     key = key.strip()
     if not sep or not key:
         raise ConfigError(f"override '{text}' is not of the form key=value")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override '{text}': cannot parse value: {exc}") from None
+    value = _load_yaml(raw, f"override '{text}'") if raw.strip() else ""
     return key, value
 
 
@@ -369,17 +366,80 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+# Bounds on a YAML document *after* alias expansion. A real config has a few hundred nodes;
+# an "alias bomb" (anchors whose aliases nest: a: &a [x, x], b: &b [*a, *a], ...) is tiny on
+# disk but expands to billions of nodes when the config is copied or saved.
+MAX_YAML_NODES = 100_000
+MAX_YAML_DEPTH = 64
+
+
+def _yaml_children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return []
+
+
+def _check_yaml_size(root: yaml.Node) -> None:
+    """Raise ``ValueError`` when ``root`` expands past the bounds or refers to itself.
+
+    Iterative and memoised per node, so a shared (aliased) node is measured once however often
+    it is used: the cost is linear in the document, not in its expansion.
+    """
+    open_marker = object()
+    measured: dict[int, Any] = {}  # id(node) -> open_marker while inside it, then (size, depth)
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, closing = stack.pop()
+        children = _yaml_children(node)
+        if closing:
+            size = 1 + sum(measured[id(c)][0] for c in children)
+            depth = 1 + max((measured[id(c)][1] for c in children), default=0)
+            if size > MAX_YAML_NODES:
+                raise ValueError(f"expands to more than {MAX_YAML_NODES:,} values (through "
+                                 f"aliases); a config is never that large")
+            if depth > MAX_YAML_DEPTH:
+                raise ValueError(f"nested more than {MAX_YAML_DEPTH} levels deep")
+            measured[id(node)] = (size, depth)
+            continue
+        state = measured.get(id(node))
+        if state is open_marker:  # reached again before it was closed: it contains itself
+            raise ValueError("an alias refers to a node that contains it (a recursive structure)")
+        if state is not None:
+            continue
+        measured[id(node)] = open_marker
+        stack.append((node, True))
+        stack.extend((child, False) for child in children)
+
+
+def _load_yaml(text: str, where: str) -> Any:
+    """``yaml.safe_load(text)`` with the size and depth bounds; ``ConfigError`` names ``where``."""
+    try:
+        # Composing first gives the node graph with aliases still shared, so the bounds are
+        # checked before anything is expanded; a config is small, so parsing twice is cheap.
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        if root is not None:
+            _check_yaml_size(root)
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: invalid YAML: {exc}") from None
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    except RecursionError:  # the parser recurses once per nesting level
+        raise ConfigError(f"{where}: YAML nested too deeply to be a config") from None
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainingConfig:
     """Read a YAML config file, apply ``key=value`` overrides, validate types and choices."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config: {exc.strerror or exc}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    data = _load_yaml(text, str(path))
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -71,12 +71,17 @@ def pack(
     """Pack an image folder (<identity>/<image>) into InsightFace RecordIO (.rec/.idx/property)."""
     from qualiface.data.decode import DataError, decode_image, encode_jpeg, probe_image
     from qualiface.data.folder import ImageFolderDataset
-    from qualiface.data.recordio import RecordIOWriter
+    from qualiface.data.recordio import RecordIOWriter, identity_name_problem
 
     try:
         dataset = ImageFolderDataset(src_folder)
     except DataError as exc:
         raise fail(str(exc)) from None
+    # Checked before any work: the writer would refuse the name only at the very end.
+    for name in dataset.identities:
+        problem = identity_name_problem(name)
+        if problem is not None:
+            raise fail(f"{src_folder / name}: {problem}; rename the folder to pack it")
     writer_paths = RecordIOWriter.output_paths(out_prefix)
     existing = [str(p) for p in writer_paths if p.exists()]
     if existing and not overwrite:
@@ -106,6 +111,18 @@ def pack(
         (".rec size (MB)", f"{writer.rec_path.stat().st_size / 1e6:.1f}"),
         ("images/s", f"{len(dataset) / max(elapsed, 1e-9):,.0f}"),
     ])
+
+
+def _inside(root: Path, name: str) -> Path:
+    """``root / name``, refused (``OSError``) unless it resolves to a direct child of ``root``.
+
+    ``read_identity_names`` already refuses names with separators or ``..``; this is a second
+    line of defence so no future reader change can make ``unpack`` write outside its folder.
+    """
+    target = (root / name).resolve()
+    if target.parent != root.resolve():
+        raise OSError(f"identity name {name[:80]!r} would write outside the output folder")
+    return target
 
 
 @app.command("unpack")
@@ -138,7 +155,7 @@ def unpack(
                 data, label, header = dataset.read_raw(index)
                 record = dataset.record_key(index)
                 extension = probe_image(data, name=f"{dataset.rec_path} record {record}").extension
-                folder = staging / (names[label] if names is not None else str(label))
+                folder = _inside(staging, names[label] if names is not None else str(label))
                 folder.mkdir(exist_ok=True)
                 (folder / f"{record:08d}.{extension}").write_bytes(data)
                 progress.advance(task)

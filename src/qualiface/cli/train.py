@@ -21,6 +21,7 @@ def command(
     same command; the classifier is then sharded across processes.
     """
     from qualiface.config import ConfigError, load_config, validate_components
+    from qualiface.data.decode import DataError as DatasetFileError
     from qualiface.registry import RegistryError
     from qualiface.train.checkpoint import CheckpointError
     from qualiface.train.data import DataError
@@ -40,8 +41,10 @@ def command(
     except TrainingInterrupted as exc:
         console.print(f"[yellow]{exc}[/]")
         raise typer.Exit(128 + int(exc.signum)) from None
-    except (ConfigError, RegistryError, CheckpointError, DataError, TrainingError, PipelineError,
-            DistributedError, ShardingError) as exc:
+    # DatasetFileError: unreadable or hostile dataset files (DecodeError, RecordIOError,
+    # TooManyBadSamplesError...); DataError: the training data pipeline's own errors.
+    except (ConfigError, RegistryError, CheckpointError, DataError, DatasetFileError,
+            TrainingError, PipelineError, DistributedError, ShardingError) as exc:
         raise fail(str(exc)) from None
     console.print(f"[bold green]done[/]: {result.global_step} steps; weights {result.final_weights}"
                   + (f"; model package {result.model_package}" if result.model_package else ""))

@@ -328,17 +328,46 @@ def read_property(property_path: str | os.PathLike) -> tuple[int, int, int] | No
     return values  # type: ignore[return-value]
 
 
+def identity_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be an identity name (None when it can).
+
+    ``unpack`` uses each name as a folder under its output directory, so a name must be one
+    plain path component: not empty, not ``.`` or ``..``, no ``/``, ``\\`` or NUL (a backslash is
+    a separator on Windows), and no tab or line break (they would break ``identities.txt``).
+    """
+    if not name:
+        return "empty identity name"
+    if name in (".", ".."):
+        return f"identity name {name!r} is not a folder name"
+    for character, what in (("/", "'/'"), ("\\", "'\\'"), ("\0", "NUL"), ("\t", "a tab"),
+                            ("\r", "a line break"), ("\n", "a line break")):
+        if character in name:
+            return f"identity name {name[:80]!r} contains {what}"
+    return None
+
+
 def read_identity_names(folder: str | os.PathLike) -> list[str] | None:
-    """``identities.txt`` (``label<TAB>name`` lines, labels 0..N-1 in order) or None."""
+    """``identities.txt`` (``label<TAB>name`` lines, labels 0..N-1 in order) or None.
+
+    Raises ``RecordIOError`` naming the file and line for a malformed line or a name that is not
+    a single plain folder name (see ``identity_name_problem``): the file may be hostile.
+    """
     path = Path(folder) / IDENTITIES_FILE
     if not path.is_file():
         return None
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecordIOError(path, exc.start, "not UTF-8 text") from None
     names: list[str] = []
-    for line_number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for line_number, line in enumerate(text.splitlines(), 1):
         label, sep, name = line.partition("\t")
         if not sep or label != str(len(names)) or not name:
             raise RecordIOError(path, None, f"line {line_number}: expected "
                                             f"'{len(names)}<TAB>name', got {line[:80]!r}")
+        problem = identity_name_problem(name)
+        if problem is not None:
+            raise RecordIOError(path, None, f"line {line_number}: {problem}")
         names.append(name)
     return names
 
@@ -591,9 +620,10 @@ class RecordIOWriter:
                     raise ValueError(f"{self.rec_path}: {len(self.identity_names)} identity "
                                      f"names for {num_classes} classes")
                 for name in self.identity_names:
-                    if not name or any(c in name for c in "\t\r\n"):
-                        raise ValueError(f"identity name {name!r} cannot be stored in "
-                                         f"{IDENTITIES_FILE}")
+                    # The same rule read_identity_names applies, so every pack reads back.
+                    problem = identity_name_problem(name)
+                    if problem is not None:
+                        raise ValueError(f"{problem}: cannot be stored in {IDENTITIES_FILE}")
             if self.identity_block:
                 self._write_identity_block(num_classes)
             self._rec.flush()

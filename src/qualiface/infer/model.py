@@ -53,6 +53,19 @@ QUALITY_MEANINGS: dict[str, tuple[str, list[float | None]]] = {
 }
 
 
+# Upper bounds on the architecture size a model.json may ask for, checked before anything is
+# allocated: a hostile or corrupt file must not be able to request terabytes of weights. They
+# are far above any face model (the largest standard ones: 512-d, 112 px, width 64).
+MAX_EMBEDDING_SIZE = 4096
+MAX_INPUT_SIZE = 1024
+BACKBONE_KWARG_LIMITS: dict[str, float] = {
+    "embedding_size": MAX_EMBEDDING_SIZE,
+    "input_size": MAX_INPUT_SIZE,
+    "base_width": 1024,
+    "width_mult": 16.0,
+}
+
+
 class ModelPackageError(ValueError):
     """A model package that cannot be read: missing files, bad JSON, wrong types or shapes."""
 
@@ -148,13 +161,23 @@ class ModelSpec:
         backbone = get(data, "backbone", dict, "backbone")
         name = get(backbone, "name", str, "backbone.name")
         kwargs = get(backbone, "kwargs", dict, "backbone.kwargs")
+        for key, limit in BACKBONE_KWARG_LIMITS.items():
+            if key in kwargs:
+                value = get(kwargs, key, (int, float), f"backbone.kwargs.{key}")
+                if not 0 < value <= limit:
+                    raise bad(f"backbone.kwargs.{key}", f"must be in (0, {limit:g}], got {value}")
         embedding_size = get(backbone, "embedding_size", int, "backbone.embedding_size")
+        if not 0 < embedding_size <= MAX_EMBEDDING_SIZE:
+            raise bad("backbone.embedding_size",
+                      f"must be in 1..{MAX_EMBEDDING_SIZE}, got {embedding_size}")
         feature_dim = get(backbone, "feature_dim", int, "backbone.feature_dim", optional=True)
         head = get(data, "head", str, "head", optional=True)
         inp = get(data, "input", dict, "input")
         size = get(inp, "size", list, "input.size")
-        if len(size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size):
-            raise bad("input.size", f"must be [height, width] positive integers, got {size}")
+        if len(size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool)
+                                     and 0 < v <= MAX_INPUT_SIZE for v in size):
+            raise bad("input.size", f"must be [height, width] integers in 1..{MAX_INPUT_SIZE}, "
+                                    f"got {size}")
         order = get(inp, "channel_order", str, "input.channel_order")
         if order not in ("RGB", "BGR"):
             raise bad("input.channel_order", f"must be 'RGB' or 'BGR', got {order!r}")
@@ -322,11 +345,15 @@ def read_model_spec(path: str | Path) -> ModelSpec:
     """Read and validate ``model.json`` of a package (``path``: the directory or the JSON file)."""
     json_path = _package_dir(path) / MODEL_JSON
     try:
-        data = json.loads(json_path.read_text())
+        data = json.loads(json_path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ModelPackageError(f"{json_path}: missing (is {json_path.parent} a qualiface model package?)") from None
     except json.JSONDecodeError as exc:
         raise ModelPackageError(f"{json_path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
+    except UnicodeDecodeError as exc:
+        raise ModelPackageError(f"{json_path}: not UTF-8 text (byte {exc.start})") from None
+    except RecursionError:  # the decoder recurses once per nesting level
+        raise ModelPackageError(f"{json_path}: JSON nested too deeply to be a model description") from None
     return ModelSpec.from_json(data, source=str(json_path))
 
 
@@ -415,7 +442,7 @@ class Model:
             raise ModelPackageError(f"{weights_path}: not a readable safetensors file ({exc})") from None
         try:
             backbone = build_backbone(spec.backbone_name, **spec.backbone_kwargs)
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, ValueError) as exc:
             raise ModelPackageError(f"{folder / MODEL_JSON}: cannot build backbone '{spec.backbone_name}': {exc}") from None
         _load_into(backbone, tensors, "backbone.", str(weights_path))
         if getattr(backbone, "embedding_size", spec.embedding_size) != spec.embedding_size:

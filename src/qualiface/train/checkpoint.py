@@ -7,11 +7,13 @@ int64 tensor, Python's ``random`` state as an int64 tensor plus its two scalars.
 
 Writing is atomic: the bytes go to a temporary file in the same folder, are fsync'ed, and the
 file is renamed over the old checkpoint (``os.replace`` is atomic on POSIX within one file
-system). A crash or an exception while writing leaves the previous checkpoint untouched.
+system). A crash or an exception while writing leaves the previous checkpoint untouched, and a write
+that fails in the OS (a full disk) is reported as such, not as torch's "unexpected pos".
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import tempfile
@@ -46,22 +48,67 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+class _WriteErrorRecorder:
+    """A file object that remembers the first ``OSError`` raised by ``write()``.
+
+    torch's zip writer catches the error of a failed write and reports only "unexpected pos",
+    which hides the cause (typically a full disk); ``atomic_write`` re-raises the recorded one.
+    """
+
+    def __init__(self, handle: Any) -> None:
+        self._handle = handle
+        self.first_error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self._handle.write(data)
+        except OSError as exc:
+            if self.first_error is None:
+                self.first_error = exc
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._handle, name)
+
+
+def describe_os_error(exc: OSError) -> str:
+    """``exc`` as text, prefixed with "disk full" for ENOSPC / EDQUOT (what the user must fix)."""
+    if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return f"disk full ({exc})"
+    return str(exc)
+
+
 def atomic_write(path: str | Path, write: Callable[[Any], None]) -> None:
-    """Call ``write(file_object)`` on a temp file next to ``path``, fsync, then rename over it."""
+    """Call ``write(file_object)`` on a temp file next to ``path``, fsync, then rename over it.
+
+    An ``OSError`` (also one that ``write`` caught and replaced by its own error) becomes a
+    ``CheckpointError`` naming ``path`` and the OS error; the temp file is removed and any
+    previous ``path`` is left as it was. Other exceptions from ``write`` propagate unchanged.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
-            write(handle)
+            recorder = _WriteErrorRecorder(handle)
+            try:
+                write(recorder)
+            except Exception:
+                if recorder.first_error is not None:
+                    raise recorder.first_error from None
+                raise
+            if recorder.first_error is not None:  # swallowed without any error at all
+                raise recorder.first_error
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp_name)
         except OSError:
             pass
+        if isinstance(exc, OSError):
+            raise CheckpointError(f"{path}: could not write: {describe_os_error(exc)}") from exc
         raise
     _fsync_dir(path.parent)
 
@@ -71,7 +118,9 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
     state = {"format_version": FORMAT_VERSION, **state}
     try:
         atomic_write(path, lambda handle: torch.save(state, handle))
-    except (OSError, RuntimeError, TypeError, ValueError) as exc:
+    except CheckpointError:
+        raise  # already names the file and the OS error
+    except (RuntimeError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: could not write checkpoint: {exc}") from exc
 
 
@@ -96,10 +145,7 @@ def export_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metad
     flat = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     payload = save(flat, metadata=meta)
-    try:
-        atomic_write(path, lambda handle: handle.write(payload))
-    except OSError as exc:
-        raise CheckpointError(f"{path}: could not write weights: {exc}") from exc
+    atomic_write(path, lambda handle: handle.write(payload))
 
 
 def prefixed(prefix: str, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -7,8 +7,9 @@
 2. for each of ``grad_accum`` micro-batches: random flip, (second degraded view when the head
    wants one; both views go through the backbone as one batch), forward under autocast, head
    in fp32, ``loss / grad_accum`` backward (DDP's ``no_sync`` on all but the last micro-batch);
-3. skips the step when any micro-batch loss is NaN/Inf (and stops after
-   ``max_nonfinite_steps`` in a row), else unscales, clips and steps the optimizer;
+3. skips the step when any micro-batch loss is NaN/Inf, else unscales, clips (or just measures
+   the gradient norm) and skips the step when that norm is NaN/Inf, else steps the optimizer;
+   ``max_nonfinite_steps`` skipped steps in a row stop the run;
 4. logs, evaluates and checkpoints on their intervals; on SIGTERM/SIGINT writes a checkpoint
    and raises ``TrainingInterrupted``.
 
@@ -46,6 +47,23 @@ from qualiface.train.schedule import build_schedule
 
 class TrainingError(RuntimeError):
     """Training cannot go on (diverged, bad setup); the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class SkippedStep:
+    """A step skipped without touching the weights: ``what`` was NaN/Inf (loss or gradient)."""
+
+    what: str
+
+
+def gradient_norm(parameters: list[nn.Parameter]) -> torch.Tensor:
+    """The 2-norm of all gradients together (0-d tensor); 0 when none has a gradient."""
+    grads = [p.grad.detach() for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6: fused per-device norms
+        return torch.nn.utils.get_total_norm(grads)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
 
 
 class TrainingInterrupted(RuntimeError):
@@ -325,8 +343,9 @@ class Trainer:
             kwargs["second_view"] = second
         return self.head(embeddings, labels, **kwargs), embeddings
 
-    def _train_step(self, micro_batches, trainable: list[nn.Parameter]) -> dict | None:
-        """One optimizer step over the micro-batches; None when skipped for a NaN/Inf loss."""
+    def _train_step(self, micro_batches, trainable: list[nn.Parameter]) -> dict | SkippedStep:
+        """One optimizer step over the micro-batches: its metrics, or ``SkippedStep`` when a
+        loss or the (unscaled) gradient was NaN/Inf on any rank and no weight was changed."""
         accum = len(micro_batches)
         total_loss, correct, seen, norm_sum = 0.0, 0, 0, 0.0
         metrics: dict[str, float] = {}
@@ -341,7 +360,7 @@ class Trainer:
                 loss_value = float(out.loss.detach())
                 if self._any_rank(not math.isfinite(loss_value)):
                     self.optimizer.zero_grad(set_to_none=True)
-                    return None
+                    return SkippedStep("loss")
                 self.scaler.scale(out.loss / accum).backward()
             total_loss += loss_value / accum
             norm_sum += float(embeddings.detach().norm(dim=1).sum())
@@ -355,15 +374,27 @@ class Trainer:
             seen += labels.shape[0]
             for key, value in out.metrics.items():
                 metrics[key] = metrics.get(key, 0.0) + float(value) / accum
+        self.scaler.unscale_(self.optimizer)  # a no-op unless fp16
         clip = self.cfg.train.clip_grad_norm
         if clip > 0:
-            self.scaler.unscale_(self.optimizer)
             # Each rank holds a different centre shard: the norm must be the global one, or the
             # ranks clip by different factors and their backbone replicas drift apart.
             from qualiface.train.distributed import clip_grad_norm_
 
             sharded = self.head.sharded_parameters() if hasattr(self.head, "sharded_parameters") else []
-            clip_grad_norm_(trainable, clip, sharded=sharded)
+            total_norm = clip_grad_norm_(trainable, clip, sharded=sharded)
+        else:
+            total_norm = gradient_norm(trainable)
+        # A finite loss can still give a NaN/Inf gradient (e.g. 0/0 in a backward formula); in
+        # fp32 nothing else would stop it, and one such step makes every weight NaN.
+        if self._any_rank(not bool(torch.isfinite(total_norm))):
+            if self.scaler.is_enabled():
+                # The same back-off on every rank keeps their loss scales equal (a rank's own
+                # found-inf flag may differ when the head is sharded); update() also clears the
+                # scaler's per-step "already unscaled" state.
+                self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())
+            self.optimizer.zero_grad(set_to_none=True)
+            return SkippedStep("gradient")
         self.scaler.step(self.optimizer)
         self.scaler.update()
         metrics.update(loss=total_loss, norm=norm_sum / seen)
@@ -410,14 +441,14 @@ class Trainer:
             self.phase_step += 1
             self.global_step += 1
             window_images += plan.step_size
-            if metrics is None:
+            if isinstance(metrics, SkippedStep):
                 self.nonfinite_streak += 1
-                self.logger.note(self.global_step, f"non-finite loss: step skipped "
+                self.logger.note(self.global_step, f"non-finite {metrics.what}: step skipped "
                                  f"({self.nonfinite_streak} in a row)")
                 if self.nonfinite_streak >= t.max_nonfinite_steps:
                     raise TrainingError(
-                        f"{self.nonfinite_streak} consecutive steps had a NaN/Inf loss (phase "
-                        f"{phase.name}, step {self.phase_step}); lower optim.lr, set "
+                        f"{self.nonfinite_streak} consecutive steps had a NaN/Inf loss or "
+                        f"gradient (phase {phase.name}, step {self.phase_step}); lower optim.lr, set "
                         f"train.clip_grad_norm, or use precision=fp32"
                     )
             else:

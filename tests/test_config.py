@@ -116,6 +116,13 @@ def test_validate_components_names_bad_head_param(tmp_path):
         validate_components(cfg)
 
 
+@pytest.mark.parametrize("backbone", ["iresnet-nano", "iresnet50", "mobilefacenet"])
+def test_validate_components_names_bad_backbone_param_before_building(tmp_path, backbone):
+    cfg = load_config(write(tmp_path, {"model": {"backbone": backbone, "params": {"embeding_size": 8}}}))
+    with pytest.raises(ConfigError, match="embeding_size.*valid: .*embedding_size"):
+        validate_components(cfg)
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_shipped_configs_parse_and_validate(path):
     cfg = load_config(path)

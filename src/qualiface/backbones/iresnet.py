@@ -18,6 +18,8 @@ shape (B, 8w * (input_size/16)^2). With w = 64 the parameter counts are the publ
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
@@ -182,6 +184,11 @@ def _factory(name: str):
             kwargs.setdefault("base_width", NANO_BASE_WIDTH)
         return IResNet(IRESNET_LAYERS[name], **kwargs)
 
+    # Expose IResNet's keyword arguments (less `layers`) so config validation can name typos.
+    options = [p for p in inspect.signature(IResNet).parameters.values() if p.name != "layers"]
+    build.__signature__ = inspect.Signature(
+        [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in options]
+    )
     build.__name__ = name.replace("-", "_")
     build.__doc__ = f"Build {name} (layers {IRESNET_LAYERS[name]}); kwargs go to IResNet."
     return build

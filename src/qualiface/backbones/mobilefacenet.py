@@ -27,6 +27,8 @@ learned per-channel 7x7 weighting, which keeps the spatial layout of the aligned
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
@@ -159,3 +161,7 @@ class MobileFaceNet(nn.Module):
 def mobilefacenet(**kwargs) -> MobileFaceNet:
     """Build MobileFaceNet; kwargs go to MobileFaceNet (embedding_size, input_size, width_mult)."""
     return MobileFaceNet(**kwargs)
+
+
+# Expose MobileFaceNet's keyword arguments so config validation can name typos.
+mobilefacenet.__signature__ = inspect.signature(MobileFaceNet)

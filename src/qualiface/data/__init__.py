@@ -20,4 +20,5 @@ def build_dataset(name: str, **kwargs):
 
 def _load_all() -> None:
     # Importing a format module registers it; lazy so `import qualiface.data` stays cheap.
-    from qualiface.data import folder, recordio, synthetic, verification_bin  # noqa: F401
+    # Every module that registers a dataset (lfw/ijb/tinyface only read protocols: not here).
+    from qualiface.data import folder, recordio, robust, synthetic, verification_bin  # noqa: F401

@@ -21,6 +21,7 @@ minute ``np.loadtxt`` takes. Malformed lines raise ``IJBFormatError`` naming fil
 from __future__ import annotations
 
 import csv
+import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,7 +108,8 @@ def read_int_columns(path: str | os.PathLike, columns: int, *,
             lines_before += data.count(b"\n", 0, cut)
             parts.append(parsed)
             carry = data[cut:]
-    if not parts:
+    # Whitespace-only files parse to zero rows: the same "empty" as a zero-byte file.
+    if sum(len(part) for part in parts) == 0:
         raise IJBFormatError(f"{path}: empty file")
     return np.concatenate(parts)
 
@@ -146,13 +148,33 @@ def _parse_block(data: bytes, columns: int, path: Path, lines_before: int) -> np
     return values.reshape(-1, columns)
 
 
+def _open_utf8(path: Path, newline: str | None = None) -> io.StringIO:
+    """The whole file as UTF-8 text (a leading BOM is dropped), as ``open(path, newline=...)``
+    would give it; ``IJBFormatError`` naming the file, line and byte offset otherwise.
+
+    Decoded in one piece (the largest IJB text file is tens of MB) so that a decoding error
+    knows its byte offset in the file, which a text-mode file object cannot tell.
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise IJBFormatError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise IJBFormatError(f"{path}:{line}: not UTF-8 text (invalid byte "
+                             f"0x{data[exc.start]:02x} at byte offset {exc.start})") from None
+    return io.StringIO(text, newline=newline)
+
+
 def _read_face_list(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
     if not path.is_file():
         raise IJBFormatError(f"{path}: file not found")
     images: list[str] = []
     templates: list[int] = []
     medias: list[int] = []
-    with path.open() as handle:
+    with _open_utf8(path) as handle:
         for number, line in enumerate(handle, start=1):
             fields = line.split()
             if not fields:
@@ -176,7 +198,7 @@ def _read_landmarks(path: Path, images: list[str]) -> tuple[np.ndarray, np.ndarr
     landmarks = np.zeros((len(images), 5, 2), dtype=np.float32)
     scores = np.zeros(len(images), dtype=np.float32)
     count = 0
-    with path.open() as handle:
+    with _open_utf8(path) as handle:
         for number, line in enumerate(handle, start=1):
             fields = line.split()
             if not fields:
@@ -205,7 +227,7 @@ def read_template_subjects(path: str | os.PathLike) -> tuple[np.ndarray, np.ndar
     path = Path(path)
     if not path.is_file():
         raise IJBFormatError(f"{path}: file not found")
-    with path.open(newline="") as handle:
+    with _open_utf8(path, newline="") as handle:
         reader = csv.reader(handle)
         try:
             header = [h.strip().upper() for h in next(reader)]

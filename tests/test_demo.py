@@ -13,8 +13,10 @@ from typer.testing import CliRunner
 from qualiface.cli import app
 from qualiface.demo import (
     DemoError,
+    MARKER,
     DemoOptions,
     choose_threads,
+    claim_folder,
     fnmr_after_discard,
     run_demo,
     severity_bins,
@@ -200,6 +202,20 @@ def test_fnmr_after_discard_reads_the_step_curve():
     assert fnmr_after_discard(curve, 0.2) == pytest.approx(0.5)  # 0.25 is the first cut
     assert fnmr_after_discard(curve, 0.25) == pytest.approx(1 / 3)
     assert fnmr_after_discard(curve, 0.5) == pytest.approx(0.0)
+
+
+def test_claim_folder_only_clears_what_a_demo_wrote(tmp_path):
+    ours = claim_folder(tmp_path / "train")
+    (ours / "metrics.jsonl").write_text("{}\n")
+    claim_folder(ours)  # a second demo run starts from an empty folder
+    assert sorted(p.name for p in ours.iterdir()) == [MARKER]
+
+    theirs = tmp_path / "data"
+    theirs.mkdir()
+    (theirs / "precious.jpg").write_bytes(b"x")
+    with pytest.raises(DemoError, match="not written by qualiface demo"):
+        claim_folder(theirs)
+    assert (theirs / "precious.jpg").read_bytes() == b"x"
 
 
 def test_choose_threads(monkeypatch):

@@ -178,16 +178,7 @@ class _DiskFull:
         self._handle.close()
 
 
-MID_WRITE_XFAIL = pytest.mark.xfail(strict=True, reason=(
-    "torch.save's zip writer swallows the OSError raised by the file's write() and reports "
-    "'[enforce fail at inline_container.cc] unexpected pos', so a disk that fills mid-write "
-    "gives no hint of the cause. Needs train/checkpoint.py atomic_write to wrap the file "
-    "object, remember the first OSError from write(), and raise that (ENOSPC: 'No space left "
-    "on device') instead of torch's RuntimeError; remove this marker once fixed"))
-
-
-@pytest.mark.parametrize("budget", [0, pytest.param(4096, marks=MID_WRITE_XFAIL)],
-                         ids=["no-space", "fills-mid-write"])
+@pytest.mark.parametrize("budget", [0, 4096], ids=["no-space", "fills-mid-write"])
 def test_disk_full_is_reported_clearly_by_the_cli(faces, tmp_path, monkeypatch, budget,
                                                   request):
     import yaml
@@ -261,12 +252,6 @@ def _poison_gradient(trainer, bad_steps):
     weight.register_hook(hook)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "train/loop.py _train_step checks only the loss: with fp32 (GradScaler disabled) a NaN/Inf "
-    "gradient from a finite loss is applied and corrupts every weight. Needs, after backward "
-    "(and unscale_), a finiteness check of the gradients (e.g. the total norm from "
-    "clip_grad_norm_ / torch._foreach_norm, all-reduced with _any_rank) that skips the step "
-    "like a non-finite loss; remove this marker once fixed"))
 def test_nan_gradient_with_finite_loss_skips_the_step(faces, tmp_path, request):
     trainer = Trainer(tiny_config(faces, tmp_path, steps=4, checkpoint_every=0))
     _poison_gradient(trainer, bad_steps={1})

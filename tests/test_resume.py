@@ -61,7 +61,9 @@ def logged_steps(out: Path) -> int:
     path = out / "metrics.jsonl"
     if not path.exists():
         return 0
-    steps = [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
+    # The trainer may be mid-way through writing the last line: count complete lines only.
+    complete = path.read_text().split("\n")[:-1]
+    steps = [json.loads(line)["step"] for line in complete if line.strip()]
     return max(steps, default=0)
 
 

@@ -49,10 +49,8 @@ ALWAYS_REFUSED = {
 SAFE_YAML_LOADERS = {"SafeLoader", "CSafeLoader"}
 
 #: Reviewed exceptions: (file relative to src/qualiface, call text) -> why it is safe.
-ALLOWED = {
-    ("train/distributed.py", "torch.load(io.BytesIO(payload), weights_only=False)"):
-        "result payload from this process's own spawned ranks over a local queue, never a file",
-}
+#: Empty: train/distributed.py now reads its ranks' results with weights_only=True as well.
+ALLOWED: dict[tuple[str, str], str] = {}
 
 
 def _aliases(tree: ast.Module) -> dict[str, str]:
@@ -378,10 +376,6 @@ def test_model_json_with_unexpected_types_is_refused(tmp_path, edit, request):
     record_counts(request, files_tried=1)
 
 
-@pytest.mark.xfail(strict=True, raises=RecursionError, reason=(
-    "infer/model.py read_model_spec catches only JSONDecodeError: a deeply nested model.json "
-    "raises RecursionError with a traceback. Needs `except (json.JSONDecodeError, "
-    "RecursionError)` -> ModelPackageError naming the file; remove this marker once fixed"))
 def test_deeply_nested_model_json_is_a_clean_error(tmp_path):
     from qualiface.infer.model import Model, ModelPackageError
 
@@ -420,10 +414,6 @@ def test_training_yaml_with_hostile_or_mistyped_values_is_refused(tmp_path, mark
     record_counts(request, files_tried=1)
 
 
-@pytest.mark.xfail(strict=True, raises=RecursionError, reason=(
-    "config.load_config catches only yaml.YAMLError: a deeply nested YAML raises "
-    "RecursionError with a traceback. Needs RecursionError -> ConfigError naming the file; "
-    "remove this marker once fixed"))
 def test_deeply_nested_training_yaml_is_a_clean_error(tmp_path):
     from qualiface.config import ConfigError, load_config
 
@@ -476,11 +466,6 @@ def test_pairs_file_names_cannot_leave_the_image_folder(tmp_path, line):
         read_pairs(path)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "qualiface.data.recordio.read_identity_names accepts names with '/', '..' or absolute "
-    "paths and cli/data.py unpack joins them onto the output folder: a hostile "
-    "identities.txt writes outside it. Needs read_identity_names to refuse such names "
-    "(RecordIOError naming the line); remove this marker once fixed"))
 @pytest.mark.parametrize("name", ["../../escaped", "<absolute>", ".."])
 def test_unpack_cannot_write_outside_the_output_folder(tmp_path, name, request):
     from qualiface.data.recordio import IDENTITIES_FILE, RecordIOWriter

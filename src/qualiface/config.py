@@ -9,6 +9,10 @@ parsed as YAML (so ``true``, ``2``, ``[1, 2]`` work) and then type-checked the s
 Free-form sections (``model.params``, ``head.params``, ``data.params``) are plain dicts passed
 as keyword arguments to the component's constructor; ``validate_components`` checks their keys
 against the constructor signature so a typo fails before training starts, not hours in.
+
+A YAML document is bounded before it is constructed (at most ``MAX_YAML_NODES`` values after
+alias expansion, ``MAX_YAML_DEPTH`` levels, no self-referencing aliases), so a small hostile
+file cannot expand into gigabytes when the config is copied or saved.
 """
 
 from __future__ import annotations
@@ -338,7 +342,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     key = key.strip()
     if not sep or not key:
         raise ConfigError(f"override '{text}' is not of the form key=value")
-    value = _load_yaml(raw, f"override '{text}'") if raw.strip() else ""
+    shown = text if len(text) <= 120 else text[:117] + "..."
+    value = _load_yaml(raw, f"override '{shown}'") if raw.strip() else ""
     return key, value
 
 

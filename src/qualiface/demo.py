@@ -46,6 +46,8 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo_nano.ya
 SEVERITY_BIN_EDGES = (1 / 3, 2 / 3, 1.0)
 #: Discard fraction at which the report quotes the FNMR left after discarding.
 EDC_QUOTE_FRACTION = 0.2
+#: File marking the sub-folders a demo created (and may delete on the next run).
+MARKER = ".qualiface-demo"
 QCFACE_NOTE = ("QCFace quality p is a monotone function of the feature norm, so its EDC curves "
                "and rank correlations coincide with the norm's")
 
@@ -419,8 +421,7 @@ def prepare_real_data(cfg, options: DemoOptions, data_dir: Path, seed: int) -> t
                              max_test=options.max_test_identities,
                              max_images=options.max_images_per_identity, seed=seed)
     size = model_input_size(cfg)
-    if data_dir.is_dir():
-        shutil.rmtree(data_dir)  # the demo's own copy from an earlier run
+    claim_folder(data_dir)
     rec = write_training_rec(dataset, split.train, split.train_labels, data_dir / "train", size,
                              progress=options.progress)
     cfg.data.name = "recordio"
@@ -444,17 +445,24 @@ def prepare_real_data(cfg, options: DemoOptions, data_dir: Path, seed: int) -> t
 # --------------------------------------------------------------------------- training
 
 
-def _prepare_train_dir(train_dir: Path) -> None:
-    """Remove an earlier demo's training folder (metrics.jsonl is appended to, not replaced)."""
-    if not train_dir.exists():
-        return
-    if not train_dir.is_dir():
-        raise DemoError(f"{train_dir}: exists and is not a folder; choose another --out")
-    looks_like_run = (train_dir / "config.yaml").is_file() or (train_dir / "metrics.jsonl").is_file()
-    if any(train_dir.iterdir()) and not looks_like_run:
-        raise DemoError(f"{train_dir}: exists and is not a qualiface training folder; choose "
-                        "another --out")
-    shutil.rmtree(train_dir)
+def claim_folder(folder: Path) -> Path:
+    """Empty ``folder`` for this run: create it, or clear a folder an earlier demo made.
+
+    The demo marks its sub-folders (``MARKER``) and only ever deletes marked ones, so an
+    ``--out`` that happens to hold the user's own ``train/`` or ``data/`` is refused instead.
+    """
+    if folder.exists():
+        if not folder.is_dir():
+            raise DemoError(f"{folder}: exists and is not a folder; choose another --out")
+        if not (folder / MARKER).is_file():
+            if any(folder.iterdir()):
+                raise DemoError(f"{folder}: exists and was not written by qualiface demo; "
+                                "choose another --out")
+        else:
+            shutil.rmtree(folder)  # an earlier demo's output (metrics.jsonl would be appended)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / MARKER).write_text("written by qualiface demo; deleted by the next demo run\n")
+    return folder
 
 
 def training_summary(result, seconds: float) -> dict:
@@ -593,8 +601,7 @@ def run_demo(options: DemoOptions) -> DemoResult:
         _phase(2, "training")
         from qualiface.train.loop import train
 
-        train_dir = out / "train"
-        _prepare_train_dir(train_dir)
+        train_dir = claim_folder(out / "train")
         cfg.train.output_dir = str(train_dir)
         cfg.train.progress = options.progress
         result = train(cfg, out_dir=train_dir)

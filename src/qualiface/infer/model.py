@@ -353,7 +353,8 @@ def read_model_spec(path: str | Path) -> ModelSpec:
     except UnicodeDecodeError as exc:
         raise ModelPackageError(f"{json_path}: not UTF-8 text (byte {exc.start})") from None
     except RecursionError:  # the decoder recurses once per nesting level
-        raise ModelPackageError(f"{json_path}: JSON nested too deeply to be a model description") from None
+        raise ModelPackageError(f"{json_path}: JSON nested too deeply to be a model "
+                                "description") from None
     return ModelSpec.from_json(data, source=str(json_path))
 
 

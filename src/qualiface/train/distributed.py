@@ -429,6 +429,22 @@ def _local_worker(fn, rank, world_size, port, args, results, collective_timeout_
         cleanup()
 
 
+def _load_rank_result(payload: bytes) -> Any:
+    """A rank's ``torch.save``d return value, read with ``weights_only=True``.
+
+    The ranks are our own processes, but the weights-only reader keeps "nothing here unpickles
+    code" true without exceptions; ``DistInfo`` is the one non-builtin type allowed in.
+    """
+    import io
+
+    allowed = [DistInfo]
+    if hasattr(torch.serialization, "safe_globals"):  # torch >= 2.5: scoped to this call
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(io.BytesIO(payload), weights_only=True)
+    torch.serialization.add_safe_globals(allowed)  # torch 2.4: process-wide, same harmless type
+    return torch.load(io.BytesIO(payload), weights_only=True)
+
+
 def launch_local(
     fn: Callable[..., Any],
     world_size: int,
@@ -442,12 +458,14 @@ def launch_local(
 
     Each process gets torchrun-style environment variables and calls ``init_distributed``
     (gloo, ``collective_timeout_s``); ``fn`` must be importable by module path (spawned
-    processes re-import it) and return something ``torch.save`` can write. The whole run is
+    processes re-import it) and return plain data that loads with ``weights_only=True``
+    (tensors, numbers, strings, lists/tuples/dicts of them, ``DistInfo``); a rank returning
+    anything else counts as failed. The whole run is
     bounded by ``timeout_s``: ranks still running then are terminated. Returns one
     ``RankOutcome`` per rank in rank order; with ``raise_on_error`` a rank that raised, crashed
     or timed out raises ``DistributedError`` carrying every failing rank's error.
     """
-    import io
+    import pickle  # only for the error type of a refused payload; nothing is unpickled here
     import queue as queue_module
     import time
 
@@ -493,8 +511,19 @@ def launch_local(
         if rank in reported:
             ok, payload = reported[rank]
             if ok:
-                value = torch.load(io.BytesIO(payload), weights_only=False)
-                outcomes.append(RankOutcome(rank, True, value, None, exitcode))
+                try:
+                    value = _load_rank_result(payload)
+                except pickle.UnpicklingError as error:
+                    # torch's message is a page of advice to load with weights_only=False;
+                    # keep only the line that names the refused type.
+                    text = str(error)
+                    reason = next((line.strip() for line in text.splitlines()
+                                   if "WeightsUnpickler error" in line), text)
+                    message = (f"returned a value that is not plain data (tensors, numbers, "
+                               f"strings, containers, DistInfo): {reason.split('. Please')[0]}")
+                    outcomes.append(RankOutcome(rank, False, None, message, exitcode))
+                else:
+                    outcomes.append(RankOutcome(rank, True, value, None, exitcode))
             else:
                 outcomes.append(RankOutcome(rank, False, None, payload, exitcode))
         elif exitcode is None:

@@ -448,8 +448,8 @@ class Trainer:
                 if self.nonfinite_streak >= t.max_nonfinite_steps:
                     raise TrainingError(
                         f"{self.nonfinite_streak} consecutive steps had a NaN/Inf loss or "
-                        f"gradient (phase {phase.name}, step {self.phase_step}); lower optim.lr, set "
-                        f"train.clip_grad_norm, or use precision=fp32"
+                        f"gradient (phase {phase.name}, step {self.phase_step}); lower "
+                        f"optim.lr, set train.clip_grad_norm, or use precision=fp32"
                     )
             else:
                 self.nonfinite_streak = 0

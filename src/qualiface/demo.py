@@ -28,17 +28,17 @@ five times slower with two threads than with one.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import shutil
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from qualiface.threads import torch_threads
 
 #: The demo's default config, in the source checkout (``configs/`` is not package data).
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo_nano.yaml"
@@ -152,17 +152,6 @@ def choose_threads(requested: int = 0) -> int:
     except (AttributeError, OSError):  # not available on this platform
         load = 0.0
     return max(1, min(cores, int(cores - load + 0.5)))
-
-
-@contextlib.contextmanager
-def torch_threads(count: int) -> Iterator[None]:
-    """Set torch's intra-op thread count for the block, restoring the previous value."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _console():

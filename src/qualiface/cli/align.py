@@ -36,7 +36,7 @@ def command(
         read_landmark_file,
     )
     from qualiface.infer.images import list_images
-    from qualiface.train.logging import make_progress
+    from qualiface.progress import make_progress
 
     if not src.exists():
         raise fail(f"{src}: no such file or folder")

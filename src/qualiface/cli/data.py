@@ -28,20 +28,9 @@ app = typer.Typer(
 
 
 def _progress():
-    """A rich progress bar on stderr: description, bar, done/total, images per second, ETA."""
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn,
-                               TextColumn, TimeRemainingColumn)
-    from rich.text import Text
+    from qualiface.progress import make_progress
 
-    from qualiface.cli.common import console
-
-    class RateColumn(ProgressColumn):
-        def render(self, task) -> Text:
-            speed = task.finished_speed or task.speed
-            return Text(f"{speed:,.0f} img/s" if speed else "- img/s", style="progress.data.speed")
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    RateColumn(), TimeRemainingColumn(), console=console)
+    return make_progress()
 
 
 def _print_table(title: str, rows: list[tuple[str, object]]) -> None:

@@ -35,7 +35,7 @@ def command(
     from qualiface.infer.images import ImageDecodeError, as_uint8_batch, list_images, read_image
     from qualiface.infer.io import TableError, write_table
     from qualiface.infer.model import Model, ModelPackageError
-    from qualiface.train.logging import make_progress
+    from qualiface.progress import make_progress
 
     try:
         loaded = Model.load(model, device=device)

@@ -57,7 +57,7 @@ def _parse_folds(text: str | None) -> list[int]:
 def _embed_paths(loaded, paths: list[str], batch_size: int):
     import torch
 
-    from qualiface.train.logging import make_progress
+    from qualiface.progress import make_progress
 
     embeddings, qualities = [], []
     with make_progress() as progress:

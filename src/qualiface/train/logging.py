@@ -13,41 +13,18 @@ import math
 import time
 from pathlib import Path
 
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TaskProgressColumn,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.progress import Progress
+
+from qualiface.progress import console, make_progress
 
 log = logging.getLogger("qualiface.train")
-console = Console(stderr=True)
-
-
-def make_progress(*, enabled: bool = True, extra: str = "") -> Progress:
-    """A progress bar with count, rate-derived ETA and an optional free-text field column."""
-    columns = [
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TaskProgressColumn(),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-    ]
-    if extra:
-        columns.append(TextColumn(extra))
-    return Progress(*columns, console=console, disable=not enabled, transient=False)
 
 
 def training_progress(enabled: bool = True) -> Progress:
     """The training bar: loss, accuracy, mean feature norm and images/s next to the ETA."""
     return make_progress(
         enabled=enabled,
+        unit=None,  # the bar counts optimizer steps; images/s is one of the fields
         extra="loss {task.fields[loss]} acc {task.fields[acc]} norm {task.fields[norm]} {task.fields[ips]} img/s",
     )
 

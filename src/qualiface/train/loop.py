@@ -501,7 +501,7 @@ class Trainer:
 
         Used by EQFace's QWDF filter. Every rank scores all samples (same result everywhere).
         """
-        from qualiface.train.logging import make_progress
+        from qualiface.progress import make_progress
 
         estimator = inner_head(self.head).quality_estimator().to(self.device).eval()
         was_training = self.backbone.training

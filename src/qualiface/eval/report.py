@@ -7,6 +7,9 @@ Every evaluation run writes into one folder:
   so ``compare_runs`` can overlay runs without recomputing anything;
 - ``roc.png`` (TAR vs FAR, log FAR axis), ``edc.png`` (all quality scores' EDCs on one plot),
   ``quality_hist.png`` (genuine vs impostor pair quality, or per degradation level);
+- one PNG per ``lines`` entry (line plots, e.g. a training loss curve) and per ``boxes`` entry
+  (box plots, e.g. quality per degradation-severity bin), named after the plot title
+  (``training loss`` -> ``training_loss.png``);
 - ``report.md`` (links the PNGs) and ``report.html`` (self-contained, PNGs embedded).
 
 Plots use matplotlib's Agg backend (no display needed).
@@ -19,6 +22,7 @@ import html
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,13 +33,21 @@ from qualiface.eval import EvaluationError
 
 @dataclass
 class EvalReport:
-    """What one run reports: title, metrics, and curves/histograms keyed by legend label."""
+    """What one run reports: title, metrics, and curves/histograms keyed by legend label.
+
+    lines: plot title -> ``{"x": x-axis label, "y": y-axis label, "series": {name: (x_values,
+        y_values)}}``; one line plot (PNG) per title, e.g. a training loss curve.
+    boxes: plot title -> ``{group label: values}``; one box plot (PNG) per title, groups in
+        dict order, e.g. quality per severity bin.
+    """
 
     title: str
     metrics: dict
     rocs: dict = field(default_factory=dict)  # label -> verification.RocCurve
     edcs: dict = field(default_factory=dict)  # label -> quality.EdcCurve
     histograms: dict = field(default_factory=dict)  # plot title -> {series: values}
+    lines: dict = field(default_factory=dict)  # plot title -> {"x", "y", "series"}
+    boxes: dict = field(default_factory=dict)  # plot title -> {group: values}
 
 
 def _clean(value):
@@ -121,9 +133,11 @@ def _plot_edcs(edcs: dict, path: Path, title: str) -> Path | None:
     ax.set_ylabel("FNMR")
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="upper right", fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    # Below the axes: EDC curves start at the top left and fall to the right, so every corner
+    # inside the axes can hide one of them.
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize="small",
+              frameon=False)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -154,6 +168,95 @@ def _plot_histograms(histograms: dict, path: Path) -> Path | None:
         ax.legend(fontsize="x-small")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_file_name(title: str, taken: set[str]) -> str:
+    """``"Training loss (fp32)"`` -> ``"training_loss_fp32.png"``: lower-case letters, digits
+    and ``_`` only, at most 60 characters, made unique against ``taken`` (which it joins)."""
+    stem = re.sub(r"[^a-z0-9]+", "_", title.lower()).strip("_")[:60].strip("_") or "plot"
+    name, number = f"{stem}.png", 2
+    while name in taken:
+        name, number = f"{stem}_{number}.png", number + 1
+    taken.add(name)
+    return name
+
+
+def _float_array(values, what: str) -> np.ndarray:
+    """1-D float array of ``values`` (None -> NaN); ``EvaluationError`` naming ``what``."""
+    try:
+        flat = np.asarray(values, dtype=object).reshape(-1)
+        return np.asarray([np.nan if v is None else v for v in flat], dtype=float)
+    except (TypeError, ValueError) as exc:
+        raise EvaluationError(f"{what}: values must be numbers ({exc})") from None
+
+
+def _plot_lines(title: str, spec: dict, path: Path) -> Path | None:
+    """One line plot: ``spec = {"x": label, "y": label, "series": {name: (xs, ys)}}``."""
+    if not isinstance(spec, dict) or not isinstance(spec.get("series"), dict):
+        raise EvaluationError(f"line plot '{title}': expected {{'x': label, 'y': label, "
+                              f"'series': {{name: (x_values, y_values)}}}}")
+    curves = []
+    for name, pair in spec["series"].items():
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise EvaluationError(f"line plot '{title}', series '{name}': expected "
+                                  "(x_values, y_values)")
+        xs = _float_array(pair[0], f"line plot '{title}', series '{name}' x")
+        ys = _float_array(pair[1], f"line plot '{title}', series '{name}' y")
+        if len(xs) != len(ys):
+            raise EvaluationError(f"line plot '{title}', series '{name}': {len(xs)} x values "
+                                  f"but {len(ys)} y values")
+        if len(xs):
+            curves.append((str(name), xs, ys))
+    if not curves:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for name, xs, ys in curves:
+        # Markers only for short curves, so few samples still show where they are.
+        ax.plot(xs, ys, label=name, marker="o" if len(xs) <= 30 else None, markersize=3)
+    ax.set_xlabel(str(spec.get("x", "")))
+    ax.set_ylabel(str(spec.get("y", "")))
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    if len(curves) > 1:
+        ax.legend(loc="best", fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _plot_boxes(title: str, groups: dict, path: Path) -> Path | None:
+    """One box plot: ``groups = {label: values}``, one box per group with finite values."""
+    if not isinstance(groups, dict):
+        raise EvaluationError(f"box plot '{title}': expected {{group label: values}}")
+    data = []
+    for label, values in groups.items():
+        array = _float_array(values, f"box plot '{title}', group '{label}'")
+        array = array[np.isfinite(array)]
+        if len(array):
+            data.append((f"{label}\n(n={len(array)})", array))
+    if not data:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6.4, 1.6 * len(data)), 4.4))
+    ax.boxplot([values for _, values in data], showmeans=True)
+    # Tick labels set separately: boxplot's own keyword for them was renamed in matplotlib 3.9.
+    ax.set_xticks(range(1, len(data) + 1), [label for label, _ in data], fontsize="small")
+    ax.set_title(title)
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
@@ -210,6 +313,13 @@ def write_report(report: EvalReport, out_dir: str | os.PathLike) -> Path:
         _plot_edcs({k: (c.discard_fractions, c.errors) for k, c in report.edcs.items()},
                    out / "edc.png", f"EDC - {report.title}"),
         _plot_histograms(report.histograms, out / "quality_hist.png"),
+    ) if p is not None]
+    taken = {"roc.png", "edc.png", "quality_hist.png"}
+    images += [p for p in (
+        *(_plot_lines(str(title), spec, out / plot_file_name(str(title), taken))
+          for title, spec in report.lines.items()),
+        *(_plot_boxes(str(title), groups, out / plot_file_name(str(title), taken))
+          for title, groups in report.boxes.items()),
     ) if p is not None]
     rows = [(key, [_format(value)]) for key, value in flatten_metrics(_clean(report.metrics)).items()]
     _write_documents(out, report.title, rows, ["metric", "value"], images)

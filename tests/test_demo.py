@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 
@@ -34,14 +35,21 @@ TINY = [
 ]
 
 
+PLOTS = ("roc.png", "edc.png", "quality_hist.png", "training_loss.png",
+         "model_quality_by_severity.png")
+
+
 def _check_report_folder(out: Path) -> dict:
     for name in ("report.html", "report.md", "metrics.json", "curves.json"):
         assert (out / name).is_file(), name
-    for name in ("roc.png", "edc.png", "quality_hist.png"):
+    html = (out / "report.html").read_text()
+    markdown = (out / "report.md").read_text()
+    for name in PLOTS:
         data = (out / name).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 5000, name
-    html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 3  # self-contained: plots embedded
+        assert base64.b64encode(data).decode() in html, name  # self-contained: plot embedded
+        assert f"({name})" in markdown, name
+    assert html.count("data:image/png;base64,") == len(PLOTS)
     return json.loads((out / "metrics.json").read_text())
 
 

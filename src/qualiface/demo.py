@@ -18,8 +18,10 @@
    accuracy, ROC, TAR@FAR, EER, EDC and pAUC of the QCFace quality and of the raw feature norm
    (pair quality = min), plus Spearman / Kendall of quality against the recorded severity.
 4. **writing report**: ``qualiface.eval.report.write_report`` writes ``metrics.json``,
-   ``curves.json``, ``roc.png``, ``edc.png``, ``quality_hist.png``, ``report.md`` and the
-   self-contained ``report.html`` into ``<out>``.
+   ``curves.json``, ``roc.png``, ``edc.png``, ``quality_hist.png``, ``training_loss.png`` (the
+   loss curve from ``metrics.jsonl``), ``model_quality_by_severity.png`` (box plot of the
+   model quality per severity bin), ``report.md`` and the self-contained ``report.html`` into
+   ``<out>``.
 
 Torch's intra-op thread count is chosen from the current load (``choose_threads``): on an
 oversubscribed CPU, spin-waiting OpenMP threads made a training step of this tiny network about
@@ -46,6 +48,9 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo_nano.ya
 SEVERITY_BIN_EDGES = (1 / 3, 2 / 3, 1.0)
 #: Discard fraction at which the report quotes the FNMR left after discarding.
 EDC_QUOTE_FRACTION = 0.2
+#: Report plot titles (``write_report`` names the PNGs after them).
+LOSS_PLOT_TITLE = "training loss"
+SEVERITY_PLOT_TITLE = "model quality by severity"
 #: File marking the sub-folders a demo created (and may delete on the next run).
 MARKER = ".qualiface-demo"
 QCFACE_NOTE = ("QCFace quality p is a monotone function of the feature norm, so its EDC curves "
@@ -518,9 +523,23 @@ def evaluate_held_out(model_package: Path, held_out: HeldOutSet, *, num_pairs: i
     for name, values in per_image.items():
         result.metrics["quality"][name]["vs_severity"] = rank_correlations(values,
                                                                            held_out.severity)
-    result.histograms["model quality by severity"] = {
+    result.histograms[SEVERITY_PLOT_TITLE] = {
         label: per_image["model quality"][mask] for label, mask in severity_bins(held_out.severity)}
     return result
+
+
+def report_plots(training: dict, evaluation) -> tuple[dict, dict]:
+    """The demo's extra report plots: ``(lines, boxes)`` for ``EvalReport``.
+
+    lines: the training loss against the optimizer step (``training["loss_curve"]``);
+    boxes: the model quality of the held-out images per severity bin (the same groups as the
+    per-severity histogram of ``evaluate_held_out``).
+    """
+    curve = training["loss_curve"]
+    lines = {LOSS_PLOT_TITLE: {"x": "optimizer step", "y": "loss",
+                               "series": {"loss": (curve["step"], curve["loss"])}}}
+    boxes = {SEVERITY_PLOT_TITLE: evaluation.histograms[SEVERITY_PLOT_TITLE]}
+    return lines, boxes
 
 
 def headline(result, severity_key: str = "model quality") -> dict:
@@ -629,8 +648,9 @@ def run_demo(options: DemoOptions) -> DemoResult:
         where = "synthetic faces" if options.data is None else Path(options.data).name
         # Short: the plots put the title above a 6.4-inch axis.
         title = f"demo: {cfg.head.name}/{cfg.model.backbone} on {where}"
+        lines, boxes = report_plots(training, evaluation)
         write_report(EvalReport(title, metrics, evaluation.rocs, evaluation.edcs,
-                                evaluation.histograms), out)
+                                evaluation.histograms, lines=lines, boxes=boxes), out)
         seconds["writing report"] = time.perf_counter() - phase_start
     seconds["total"] = time.perf_counter() - started
     _print_summary(summary, out, seconds["total"])

@@ -21,9 +21,9 @@ FLIP_HELP = "flip test: none, sum (f + f'), or norm (norm-preserving fusion)"
 
 def _load_embed_fn(model: Path, device: str):
     """(embed_fn, model_id) for a model package (tests replace this with a fake)."""
-    from qualiface.eval.features import model_embed_fn
+    from qualiface.infer.model import package_embed_fn
 
-    return model_embed_fn(model, device=device)
+    return package_embed_fn(model, device=device)
 
 
 def _parse_folds(text: str | None) -> list[int] | None:

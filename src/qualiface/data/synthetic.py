@@ -33,16 +33,13 @@ import numpy as np
 import torch
 
 from qualiface.data import DATASETS
+from qualiface.data.alignment import TEMPLATE_112, TEMPLATE_SIZE
 from qualiface.data.degrade import DEFAULT_KINDS, CompositeConfig, CompositeDegradation
 
 TEST_IDENTITY_OFFSET = 1_000_000
 SPLITS = ("train", "test")
-TEMPLATE_SIZE = 112
-# The five-point alignment template (x, y) of 112x112 face crops.
-TEMPLATE = np.array(
-    [[38.29, 51.70], [73.53, 51.50], [56.03, 71.74], [41.55, 92.37], [70.73, 92.20]],
-    dtype=np.float32,
-)
+# Faces are drawn on the five-point alignment template (x, y) of 112x112 face crops.
+TEMPLATE = TEMPLATE_112.astype(np.float32)
 
 _SKIN_LIGHT = np.array([236, 204, 178], dtype=np.float32)
 _SKIN_DARK = np.array([96, 64, 48], dtype=np.float32)

@@ -59,7 +59,7 @@ def ijb_images(protocol: IJBProtocol) -> ImageFiles:
     if protocol.landmarks is None:
         raise EvaluationError(f"{protocol.folder}: {protocol.name.lower()}_name_5pts_score.txt "
                               "is needed to align the loose crops")
-    from qualiface.infer.align import align_face
+    from qualiface.data.alignment import align_face
 
     landmarks = protocol.landmarks
 

@@ -497,3 +497,29 @@ class Model:
             calibrated = torch.from_numpy(self.spec.calibration.apply(quality))
         return EmbedResult(normalised, norms, quality, calibrated)
 
+
+
+def package_identity(path: str | Path) -> str:
+    """A content hash of a model package folder (every file, sorted by name): the key under
+    which evaluation caches a model's features."""
+    import hashlib
+
+    folder = _package_dir(path)
+    digest = hashlib.sha256()
+    for item in sorted(p for p in folder.iterdir() if p.is_file()):
+        digest.update(item.name.encode())
+        with item.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def package_embed_fn(path: str | Path, device: str = "cpu"):
+    """Load a model package -> ``(embed_fn, model_id)`` for ``eval.features.extract_features``
+    (``embed_fn(uint8 images) -> (raw embeddings, quality)``)."""
+    model = Model.load(path, device=device)
+
+    def embed(images):
+        return model.embed(images, batch_size=len(images))
+
+    return embed, package_identity(path)

@@ -254,3 +254,81 @@ def test_cli_demo_rejects_a_folder_without_images(tmp_path):
     result = CliRunner().invoke(app, ["demo", "--data", str(tmp_path / "empty"), "--out",
                                       str(tmp_path / "out")])
     assert result.exit_code == 1 and "no identity folder with images" in result.output
+
+
+def test_report_plots_carry_the_loss_curve_and_severity_groups():
+    from types import SimpleNamespace
+
+    from qualiface.demo import report_plots
+
+    training = {"loss_curve": {"step": [2, 4, 6], "loss": [9.0, 7.5, 6.25]}}
+    groups = {"clean": np.array([0.8, 0.9]), "severity 0.67-1.00": np.array([0.2])}
+    lines, boxes = report_plots(training, SimpleNamespace(
+        histograms={"model quality by severity": groups}))
+    (title, spec), = lines.items()
+    assert title == "training loss" and spec["x"] == "optimizer step"
+    assert spec["series"] == {"loss": ([2, 4, 6], [9.0, 7.5, 6.25])}
+    assert boxes == {"model quality by severity": groups}
+
+
+# --------------------------------------------------------------------------- thread control
+
+
+def test_torch_threads_restores_the_previous_count():
+    from qualiface.threads import torch_threads
+
+    torch.set_num_threads(2)
+    try:
+        with torch_threads(1):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError, match="inside"):
+            with torch_threads(1):
+                raise RuntimeError("inside")
+        assert torch.get_num_threads() == 2  # restored on error too
+        with pytest.raises(ValueError, match=">= 1"):
+            with torch_threads(0):
+                pass
+    finally:
+        torch.set_num_threads(1)
+
+
+class _PerItemOnly(torch.utils.data.Dataset):
+    """Hides ``render_batch``: ``decode_all`` must index item by item; records thread counts."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+        self.threads_seen: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        self.threads_seen.add(torch.get_num_threads())
+        return self.dataset[index]
+
+
+def test_decode_all_batch_render_matches_per_item_decode_on_one_thread():
+    """The demo's training cache: ``render_batch`` in chunks gives the per-item pixels."""
+    from qualiface.data.synthetic import SyntheticFaces
+    from qualiface.train.data import decode_all
+
+    faces = SyntheticFaces(num_identities=5, images_per_identity=3, image_size=32, seed=7,
+                           degradation_probability=0.7)
+    per_item = _PerItemOnly(faces)
+    chunks = []
+    render_batch = faces.render_batch
+    faces.render_batch = lambda indices: chunks.append(list(indices)) or render_batch(indices)
+    torch.set_num_threads(2)
+    try:
+        batched_images, batched_labels = decode_all(faces, batch_size=4, progress=False)
+        assert torch.get_num_threads() == 2  # restored afterwards
+        images, labels = decode_all(per_item, batch_size=4, progress=False)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
+    assert chunks == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14]]
+    assert per_item.threads_seen == {1}  # decoded with one torch thread
+    assert batched_images.shape == (15, 3, 32, 32) and batched_images.dtype == torch.uint8
+    assert torch.equal(batched_images, images)
+    assert batched_labels.tolist() == labels.tolist() == [i // 3 for i in range(15)]

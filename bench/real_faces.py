@@ -445,7 +445,12 @@ def table_rows(summary: dict, methods: list[str], severities: list[float]) -> tu
 def write_markdown(path: Path, payload: dict, header, rows) -> Path:
     s = payload["settings"]
     schedule = (f"{s['max_steps']} steps" if s["max_steps"] > 0 else f"{s['epochs']:g} epochs")
-    scale = "CPU smoke scale, not the benchmark" if s["smoke"] else "benchmark run"
+    if s["smoke"]:
+        scale = "CPU smoke scale, not the benchmark"
+    elif "gpu" not in payload["machine"]:
+        scale = "CPU scale, not the benchmark"
+    else:
+        scale = "benchmark run"
     lines = [
         f"### Real-face protocol ({scale})\n",
         f"{s['backbone']}, {schedule}, batch {s['batch_size']}, seeds {s['seeds']}; "
@@ -478,7 +483,7 @@ def plot_edcs(path: Path, runs: list[dict], methods: list[str]) -> Path | None:
         if run is None:
             continue
         for ax, prefix in zip(axes, ("model quality", "feature norm")):
-            for name, (fractions, errors) in run["edcs"].items():
+            for name, (fractions, errors) in run.get("edcs", {}).items():
                 if name.startswith(prefix):
                     ax.step(fractions, errors, where="post", label=method)
                     drawn = True
@@ -629,7 +634,7 @@ def finish(payload: dict, out_path: Path, methods: list[str], severities: list[f
     payload["edc_plot"] = str(plot) if plot else None
     write_json(out_path, payload)
     s = payload["settings"]
-    scale = " (CPU smoke scale, not the benchmark)" if s["smoke"] else ""
+    scale = "" if "gpu" in payload["machine"] else " (CPU scale, not the benchmark)"
     print_table(f"real-face protocol: {s['backbone']}{scale}", header, rows)
     print(f"wrote {out_path}, {payload['markdown']}, {payload['edc_plot']}", file=sys.stderr)
     return payload

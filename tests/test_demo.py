@@ -74,6 +74,7 @@ def test_synthetic_demo_writes_report_with_sane_metrics(tmp_path):
     assert metrics["training"]["steps"] == 3
     curve = metrics["training"]["loss_curve"]
     assert curve["step"][-1] == 3 and all(np.isfinite(curve["loss"]))
+    assert len(curve["identity_loss"]) == len(curve["step"])  # QCFace logs the margin loss
     for quality in ("model quality", "feature norm"):
         assert set(metrics["quality"][quality]["vs_severity"]) == {"spearman", "kendall"}
     assert set(metrics["run"]["seconds"]) >= {"generating data", "training", "evaluating"}
@@ -261,14 +262,21 @@ def test_report_plots_carry_the_loss_curve_and_severity_groups():
 
     from qualiface.demo import report_plots
 
-    training = {"loss_curve": {"step": [2, 4, 6], "loss": [9.0, 7.5, 6.25]}}
     groups = {"clean": np.array([0.8, 0.9]), "severity 0.67-1.00": np.array([0.2])}
-    lines, boxes = report_plots(training, SimpleNamespace(
-        histograms={"model quality by severity": groups}))
+    evaluation = SimpleNamespace(histograms={"model quality by severity": groups})
+    lines, boxes = report_plots({"loss_curve": {"step": [2, 4, 6], "loss": [9.0, 7.5, 6.25]}},
+                                evaluation)
     (title, spec), = lines.items()
     assert title == "training loss" and spec["x"] == "optimizer step"
-    assert spec["series"] == {"loss": ([2, 4, 6], [9.0, 7.5, 6.25])}
+    assert spec["series"] == {"total loss": ([2, 4, 6], [9.0, 7.5, 6.25])}
     assert boxes == {"model quality by severity": groups}
+
+    qcface = {"step": [2, 4, 6], "loss": [9.0, 7.5, 20.0], "identity_loss": [9.0, 7.5, 6.0],
+              "norm_prior_from": 6}
+    lines, _ = report_plots({"loss_curve": qcface}, evaluation)
+    assert lines["training loss"]["series"] == {
+        "total loss (norm prior from step 6)": ([2, 4, 6], [9.0, 7.5, 20.0]),
+        "identity (margin) loss": ([2, 4, 6], [9.0, 7.5, 6.0])}
 
 
 # --------------------------------------------------------------------------- thread control

@@ -460,18 +460,28 @@ def claim_folder(folder: Path) -> Path:
 
 
 def training_summary(result, seconds: float) -> dict:
-    """Steps, final training metrics and the loss curve (from ``metrics.jsonl``)."""
+    """Steps, final training metrics and the loss curve (from ``metrics.jsonl``).
+
+    ``loss_curve``: ``step`` and total ``loss`` per logged step; with a QCFace pipeline also
+    ``identity_loss`` (the margin loss alone) and ``norm_prior_from`` (first step whose loss
+    includes the norm prior), because switching the prior on makes the total jump.
+    """
     from qualiface.train.logging import read_metrics
 
     records = [r for r in read_metrics(result.out_dir / "metrics.jsonl")
                if r.get("kind") == "train" and isinstance(r.get("loss"), (int, float))]
     last = {k: v for k, v in result.last_metrics.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    curve = {"step": [r["step"] for r in records], "loss": [r["loss"] for r in records]}
+    if records and all(isinstance(r.get("identity_loss"), (int, float)) for r in records):
+        curve["identity_loss"] = [r["identity_loss"] for r in records]
+    prior_steps = [r["step"] for r in records if (r.get("norm_phase") or 0) > 0]
+    if prior_steps:
+        curve["norm_prior_from"] = prior_steps[0]
     return {"steps": result.global_step, "seconds": seconds,
             "final": {k: last[k] for k in ("loss", "acc", "norm", "norm_loss", "lr") if k in last},
             "model_package": str(result.model_package),
-            "loss_curve": {"step": [r["step"] for r in records],
-                           "loss": [r["loss"] for r in records]}}
+            "loss_curve": curve}
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -531,13 +541,19 @@ def evaluate_held_out(model_package: Path, held_out: HeldOutSet, *, num_pairs: i
 def report_plots(training: dict, evaluation) -> tuple[dict, dict]:
     """The demo's extra report plots: ``(lines, boxes)`` for ``EvalReport``.
 
-    lines: the training loss against the optimizer step (``training["loss_curve"]``);
+    lines: the training loss against the optimizer step (``training["loss_curve"]``: the total
+    and, when logged, the identity loss alone);
     boxes: the model quality of the held-out images per severity bin (the same groups as the
     per-severity histogram of ``evaluate_held_out``).
     """
     curve = training["loss_curve"]
-    lines = {LOSS_PLOT_TITLE: {"x": "optimizer step", "y": "loss",
-                               "series": {"loss": (curve["step"], curve["loss"])}}}
+    total = "total loss"
+    if "norm_prior_from" in curve:  # say why the total jumps
+        total += f" (norm prior from step {curve['norm_prior_from']})"
+    series = {total: (curve["step"], curve["loss"])}
+    if "identity_loss" in curve:
+        series["identity (margin) loss"] = (curve["step"], curve["identity_loss"])
+    lines = {LOSS_PLOT_TITLE: {"x": "optimizer step", "y": "loss", "series": series}}
     boxes = {SEVERITY_PLOT_TITLE: evaluation.histograms[SEVERITY_PLOT_TITLE]}
     return lines, boxes
 

@@ -183,17 +183,14 @@ def decode_images(dataset, progress: bool = True):
     """Every image of a dataset as one uint8 (N, 3, H, W) tensor (decoded once, reused)."""
     import torch
 
-    from qualiface.eval.features import progress_bar
+    from qualiface.progress import make_progress
 
     images = []
-    with progress_bar(progress) as bar:
-        task = bar.add_task("decoding test images", total=len(dataset), rate="-")
-        started = time.perf_counter()
+    with make_progress(enabled=progress) as bar:
+        task = bar.add_task("decoding test images", total=len(dataset))
         for i in range(len(dataset)):
             images.append(dataset[i])
-            if i % 64 == 0 or i == len(dataset) - 1:
-                rate = (i + 1) / max(time.perf_counter() - started, 1e-9)
-                bar.update(task, completed=i + 1, rate=f"{rate:7.1f}")
+            bar.update(task, completed=i + 1)
     return torch.stack(images)
 
 
@@ -311,11 +308,12 @@ def evaluate_package(package: Path, bench, clean, degraded: dict, device: str,
     import numpy as np
 
     from qualiface.eval.benchmarks import evaluate_pairs
-    from qualiface.eval.features import FeatureSet, extract_features, model_embed_fn
+    from qualiface.eval.features import FeatureSet, extract_features
+    from qualiface.infer.model import package_embed_fn
     from qualiface.eval.quality import rank_correlations
     from qualiface.eval.similarity import row_norms
 
-    embed_fn, model_id = model_embed_fn(package, device=device)
+    embed_fn, model_id = package_embed_fn(package, device=device)
     levels = {0.0: clean, **degraded}
     features = {}
     for severity, images in levels.items():

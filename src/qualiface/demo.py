@@ -170,7 +170,7 @@ def _phase(number: int, name: str) -> None:
 
 
 def _progress(enabled: bool):
-    from qualiface.train.logging import make_progress
+    from qualiface.progress import make_progress
 
     return make_progress(enabled=enabled)
 
@@ -512,11 +512,12 @@ def evaluate_held_out(model_package: Path, held_out: HeldOutSet, *, num_pairs: i
     """
     from qualiface.data.synthetic import make_pairs
     from qualiface.eval.benchmarks import PairBenchmark, evaluate_pairs
-    from qualiface.eval.features import extract_features, model_embed_fn
+    from qualiface.eval.features import extract_features
+    from qualiface.infer.model import package_embed_fn
     from qualiface.eval.quality import rank_correlations
     from qualiface.eval.similarity import l2_normalize
 
-    embed_fn, model_id = model_embed_fn(model_package)
+    embed_fn, model_id = package_embed_fn(model_package)
     ids = [str(i) for i in range(len(held_out))]
     features = extract_features(held_out, embed_fn, ids=ids, flip="none", progress=progress,
                                 description="embedding held-out faces",

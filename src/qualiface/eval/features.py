@@ -2,7 +2,7 @@
 
 Any ``embed_fn(images) -> (features, quality)`` works (uint8 (B, 3, H, W) RGB in; raw,
 *unnormalised* features (B, D) and a quality score (B,) out, torch or numpy), so evaluation does
-not depend on how a model is packaged; ``model_embed_fn(path)`` adapts a model package.
+not depend on how a model is packaged; ``qualiface.infer.model.package_embed_fn(path)`` adapts a model package.
 
 Flip test (``flip``), with ``f = n u`` a raw feature (norm ``n``, unit direction ``u``) of the
 image and ``f' = n' u'`` of its horizontal mirror:
@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from qualiface.eval import EvaluationError
+from qualiface.progress import make_progress
 
 FLIP_MODES = ("none", "sum", "norm")
 EmbedFn = Callable[..., tuple]
@@ -144,18 +145,6 @@ def _first_item(batch):
     return torch.stack(images)
 
 
-def progress_bar(enabled: bool = True):
-    """A rich progress bar with count, rate (images/s) and ETA, on stderr."""
-    from rich.console import Console
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn,
-                               TextColumn, TimeElapsedColumn, TimeRemainingColumn)
-
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TaskProgressColumn(), TextColumn("{task.fields[rate]} img/s"),
-                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                    console=Console(stderr=True), disable=not enabled)
-
-
 def extract_features(images, embed_fn: EmbedFn, *, ids: Sequence[str] | None = None,
                      flip: str = "none", batch_size: int = 64, num_workers: int = 0,
                      progress: bool = True, description: str = "embedding",
@@ -167,8 +156,6 @@ def extract_features(images, embed_fn: EmbedFn, *, ids: Sequence[str] | None = N
     flip: ``none`` / ``sum`` / ``norm`` (module docstring). Decoding runs in ``num_workers``
     DataLoader processes; the embedding runs here in batches of ``batch_size``.
     """
-    import time
-
     import torch
 
     if flip not in FLIP_MODES:
@@ -182,9 +169,8 @@ def extract_features(images, embed_fn: EmbedFn, *, ids: Sequence[str] | None = N
     loader = torch.utils.data.DataLoader(images, batch_size=batch_size, shuffle=False,
                                          num_workers=num_workers, collate_fn=_first_item)
     features, qualities = [], []
-    started = time.perf_counter()
-    with progress_bar(progress) as bar:
-        task = bar.add_task(description, total=total, rate="-")
+    with make_progress(enabled=progress) as bar:
+        task = bar.add_task(description, total=total)
         done = 0
         for batch in loader:
             if batch.dtype != torch.uint8 or batch.dim() != 4 or batch.shape[1] != 3:
@@ -196,9 +182,7 @@ def extract_features(images, embed_fn: EmbedFn, *, ids: Sequence[str] | None = N
                 feats, quality = fuse_flip(feats, quality, mirror_feats, mirror_quality, flip)
             features.append(feats)
             qualities.append(quality.reshape(-1))
-            done += len(batch)
-            rate = done / max(time.perf_counter() - started, 1e-9)
-            bar.update(task, advance=len(batch), rate=f"{rate:7.1f}")
+            bar.update(task, advance=len(batch))
     return FeatureSet(ids, np.concatenate(features), np.concatenate(qualities),
                       {"flip": flip, **(meta or {})})
 
@@ -233,31 +217,6 @@ def cached_features(cache_dir: str | os.PathLike | None, name: str, key_parts: d
 def ids_digest(ids: Sequence[str]) -> str:
     """Digest of an image list (keeps cache keys short for 469k IJB-C images)."""
     return hashlib.sha256("\n".join(ids).encode()).hexdigest()
-
-
-def model_identity(path: str | os.PathLike) -> str:
-    """A content hash of a model package folder (every file, sorted by name)."""
-    path = Path(path)
-    folder = path if path.is_dir() else path.parent
-    digest = hashlib.sha256()
-    for item in sorted(p for p in folder.iterdir() if p.is_file()):
-        digest.update(item.name.encode())
-        with item.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
-
-
-def model_embed_fn(path: str | os.PathLike, device: str = "cpu") -> tuple[EmbedFn, str]:
-    """Load a model package -> ``(embed_fn, model_id)`` for ``extract_features``."""
-    from qualiface.infer.model import Model
-
-    model = Model.load(path, device=device)
-
-    def embed(images):
-        return model.embed(images, batch_size=len(images))
-
-    return embed, model_identity(path)
 
 
 class ImageFiles:

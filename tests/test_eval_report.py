@@ -88,7 +88,8 @@ def test_plot_file_names_are_safe_and_unique():
 
 
 @pytest.mark.parametrize("report, message", [
-    (EvalReport("t", {}, lines={"loss": {"x": "s", "y": "l", "series": {"a": ([1, 2, 3], [1, 2])}}}),
+    (EvalReport("t", {}, lines={"loss": {"x": "s", "y": "l",
+                                         "series": {"a": ([1, 2, 3], [1, 2])}}}),
      "line plot 'loss', series 'a': 3 x values but 2 y values"),
     (EvalReport("t", {}, lines={"loss": {"x": "s", "y": "l", "series": {"a": ([1], ["big"])}}}),
      "line plot 'loss', series 'a' y: values must be numbers"),

@@ -88,7 +88,7 @@ def test_qcface_identity_loss_has_no_radial_gradient():
     head, x, y = qcface_setup(norm_phase=False)
     out = head(x, y)
     assert out.metrics["norm_loss"] > 0  # reported although not trained
-    assert out.loss.item() == pytest.approx(out.metrics["identity_loss"], rel=1e-7)
+    assert out.loss.item() == pytest.approx(float(out.metrics["identity_loss"]), rel=1e-7)
     out.loss.backward()
     radial = (x.grad * x.detach()).sum(dim=1) / x.detach().norm(dim=1)
     assert torch.all(radial.abs() < 1e-6 * x.grad.norm(dim=1))

@@ -90,6 +90,7 @@ class AdaFace(MarginHead):
 
     def regularise(self, batch, output, *, features, second_view) -> None:
         z = batch.extras["z"]
-        output.metrics["mean_z"] = float(z.mean())
-        output.metrics["adaface_mu"] = float(self.norm_statistic.batch_mean)
-        output.metrics["adaface_sigma"] = float(self.norm_statistic.batch_std)
+        # Copies: the EMA buffers change in place on the next forward.
+        output.metrics["mean_z"] = z.mean()
+        output.metrics["adaface_mu"] = self.norm_statistic.batch_mean.detach().clone()
+        output.metrics["adaface_sigma"] = self.norm_statistic.batch_std.detach().clone()

@@ -50,12 +50,14 @@ class HeadOutput:
     loss:    scalar to minimise (identity loss plus any regulariser of the method).
     logits:  B x C(local) logits exactly as the cross-entropy saw them.
     quality: (B,) the head's documented quality score, detached.
-    metrics: floats for logging (mean norm, mean target cosine, regulariser value, ...).
+    metrics: values for logging (mean norm, mean target cosine, regulariser value, ...): Python
+             floats or detached 0-d tensors. Heads keep device values as tensors so a forward
+             never waits for the GPU; consumers call ``float()`` when they log (one host read).
     extras:  per-sample tensors other code may want (e.g. ``norm``, ``p``, ``z``), detached.
     """
 
     loss: torch.Tensor
     logits: torch.Tensor
     quality: torch.Tensor
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, float | torch.Tensor] = field(default_factory=dict)
     extras: dict[str, torch.Tensor] = field(default_factory=dict)

@@ -13,6 +13,12 @@ scale and applies a cross-entropy. This module holds those pieces once:
 * ``arc_margin`` - ``cos(theta + m)`` with the standard fallback past ``theta + m > pi``.
 * ``map_to_rows`` - global class ids -> row index in a (possibly unsorted) subset of classes.
 
+Nothing here reads a tensor back to the host during a forward: metrics are detached 0-d tensors
+(``HeadOutput``), margins given as Python floats stay Python floats (a scalar tensor built on the
+host would be a blocking copy to the GPU), and the label-range checks avoid the host on
+accelerators after the first call (``CosineHead.check_index_range``). A training step then
+queues its GPU work without waiting for it.
+
 Margin maths runs in float32 (or float64 if the head is float64) even under bfloat16 autocast:
 the cosines are cast up right after the matrix product because ``1 - 1e-6`` does not exist in
 bfloat16 and the margin formulas need it.
@@ -127,11 +133,21 @@ def arc_margin(cos: torch.Tensor, margin: float | torch.Tensor) -> torch.Tensor:
     ``cos`` is clamped to [-1 + eps, 1 - eps] so sqrt(1 - c^2) has a finite derivative.
     """
     cos = cos.clamp(-1.0 + COS_EPS, 1.0 - COS_EPS)
-    margin_t = torch.as_tensor(margin, dtype=cos.dtype, device=cos.device)
     sin = torch.sqrt(1.0 - cos * cos)
-    shifted = cos * torch.cos(margin_t) - sin * torch.sin(margin_t)
-    threshold = torch.cos(math.pi - margin_t)
-    fallback = cos - torch.sin(math.pi - margin_t) * margin_t
+    if isinstance(margin, torch.Tensor):
+        margin_t = margin.to(cos.dtype)
+        cos_m, sin_m = torch.cos(margin_t), torch.sin(margin_t)
+        threshold = torch.cos(math.pi - margin_t)
+        fallback_shift = torch.sin(math.pi - margin_t) * margin_t
+    else:
+        # Python scalars: torch.as_tensor(margin, device=cuda) would be a blocking host->GPU
+        # copy on every forward.
+        margin = float(margin)
+        cos_m, sin_m = math.cos(margin), math.sin(margin)
+        threshold = math.cos(math.pi - margin)
+        fallback_shift = math.sin(math.pi - margin) * margin
+    shifted = cos * cos_m - sin * sin_m
+    fallback = cos - fallback_shift
     return torch.where(cos > threshold, shifted, fallback)
 
 
@@ -145,10 +161,10 @@ def hard_negative_mask(batch: ClassBatch, target: torch.Tensor) -> torch.Tensor:
     return (batch.cos > target.detach()[:, None]) & ~batch.target_mask
 
 
-def hard_negative_metrics(batch: ClassBatch, hard: torch.Tensor) -> dict[str, float]:
-    """Mean number of hard negatives per sample, counted over all shards."""
+def hard_negative_metrics(batch: ClassBatch, hard: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Mean number of hard negatives per sample (0-d tensor), counted over all shards."""
     count = batch.reducer.sum(hard.float().sum(dim=1))
-    return {"hard_negatives_per_sample": float(count.mean())}
+    return {"hard_negatives_per_sample": count.mean().detach()}
 
 
 def check_positive(name: str, value: float) -> None:
@@ -178,6 +194,9 @@ class CosineHead(nn.Module):
 
     requires_features = False
     requires_second_view = False
+    #: Whether a forward on an accelerator has already had its label ranges checked on the
+    #: host (see ``check_index_range``); per instance once set.
+    _host_checked_on_device = False
 
     def __init__(self, embedding_size: int, num_classes: int, scale: float = 64.0) -> None:
         super().__init__()
@@ -237,11 +256,8 @@ class CosineHead(nn.Module):
         if labels.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
             raise HeadInputError(f"labels must be integer class ids, got {labels.dtype}")
         labels = labels.long()
-        if batch_size and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
-            raise HeadInputError(
-                f"labels must be in [0, {self.num_classes}), got range "
-                f"[{int(labels.min())}, {int(labels.max())}]"
-            )
+        on_host = labels.device.type == "cpu" or not self._host_checked_on_device
+        self.check_index_range(labels, 0, self.num_classes, "labels", on_host=on_host)
         if weight is None:
             weight = self.weight
             if class_ids is None:
@@ -271,11 +287,11 @@ class CosineHead(nn.Module):
             raise HeadInputError(
                 f"local_labels must be ({batch_size},), got {tuple(local_labels.shape)}"
             )
-        if batch_size and int(local_labels.max()) >= weight.shape[0]:
-            raise HeadInputError(
-                f"local_labels index row {int(local_labels.max())} "
-                f"of a {weight.shape[0]}-row weight"
-            )
+        self.check_index_range(local_labels, -1, weight.shape[0],
+                               f"local_labels (rows of a {weight.shape[0]}-row weight)",
+                               on_host=on_host)
+        if on_host and labels.device.type != "cpu":
+            self._host_checked_on_device = True
 
         unit = F.normalize(embeddings, dim=1)
         cos = F.linear(unit, F.normalize(weight, dim=1))
@@ -299,8 +315,33 @@ class CosineHead(nn.Module):
             reducer=reducer,
         )
 
-    def base_metrics(self, batch: ClassBatch) -> dict[str, float]:
-        """Mean norm, mean target cosine and top-1 accuracy of the plain cosines (reducer-safe)."""
+    @staticmethod
+    def check_index_range(values: torch.Tensor, low: int, high: int, what: str, *,
+                          on_host: bool) -> None:
+        """Ensure every entry of ``values`` (N,) int lies in [low, high).
+
+        ``on_host``: read min/max and raise ``HeadInputError`` naming ``what`` and the range
+        found. That read waits for the device to finish all queued work, which on a GPU would
+        stall every training step; so heads do it on CPU tensors and on the first forward of an
+        accelerator tensor (where a wrong ``num_classes`` or label mapping shows up at once),
+        and afterwards use ``torch._assert_async``: a device-side check that costs no sync and,
+        when violated, aborts the process at the next CUDA call with a device assertion
+        (not a clean message, but never silent training against a missing target column).
+        """
+        if values.numel() == 0:
+            return
+        if on_host:
+            smallest, largest = int(values.min()), int(values.max())
+            if smallest < low or largest >= high:
+                raise HeadInputError(
+                    f"{what} must be in [{low}, {high}), got range [{smallest}, {largest}]"
+                )
+        else:
+            torch._assert_async(((values >= low) & (values < high)).all())
+
+    def base_metrics(self, batch: ClassBatch) -> dict[str, torch.Tensor]:
+        """Mean norm, mean target cosine and top-1 accuracy of the plain cosines (reducer-safe);
+        detached 0-d tensors (no host sync here; call ``float()`` when logging)."""
         with torch.no_grad():
             cos = batch.cos.detach()
             local_max = (
@@ -309,9 +350,9 @@ class CosineHead(nn.Module):
             best = batch.reducer.max(local_max)
             correct = (batch.target_cos.detach() >= best).float()
             return {
-                "mean_norm": float(batch.norm.detach().mean()),
-                "mean_target_cos": float(batch.target_cos.detach().mean()),
-                "accuracy": float(correct.mean()),
+                "mean_norm": batch.norm.detach().mean(),
+                "mean_target_cos": batch.target_cos.detach().mean(),
+                "accuracy": correct.mean(),
             }
 
 
@@ -328,7 +369,7 @@ class MarginHead(CosineHead):
 
     def adjust_negatives(
         self, batch: ClassBatch, target: torch.Tensor
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(B, C) cosine-space logits before the target column is replaced, and metrics.
 
         Default: the plain cosines. ``target`` is the margined target cosine (B,).
@@ -353,7 +394,7 @@ class MarginHead(CosineHead):
         loss = per_sample.mean()
         metrics = self.base_metrics(batch)
         metrics.update(negative_metrics)
-        metrics["identity_loss"] = float(loss.detach())
+        metrics["identity_loss"] = loss.detach()
         output = HeadOutput(
             loss=loss,
             logits=logits,
@@ -362,5 +403,5 @@ class MarginHead(CosineHead):
             extras={"norm": batch.norm.detach(), **batch.extras},
         )
         self.regularise(batch, output, features=features, second_view=second_view)
-        output.metrics["loss"] = float(output.loss.detach())
+        output.metrics["loss"] = output.loss.detach()
         return output

@@ -58,5 +58,5 @@ class CurricularFace(MarginHead):
         t = self.t.to(batch.cos.dtype)
         adjusted = torch.where(hard, batch.cos * (t + batch.cos), batch.cos)
         metrics = hard_negative_metrics(batch, hard)
-        metrics["curricular_t"] = float(self.t)
+        metrics["curricular_t"] = self.t.detach().clone()  # T changes in place next forward
         return adjusted, metrics

@@ -113,7 +113,7 @@ class EQFace(CombinedMarginHead):
         quality = batch.extras["branch_quality"]
         output.quality = quality
         output.extras["branch_quality"] = quality
-        output.metrics["mean_quality"] = float(quality.mean())
+        output.metrics["mean_quality"] = quality.mean()
         output.metrics["stage"] = float(self._stage)
 
     def quality_estimator(self) -> EQFaceQuality:

@@ -75,4 +75,4 @@ class MagFace(MarginHead):
         g = 1.0 / a + a / self.u_a**2
         g_mean = g.mean()
         output.loss = output.loss + self.lambda_g * g_mean
-        output.metrics["magface_g"] = float(g_mean.detach())
+        output.metrics["magface_g"] = g_mean.detach()

@@ -74,9 +74,9 @@ class NormPriorRegularised:
         output.quality = quality
         output.extras["p"] = p
         output.extras["target_norm"] = self.prior.target_norm(p)
-        output.metrics["norm_loss"] = float(norm_loss.detach())
-        output.metrics["mean_p"] = float(p.mean())
-        output.metrics["mean_quality"] = float(quality.mean())
+        output.metrics["norm_loss"] = norm_loss.detach()
+        output.metrics["mean_p"] = p.mean()
+        output.metrics["mean_quality"] = quality.mean()
         output.metrics["norm_phase"] = float(self.norm_phase)
 
     def quality_estimator(self) -> QCFaceQuality:

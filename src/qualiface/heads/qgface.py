@@ -169,23 +169,31 @@ class QGFace(CosineHead):
     # -- losses ----------------------------------------------------------------------------
     def contrastive_loss(self, batch: ClassBatch, second_view: torch.Tensor,
                          low_quality: torch.Tensor) -> torch.Tensor:
-        """Mean over LQ rows of -log softmax(positive) against corrected, other-label entries."""
-        if not bool(low_quality.any()):
-            return batch.norm.new_zeros(())
+        """Mean over LQ rows of -log softmax(positive) against corrected, other-label entries.
+
+        Every row is computed and the HQ rows are masked out of the mean (0 without LQ rows),
+        rather than selecting the LQ rows with a boolean index: the selection has a
+        data-dependent size, which would make every forward wait for the GPU. The extra rows
+        cost one (B, Q) product instead of (B_LQ, Q).
+        """
         work_dtype = batch.cos.dtype
-        query = batch.unit[low_quality].to(work_dtype)
-        key = F.normalize(second_view[low_quality].to(work_dtype), dim=1)
+        query = batch.unit.to(work_dtype)
+        key = F.normalize(second_view.to(work_dtype), dim=1)
         positive = self.contrastive_scale * (
             (query * key).sum(dim=1) - self.contrastive_margin
         )
         queue = F.normalize(self.corrected_queue(batch).to(work_dtype), dim=1)
         negatives = self.contrastive_scale * (query @ queue.T).to(work_dtype)
         usable = (self.queue_labels[None, :] >= 0) & (
-            self.queue_labels[None, :] != batch.labels[low_quality][:, None]
+            self.queue_labels[None, :] != batch.labels[:, None]
         )
         negatives = negatives.masked_fill(~usable, -math.inf)
         all_logits = torch.cat([positive[:, None], negatives], dim=1)
-        return (torch.logsumexp(all_logits, dim=1) - positive).mean()
+        # The positive is always in the row, so every row's value is finite.
+        per_row = torch.logsumexp(all_logits, dim=1) - positive
+        per_row = torch.where(low_quality, per_row, torch.zeros_like(per_row))
+        count = low_quality.sum().clamp(min=1).to(work_dtype)
+        return per_row.sum() / count
 
     def compute(self, batch: ClassBatch, *, features=None, second_view=None) -> HeadOutput:
         if second_view is not None and second_view.shape != batch.unit.shape:
@@ -206,7 +214,10 @@ class QGFace(CosineHead):
         logits = replace_target(batch.cos, batch.target_mask, target) * row_scale[:, None]
         classification = reduced_cross_entropy(logits, target * row_scale, batch.reducer).mean()
 
-        active = second_view is not None and int(self.step) >= self.contrastive_start_step
+        # With the default start step 0 the (device) step counter need not be read at all.
+        active = second_view is not None and (
+            self.contrastive_start_step == 0 or int(self.step) >= self.contrastive_start_step
+        )
         contrastive = (
             self.contrastive_loss(batch, second_view, low_quality)
             if active
@@ -222,13 +233,13 @@ class QGFace(CosineHead):
 
         metrics = self.base_metrics(batch)
         metrics.update(
-            loss=float(loss.detach()),
-            classification_loss=float(classification.detach()),
-            contrastive_loss=float(contrastive.detach()),
+            loss=loss.detach(),
+            classification_loss=classification.detach(),
+            contrastive_loss=contrastive.detach(),
             contrastive_active=float(active),
-            fraction_low_quality=float(low_quality.float().mean()),
-            mean_z=float(z.mean()),
-            queue_filled=float(self.queue_filled),
+            fraction_low_quality=low_quality.float().mean(),
+            mean_z=z.mean(),
+            queue_filled=self.queue_filled.detach().float(),  # a copy: the buffer changes in place
         )
         return HeadOutput(
             loss=loss,

@@ -126,7 +126,8 @@ def decode_all(dataset, *, num_workers: int = 0, batch_size: int = 256, progress
         with make_progress(enabled=progress) as bar:
             task = bar.add_task("decoding training set", total=n)
             for chunk, (imgs, labs) in zip(chunks, batches):
-                if imgs.shape[1:] != first.shape or imgs.dtype != torch.uint8 or len(imgs) != len(chunk):
+                wrong_shape = imgs.shape[1:] != first.shape or len(imgs) != len(chunk)
+                if wrong_shape or imgs.dtype != torch.uint8:
                     raise DataError(f"samples {chunk[0]}..{chunk[-1]}: got {len(imgs)} images of "
                                     f"{imgs.dtype} {tuple(imgs.shape[1:])}, expected {len(chunk)} "
                                     f"of uint8 {tuple(first.shape)}")

@@ -7,11 +7,23 @@
 2. for each of ``grad_accum`` micro-batches: random flip, (second degraded view when the head
    wants one; both views go through the backbone as one batch), forward under autocast, head
    in fp32, ``loss / grad_accum`` backward (DDP's ``no_sync`` on all but the last micro-batch);
-3. skips the step when any micro-batch loss is NaN/Inf, else unscales, clips (or just measures
-   the gradient norm) and skips the step when that norm is NaN/Inf, else steps the optimizer;
-   ``max_nonfinite_steps`` skipped steps in a row stop the run;
+3. unscales, clips (or just measures the gradient norm), then skips the step when any
+   micro-batch loss or that norm is NaN/Inf, else steps the optimizer; ``max_nonfinite_steps``
+   skipped steps in a row stop the run;
 4. logs, evaluates and checkpoints on their intervals; on SIGTERM/SIGINT writes a checkpoint
    and raises ``TrainingInterrupted``.
+
+Host syncs. A GPU step must not wait for the GPU: everything a step measures (loss, embedding
+norm, accuracy, the heads' metrics) stays a device tensor, summed over the micro-batches, and is
+read back only when a record is logged (every ``log_every`` steps, one transfer for all values).
+The single read per optimizer step is the skip decision: one device-side ``isfinite`` flag of
+all micro-batch losses and the gradient norm (all-reduced across ranks), which the host must see
+before it may call ``optimizer.step()``. Consequence: a micro-batch with a NaN loss no longer
+cuts the step short; all micro-batches run forward and backward, then the whole step is skipped
+(weights, optimizer and loss scale untouched, exactly as before).
+
+The per-step pieces are public for benchmarks and custom loops: ``plan()``,
+``prepare_phase(phase)`` and ``train_step(micro_batches)``.
 
 Single process: the plain head. Under ``torchrun``: DDP backbone plus the sharded head of
 ``train.sharded``. The loop never looks at the method's name; heads expose
@@ -64,6 +76,23 @@ def gradient_norm(parameters: list[nn.Parameter]) -> torch.Tensor:
     if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6: fused per-device norms
         return torch.nn.utils.get_total_norm(grads)
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+
+
+def metrics_to_host(metrics: dict) -> dict:
+    """``{name: 0-d tensor | Python value}`` -> Python values, with one device read in all.
+
+    Tensors become floats (``float(t)``'s value: float32 widens exactly to float64); the
+    tensors of one device are stacked so the transfer is one sync per device, not one per key.
+    """
+    tensor_keys = [k for k, v in metrics.items() if isinstance(v, torch.Tensor)]
+    host = {k: v for k, v in metrics.items() if k not in tensor_keys}
+    by_device: dict[torch.device, list[str]] = {}
+    for key in tensor_keys:
+        by_device.setdefault(metrics[key].device, []).append(key)
+    for device, keys in by_device.items():
+        stacked = torch.stack([metrics[k].detach().reshape(()).to(torch.float64) for k in keys])
+        host.update(zip(keys, stacked.tolist()))
+    return {k: host[k] for k in metrics}  # keep the original key order
 
 
 class TrainingInterrupted(RuntimeError):
@@ -153,7 +182,10 @@ class Trainer:
         self.model: nn.Module = self.backbone
         self._stop_signal: int | None = None
         self._resume_state: dict | None = None
-        self.last_metrics: dict = {}
+        self.trainable: list[nn.Parameter] = []
+        # The last completed step's metrics: device tensors until someone reads last_metrics.
+        self._step_metrics: dict | None = None
+        self._last_metrics: dict = {}
 
     # ------------------------------------------------------------------ construction helpers
 
@@ -196,14 +228,27 @@ class Trainer:
                 images, labels = images.to(self.device), labels.to(self.device)
         return images, labels
 
-    def _plan(self) -> BatchPlan:
+    def plan(self) -> BatchPlan:
+        """The batch plan over the current training subset (step size, steps per epoch)."""
         t = self.cfg.train
         return BatchPlan(self.indices, t.batch_size, t.grad_accum, self.dist.world_size, t.seed)
 
     @property
     def samples_per_step(self) -> int:
         """Images one optimizer step consumes across all ranks."""
-        return self._plan().step_size
+        return self.plan().step_size
+
+    @property
+    def last_metrics(self) -> dict:
+        """The last completed (not skipped) step's metrics as Python values.
+
+        Reading it transfers pending device values to the host (one sync), so the loop reads it
+        only when it logs.
+        """
+        if self._step_metrics is not None:
+            self._last_metrics = metrics_to_host(self._step_metrics)
+            self._step_metrics = None
+        return self._last_metrics
 
     def set_training_subset(self, indices: torch.Tensor) -> None:
         """Train on ``indices`` (dataset positions) from the next phase on (QWDF filtering)."""
@@ -239,7 +284,7 @@ class Trainer:
             "sampling_step": int(getattr(self.head, "step", 0)),
             "rng": ckpt.capture_rng_state({"augment": self.augment_generator}),
             "data": {"seed": self.cfg.train.seed, "indices": self.indices,
-                     "epoch_and_position": list(divmod(self.phase_step, max(1, self._plan().steps_per_epoch)))},
+                     "epoch_and_position": list(divmod(self.phase_step, max(1, self.plan().steps_per_epoch)))},
             "config": to_dict(self.cfg),
         }
         if self.is_main:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Training throughput: images/s, peak memory and MFU of the trainer's own optimizer step.
 
-What is timed is ``Trainer._train_step``, the exact code ``qualiface train`` runs per step:
+What is timed is ``Trainer.train_step``, the exact code ``qualiface train`` runs per step:
 random flip, (QGFace: the degraded second view, both views through the backbone as one batch),
 ``uint8 -> (x/255 - 0.5)/0.5`` conversion, channels_last, backbone forward under autocast, the
 head in fp32 over all ``--classes`` centres, backward, gradient clipping (as the method's shipped
@@ -14,10 +14,10 @@ images and labels already on the device, so the number is the compute ceiling of
 
 Timing: ``--warmup`` steps first (cuDNN autotuning, ``torch.compile``), then ``--steps`` steps
 bracketed by CUDA events without any synchronisation added by this script; the run is
-synchronised once at the end. The trainer's step itself still synchronises with the host (it
-reads the loss to skip NaN steps and reduces logging metrics to Python floats, and the heads
-report their metrics as floats); the number of such syncs per step is measured with
-``torch.cuda.set_sync_debug_mode`` and reported as ``host_syncs_per_step``.
+synchronised once at the end. The trainer's step keeps its metrics on the device and reads
+back one flag per step (all losses and the gradient norm finite?), which it must see before
+``optimizer.step()``; the number of host syncs per step is measured with
+``torch.cuda.set_sync_debug_mode`` and reported as ``host_syncs_per_step`` (CUDA only).
 
 FLOPs: the backbone's forward FLOPs per image are counted with ``torch.utils.flop_counter``
 (IResNet-50: 12.62 GFLOPs at 112x112, the usual ~12.6; IResNet-100: 24.18), plus the head's
@@ -218,6 +218,13 @@ def _synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def was_skipped(step_result) -> bool:
+    """True for the trainer's ``SkippedStep`` (NaN/Inf loss or gradient), False for metrics."""
+    from qualiface.train.loop import SkippedStep
+
+    return isinstance(step_result, SkippedStep)
+
+
 def time_steps(step, device, steps: int) -> tuple[list[float], float, int]:
     """Run ``step()`` ``steps`` times -> (per-step ms, total ms, skipped steps).
 
@@ -232,7 +239,7 @@ def time_steps(step, device, steps: int) -> tuple[list[float], float, int]:
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(steps)]
         for i in range(steps):
             starts[i].record()
-            skipped += step() is None
+            skipped += was_skipped(step())
             ends[i].record()
         torch.cuda.synchronize(device)
         per_step = [s.elapsed_time(e) for s, e in zip(starts, ends)]
@@ -241,7 +248,7 @@ def time_steps(step, device, steps: int) -> tuple[list[float], float, int]:
     begin = time.perf_counter()
     for _ in range(steps):
         t0 = time.perf_counter()
-        skipped += step() is None
+        skipped += was_skipped(step())
         per_step.append(1000 * (time.perf_counter() - t0))
     return per_step, 1000 * (time.perf_counter() - begin), skipped
 
@@ -284,7 +291,7 @@ def measure_synthetic(cfg: ThroughputConfig, backbone_name: str, head_name: str,
         trainer = Trainer(tcfg, out_dir=tmp)
         device = trainer.device
         phase = trainer.pipeline.phases()[-1]
-        trainable = trainer._enter_phase(phase, steps_per_epoch=1)
+        trainer.prepare_phase(phase, steps_per_epoch=1)
         trainer.pipeline.before_step(phase, STEADY_STATE_STEP, trainer.head)
         set_lr(trainer.optimizer, phase.lr)
 
@@ -296,7 +303,7 @@ def measure_synthetic(cfg: ThroughputConfig, backbone_name: str, head_name: str,
         batch = [(images, labels)]
 
         def step():
-            return trainer._train_step(batch, trainable)
+            return trainer.train_step(batch)
 
         head = trainer.head
         views = 2 if getattr(head, "requires_second_view", False) else 1
@@ -368,7 +375,7 @@ def measure_from_rec(cfg: ThroughputConfig, backbone_name: str, head_name: str,
                               log_every=1)
         trainer = Trainer(tcfg, out_dir=tmp)
         device = trainer.device
-        plan = trainer._plan()
+        plan = trainer.plan()
         # The loader alone: the same planned indices, decoded by the same workers, moved to
         # the device; tells whether the end-to-end rate is bound by JPEG decoding.
         source = BatchSource(trainer.dataset, plan, cache=None, device=device,

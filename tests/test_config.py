@@ -136,3 +136,17 @@ def test_expected_configs_are_shipped():
         assert f"{method}_r50" in names
     assert "demo_nano" in names
     assert any(n.endswith("_r100") for n in names)
+
+
+def test_shipped_config_resolves_by_name_from_any_directory(tmp_path, monkeypatch):
+    from qualiface.config import resolve_config_path, shipped_config_names
+
+    monkeypatch.chdir(tmp_path)
+    assert "qcface_r50" in shipped_config_names()
+    assert load_config("qcface_r50").head.name == "qcface"
+    assert resolve_config_path("demo_nano.yaml").is_file()
+    local = tmp_path / "qcface_r50.yaml"  # a file in the working directory wins over the shipped one
+    local.write_text("head: {name: arcface}\n")
+    assert load_config("qcface_r50.yaml").head.name == "arcface"
+    with pytest.raises(ConfigError, match="no such config file.*qcface_r50"):
+        load_config("no_such_config")

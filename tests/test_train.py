@@ -137,13 +137,13 @@ def test_nan_step_is_skipped_and_logged(tmp_path):
     _poison(trainer, bad_calls={1})
     before = {}
 
-    original_step = trainer._train_step
+    original_step = trainer.train_step
 
-    def spy(batches, trainable):
+    def spy(batches):
         before[trainer.global_step] = trainer.backbone.fc.weight.detach().clone()
-        return original_step(batches, trainable)
+        return original_step(batches)
 
-    trainer._train_step = spy
+    trainer.train_step = spy
     trainer.run()
     assert trainer.global_step == 4
     # the skipped step (global step 1 -> 2) left the weights as they were
@@ -173,3 +173,79 @@ def test_run_writes_config_metrics_and_weights(tmp_path):
     assert {"loss", "acc", "norm", "lr", "images_per_s"} <= set(train_records[0])
     weights = load_file(result.final_weights)
     assert "backbone.fc.weight" in weights and "head.weight" in weights
+
+
+class HostReadCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the operations that make the host wait for the device on a GPU: reading a value
+    (``item``/``float``/``int``/``bool`` -> ``_local_scalar_dense``, ``tolist``) and ops whose
+    output size depends on the data (``nonzero``, boolean-mask indexing, ``unique``). On the CPU
+    they cost nothing, but counting them here catches a sync before it reaches a GPU run."""
+
+    DATA_DEPENDENT = ("aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select",
+                      "aten::_unique2", "aten::unique_dim", "aten::unique_consecutive",
+                      "aten::equal", "aten::is_nonzero")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        boolean_index = name == "aten::index" and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1]
+        )
+        if name in self.DATA_DEPENDENT or boolean_index:
+            self.reads.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("head", ["arcface", "adaface", "curricular", "magface", "qcface"])
+def test_train_step_reads_the_device_once(tmp_path, monkeypatch, head):
+    from qualiface.heads.common import CosineHead
+
+    cfg = tiny_config(tmp_path, grad_accum=2, batch_size=8)
+    cfg.head.name = head
+    trainer = Trainer(cfg)
+    phase = trainer.pipeline.phases()[-1]
+    trainer.prepare_phase(phase)
+    # The label checks read the host on CPU tensors only (free there); take the accelerator
+    # path to see what a GPU step pays.
+    check = CosineHead.check_index_range
+    monkeypatch.setattr(CosineHead, "check_index_range", staticmethod(
+        lambda values, low, high, what, on_host: check(values, low, high, what, on_host=False)))
+    tolist = torch.Tensor.tolist
+    counter = HostReadCounter()
+
+    def counting_tolist(tensor):
+        counter.reads.append("tolist")
+        return tolist(tensor)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counting_tolist)
+    images = trainer.dataset.images[:8]
+    labels = trainer.dataset.labels[:8]
+    before = trainer.backbone.fc.weight.detach().clone()
+    with counter:
+        metrics = trainer.train_step([(images, labels), (images.flip(0), labels.flip(0))])
+    assert counter.reads == ["tolist"]  # the skip decision, nothing else
+    assert not torch.equal(before, trainer.backbone.fc.weight)  # the step was taken
+    assert {"loss", "norm", "acc", "accuracy", "mean_norm"} <= set(metrics)
+    for key, value in metrics.items():
+        assert isinstance(value, float) or (isinstance(value, torch.Tensor) and value.dim() == 0), key
+
+
+def test_metrics_reach_the_host_as_the_head_computed_them(tmp_path):
+    from qualiface.train.loop import metrics_to_host
+
+    values = {"a": torch.tensor(0.1, dtype=torch.float32), "b": 2.5, "c": torch.tensor(3),
+              "phase": "main", "d": torch.tensor(1 / 3, dtype=torch.float64)}
+    host = metrics_to_host(values)
+    assert list(host) == list(values)
+    assert host == {"a": float(values["a"]), "b": 2.5, "c": 3.0, "phase": "main", "d": 1 / 3}
+    assert all(type(v) in (float, str) for v in host.values())
+
+    result = Trainer(tiny_config(tmp_path, steps=2, grad_accum=2, batch_size=8)).run()
+    assert result.last_metrics and all(
+        isinstance(v, (int, float, str)) for v in result.last_metrics.values())
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in logged if r["kind"] == "train"][-1]
+    assert last["loss"] == result.last_metrics["loss"] and last["acc"] == result.last_metrics["acc"]

@@ -435,11 +435,34 @@ def _load_yaml(text: str, where: str) -> Any:
         raise ConfigError(f"{where}: YAML nested too deeply to be a config") from None
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainingConfig:
-    """Read a YAML config file, apply ``key=value`` overrides, validate types and choices."""
+#: The configs shipped with the package (``configs/`` in the source tree links here).
+SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """``path`` itself when it exists, else a shipped config of that name (``qcface_r50`` or
+    ``qcface_r50.yaml``), so ``qualiface train qcface_r50`` works from any directory."""
     path = Path(path)
+    if path.exists() or path.parent != Path("."):
+        return path
+    shipped = SHIPPED_CONFIGS / (path.name if path.suffix == ".yaml" else f"{path.name}.yaml")
+    return shipped if shipped.is_file() else path
+
+
+def shipped_config_names() -> list[str]:
+    """Names of the configs shipped with the package (for help texts and errors)."""
+    return sorted(p.stem for p in SHIPPED_CONFIGS.glob("*.yaml"))
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainingConfig:
+    """Read a YAML config file (a path, or the name of a shipped config), apply ``key=value``
+    overrides, validate types and choices."""
+    path = resolve_config_path(path)
     try:
         text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file (shipped configs: "
+                          f"{', '.join(shipped_config_names())})") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:

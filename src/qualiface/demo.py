@@ -42,8 +42,8 @@ import torch
 
 from qualiface.threads import torch_threads
 
-#: The demo's default config, in the source checkout (``configs/`` is not package data).
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo_nano.yaml"
+#: The demo's default config, shipped inside the package (``configs/`` links to it).
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "demo_nano.yaml"
 #: Upper edges of the severity bins of the per-severity quality histogram ("clean" is 0).
 SEVERITY_BIN_EDGES = (1 / 3, 2 / 3, 1.0)
 #: Discard fraction at which the report quotes the FNMR left after discarding.
@@ -176,10 +176,10 @@ def _progress(enabled: bool):
 
 
 def default_config_path() -> Path:
-    """``configs/demo_nano.yaml`` of the source checkout; ``DemoError`` when it is missing."""
+    """The shipped ``configs/demo_nano.yaml``; ``DemoError`` when it is missing."""
     if not DEFAULT_CONFIG.is_file():
-        raise DemoError(f"{DEFAULT_CONFIG}: the demo config is not there (an installed copy "
-                        "without the source checkout?); pass --config FILE")
+        raise DemoError(f"{DEFAULT_CONFIG}: the demo config is missing from this installation; "
+                        "pass --config FILE")
     return DEFAULT_CONFIG
 
 

@@ -19,7 +19,8 @@ from rich.progress import (
 )
 from rich.text import Text
 
-console = Console(stderr=True)
+# soft_wrap: long paths are printed on one line (wrapping them breaks copy-paste).
+console = Console(stderr=True, soft_wrap=True)
 
 
 class RateColumn(ProgressColumn):

@@ -11,7 +11,7 @@ from qualiface.cli.common import console, fail
 
 def command(
     ctx: typer.Context,
-    config: Path = typer.Argument(..., help="YAML config file (see configs/*.yaml)."),
+    config: Path = typer.Argument(..., help="YAML config file, or the name of a shipped one (e.g. qcface_r50; see configs/)."),
 ) -> None:
     """Train a model from a YAML config with key=value overrides.
 

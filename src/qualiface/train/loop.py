@@ -78,6 +78,11 @@ def gradient_norm(parameters: list[nn.Parameter]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
 
 
+def _add(total: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
+    """Running device-side sum that starts from the first value (no host scalar involved)."""
+    return value if total is None else total + value
+
+
 def metrics_to_host(metrics: dict) -> dict:
     """``{name: 0-d tensor | Python value}`` -> Python values, with one device read in all.
 
@@ -90,7 +95,8 @@ def metrics_to_host(metrics: dict) -> dict:
     for key in tensor_keys:
         by_device.setdefault(metrics[key].device, []).append(key)
     for device, keys in by_device.items():
-        stacked = torch.stack([metrics[k].detach().reshape(()).to(torch.float64) for k in keys])
+        wide = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+        stacked = torch.stack([metrics[k].detach().reshape(()).to(wide) for k in keys])
         host.update(zip(keys, stacked.tolist()))
     return {k: host[k] for k in metrics}  # keep the original key order
 
@@ -388,12 +394,21 @@ class Trainer:
             kwargs["second_view"] = second
         return self.head(embeddings, labels, **kwargs), embeddings
 
-    def _train_step(self, micro_batches, trainable: list[nn.Parameter]) -> dict | SkippedStep:
-        """One optimizer step over the micro-batches: its metrics, or ``SkippedStep`` when a
-        loss or the (unscaled) gradient was NaN/Inf on any rank and no weight was changed."""
+    def train_step(self, micro_batches) -> dict | SkippedStep:
+        """One optimizer step over ``micro_batches`` (list of (uint8 images (B, 3, H, W), labels
+        (B,)) on the device) with the phase's optimizer (``prepare_phase`` first).
+
+        Returns the step's metrics ``{name: 0-d tensor | float}`` (``loss``, ``norm`` = mean
+        embedding norm, ``acc`` when unsharded, the head's metrics averaged over micro-batches;
+        device tensors, read them with ``metrics_to_host``), or ``SkippedStep`` when a loss or
+        the (unscaled) gradient was NaN/Inf on any rank and no weight was changed. Exactly one
+        host sync: the skip decision.
+        """
         accum = len(micro_batches)
-        total_loss, correct, seen, norm_sum = 0.0, 0, 0, 0.0
-        metrics: dict[str, float] = {}
+        loss_sum = norm_sum = correct = None
+        losses_finite = None
+        seen = 0
+        metrics: dict = {}
         self.optimizer.zero_grad(set_to_none=True)
         for k, (images, labels) in enumerate(micro_batches):
             if self.cfg.data.flip:
@@ -402,23 +417,25 @@ class Trainer:
             sync = contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
             with sync:
                 out, embeddings = self._forward(images, labels)
-                loss_value = float(out.loss.detach())
-                if self._any_rank(not math.isfinite(loss_value)):
-                    self.optimizer.zero_grad(set_to_none=True)
-                    return SkippedStep("loss")
+                # A NaN/Inf loss poisons the gradients, but the step is skipped as a whole below,
+                # so backward runs anyway: stopping here would need the host to read the loss.
                 self.scaler.scale(out.loss / accum).backward()
-            total_loss += loss_value / accum
-            norm_sum += float(embeddings.detach().norm(dim=1).sum())
+            loss = out.loss.detach()
+            finite = torch.isfinite(loss)
+            losses_finite = finite if losses_finite is None else losses_finite & finite
+            loss_sum = _add(loss_sum, loss / accum)
+            norm_sum = _add(norm_sum, embeddings.detach().norm(dim=1).sum())
             if out.logits.shape[1] == self.num_classes:  # argmax is meaningful only unsharded
                 # Margin heads lower the target logit, so prefer the head's own (margin-free)
                 # accuracy when it reports one.
                 if "accuracy" in out.metrics:
-                    correct += float(out.metrics["accuracy"]) * labels.shape[0]
+                    hits = out.metrics["accuracy"] * labels.shape[0]
                 else:
-                    correct += int((out.logits.detach().argmax(dim=1) == labels).sum())
+                    hits = (out.logits.detach().argmax(dim=1) == labels).sum()
+                correct = _add(correct, hits)
             seen += labels.shape[0]
             for key, value in out.metrics.items():
-                metrics[key] = metrics.get(key, 0.0) + float(value) / accum
+                metrics[key] = metrics.get(key, 0.0) + value / accum
         self.scaler.unscale_(self.optimizer)  # a no-op unless fp16
         clip = self.cfg.train.clip_grad_norm
         if clip > 0:
@@ -427,44 +444,66 @@ class Trainer:
             from qualiface.train.distributed import clip_grad_norm_
 
             sharded = self.head.sharded_parameters() if hasattr(self.head, "sharded_parameters") else []
-            total_norm = clip_grad_norm_(trainable, clip, sharded=sharded)
+            total_norm = clip_grad_norm_(self.trainable, clip, sharded=sharded)
         else:
-            total_norm = gradient_norm(trainable)
+            total_norm = gradient_norm(self.trainable)
         # A finite loss can still give a NaN/Inf gradient (e.g. 0/0 in a backward formula); in
         # fp32 nothing else would stop it, and one such step makes every weight NaN.
-        if self._any_rank(not bool(torch.isfinite(total_norm))):
+        flags = torch.stack([losses_finite, torch.isfinite(total_norm).to(losses_finite.device)])
+        loss_ok, gradient_ok = self._all_ranks_true(flags)  # the step's one host sync
+        if not (loss_ok and gradient_ok):
             if self.scaler.is_enabled():
-                # The same back-off on every rank keeps their loss scales equal (a rank's own
-                # found-inf flag may differ when the head is sharded); update() also clears the
-                # scaler's per-step "already unscaled" state.
-                self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())
+                if loss_ok:
+                    # The same back-off on every rank keeps their loss scales equal (a rank's
+                    # own found-inf flag may differ when the head is sharded).
+                    new_scale = self.scaler.get_scale() * self.scaler.get_backoff_factor()
+                else:
+                    new_scale = self.scaler.get_scale()  # a bad loss is no overflow: keep it
+                # update() also clears the scaler's per-step "already unscaled" state.
+                self.scaler.update(new_scale)
             self.optimizer.zero_grad(set_to_none=True)
-            return SkippedStep("gradient")
+            return SkippedStep("gradient" if loss_ok else "loss")
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        metrics.update(loss=total_loss, norm=norm_sum / seen)
-        if self.dist.world_size == 1:
+        metrics.update(loss=loss_sum, norm=norm_sum / seen)
+        if self.dist.world_size == 1 and correct is not None:
             metrics["acc"] = correct / seen
         return metrics
 
+    def _all_ranks_true(self, flags: torch.Tensor) -> list[bool]:
+        """Per entry of the bool vector ``flags``: True when it is True on every rank. Reads
+        the device once (after one all-reduce when distributed)."""
+        if self.dist.is_distributed:
+            import torch.distributed as dist
+
+            flags = flags.to(device=self.device, dtype=torch.float32)
+            dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+        return [bool(v) for v in flags.tolist()]
+
     # ------------------------------------------------------------------ phases
 
-    def _enter_phase(self, phase: Phase, steps_per_epoch: int) -> list[nn.Parameter]:
+    def prepare_phase(self, phase: Phase, steps_per_epoch: int | None = None) -> list[nn.Parameter]:
+        """Enter ``phase``: pipeline hooks (freezing, head stage), a fresh optimizer over the
+        phase's trainable parameters, the DDP / compile wrapper. Sets and returns
+        ``self.trainable``. ``steps_per_epoch`` defaults to the current plan's."""
+        if steps_per_epoch is None:
+            steps_per_epoch = self.plan().steps_per_epoch
         self.pipeline.enter_phase(phase, self.backbone, self.head)
         if hasattr(self.pipeline, "resolve"):
             self.pipeline.resolve(steps_per_epoch)
         named = self.pipeline.trainable(phase, self.backbone, self.head)
         self.optimizer = build_optimizer(named, self.cfg.optim, lr=phase.lr)
         self._wrap_model()
-        return [p for _, p in named]
+        self.trainable = [p for _, p in named]
+        return self.trainable
 
     def _run_phase(self, phase: Phase, progress, task) -> None:
-        plan = self._plan()
+        plan = self.plan()
         steps_per_epoch = plan.steps_per_epoch
         if steps_per_epoch < 1:
             raise DataError(f"{len(plan.indices)} training samples are fewer than one step of {plan.step_size}")
         total = phase.total_steps(steps_per_epoch)
-        trainable = self._enter_phase(phase, steps_per_epoch)
+        self.prepare_phase(phase, steps_per_epoch)
         if self._resume_state is not None:  # resuming into this very phase
             if self._resume_state["optimizer"]:
                 self.optimizer.load_state_dict(self._resume_state["optimizer"])
@@ -482,7 +521,7 @@ class Trainer:
             self.pipeline.before_step(phase, self.phase_step, self.head)
             lr = schedule(self.phase_step)
             set_lr(self.optimizer, lr)
-            metrics = self._train_step(source.step(epoch, position), trainable)
+            metrics = self.train_step(source.step(epoch, position))
             self.phase_step += 1
             self.global_step += 1
             window_images += plan.step_size
@@ -499,7 +538,7 @@ class Trainer:
             else:
                 self.nonfinite_streak = 0
                 metrics.update(lr=lr, epoch=epoch, phase=phase.name)
-                self.last_metrics = metrics
+                self._step_metrics = metrics  # still on the device; read when logged
             if self.phase_step % t.log_every == 0 or self.phase_step == total:
                 elapsed = time.perf_counter() - window_start
                 ips = window_images / elapsed if elapsed > 0 else 0.0

@@ -481,3 +481,16 @@ def test_constructors_validate_parameters(name, params, message):
         make_head(name, **params)
     with pytest.raises(ValueError, match="needs parameter"):
         build_head("eqface", D, C)
+
+
+def test_label_range_check_host_and_device_paths():
+    from qualiface.heads.common import CosineHead, HeadInputError
+
+    labels = torch.tensor([0, 2, 5])
+    with pytest.raises(HeadInputError, match=r"labels must be in \[0, 3\), got range \[0, 5\]"):
+        CosineHead.check_index_range(labels, 0, 3, "labels", on_host=True)
+    # The accelerator path is torch._assert_async: on CPU tensors it raises at once.
+    with pytest.raises(RuntimeError):
+        CosineHead.check_index_range(labels, 0, 3, "labels", on_host=False)
+    CosineHead.check_index_range(labels, 0, 6, "labels", on_host=False)  # in range: no error
+    CosineHead.check_index_range(labels[:0], 0, 1, "labels", on_host=True)  # empty: nothing

@@ -56,6 +56,14 @@ class BatchPlan:
         return order[start : start + self.batch_size]
 
 
+def to_device_async(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a small CPU tensor to ``device`` without blocking the host: from pageable memory a
+    host-to-GPU copy synchronises the stream, from pinned memory it is queued."""
+    if tensor.device == torch.device(device) or torch.device(device).type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def random_flip(images: torch.Tensor, generator: torch.Generator, p: float = 0.5) -> torch.Tensor:
     """Horizontally flip each image (B, 3, H, W) with probability ``p``.
 
@@ -63,7 +71,7 @@ def random_flip(images: torch.Tensor, generator: torch.Generator, p: float = 0.5
     reproducible and independent of the device the images live on.
     """
     mask = torch.rand(images.shape[0], generator=generator) < p
-    mask = mask.to(images.device).view(-1, 1, 1, 1)
+    mask = to_device_async(mask, images.device).view(-1, 1, 1, 1)
     return torch.where(mask, images.flip(-1), images)
 
 
@@ -183,7 +191,7 @@ class BatchSource:
             out = []
             for micro in range(self.plan.grad_accum):
                 idx = self.plan.micro_indices(self._order, step, micro, self.rank)
-                idx = idx.to(images.device)
+                idx = to_device_async(idx, images.device)
                 out.append((images[idx].to(self.device, non_blocking=True), labels[idx].to(self.device, non_blocking=True)))
             return out
         if self._iter is None or step != self._next_step:

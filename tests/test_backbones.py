@@ -188,3 +188,22 @@ def test_thin_nets_train_in_channels_last_without_crashing():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
+
+
+def test_embedding_scale_is_frozen_by_default_and_learnable_on_request():
+    from qualiface.backbones import build_backbone
+
+    frozen = build_backbone("iresnet-nano", embedding_size=8, input_size=32)
+    learnable = build_backbone("iresnet-nano", embedding_size=8, input_size=32,
+                               learnable_embedding_scale=True)
+    assert not frozen.features.weight.requires_grad
+    assert learnable.features.weight.requires_grad
+    # The frozen scale pins the mean squared norm of a training batch at >= D (the BN output
+    # has unit variance per dimension); a learned scale can move it below.
+    x = torch.randn(16, 3, 32, 32)
+    with torch.no_grad():
+        learnable.features.weight.mul_(0.1)
+        learnable.features.bias.zero_()
+    frozen.features.bias.data.zero_()
+    assert frozen.train()(x).pow(2).sum(1).mean() > 8 * 0.9
+    assert learnable.train()(x).pow(2).sum(1).mean() < 8 * 0.1

@@ -103,6 +103,10 @@ class IResNet(nn.Module):
         input_size: side of the square input; must be a multiple of 16 (112 for face crops).
         zero_init_residual: start each residual branch's last BN at zero so every block is
             the identity at initialisation (helps very deep nets train from scratch).
+        learnable_embedding_scale: let the final BN1d learn its per-dimension scale. Off by
+            default, as in ArcFace's IResNet; with the scale frozen at 1 and BN in training
+            mode the mean squared norm is at least D, which norm-target methods (QCFace,
+            MagFace) may want to go below.
     """
 
     def __init__(
@@ -113,6 +117,7 @@ class IResNet(nn.Module):
         base_width: int = 64,
         input_size: int = 112,
         zero_init_residual: bool = False,
+        learnable_embedding_scale: bool = False,
     ) -> None:
         super().__init__()
         if len(layers) != 4 or any(int(n) < 1 for n in layers):
@@ -147,9 +152,9 @@ class IResNet(nn.Module):
         self.dropout = nn.Dropout(p=dropout)
         self.fc = nn.Linear(self.feature_dim, self.embedding_size)
         self.features = nn.BatchNorm1d(self.embedding_size, eps=BN_EPS)
-        self._init_weights(zero_init_residual)
+        self._init_weights(zero_init_residual, learnable_embedding_scale)
 
-    def _init_weights(self, zero_init_residual: bool) -> None:
+    def _init_weights(self, zero_init_residual: bool, learnable_embedding_scale: bool) -> None:
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
@@ -163,9 +168,8 @@ class IResNet(nn.Module):
             for module in self.modules():
                 if isinstance(module, IBasicBlock):
                     nn.init.zeros_(module.bn3.weight)
-        # The embedding BN keeps a unit scale (as in ArcFace): a learnable scale would let the
-        # net shrink/grow all embedding norms at once, which norm-based quality heads read.
-        self.features.weight.requires_grad_(False)
+        # By default the embedding BN keeps a unit scale (as in ArcFace's IResNet).
+        self.features.weight.requires_grad_(learnable_embedding_scale)
 
     def forward(self, x: torch.Tensor, return_features: bool = False):
         """x: (B, 3, S, S) float -> embedding (B, D), or (embedding, features (B, feature_dim))."""

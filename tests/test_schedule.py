@@ -59,3 +59,4 @@ def test_invalid_schedules_raise():
         Schedule(base_lr=0.1, total_steps=10, warmup_steps=20)
     with pytest.raises(ValueError, match="step"):
         lr_at(-1, Schedule(base_lr=0.1, total_steps=10))
+

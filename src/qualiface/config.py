@@ -139,6 +139,9 @@ class TrainConfig:
     resume: bool = False
     max_nonfinite_steps: int = 20
     progress: bool = True
+    # Bitwise-repeatable GPU runs at some speed cost (deterministic kernels, no cuDNN autotuning);
+    # off: cuDNN picks the fastest kernels. CPU runs are deterministic either way.
+    deterministic: bool = False
 
 
 @dataclass

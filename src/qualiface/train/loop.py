@@ -53,7 +53,7 @@ from qualiface.train.data import BatchPlan, BatchSource, DataError, cached_size_
 from qualiface.train.logging import MetricsLogger, console, training_progress
 from qualiface.train.optim import build_optimizer, set_lr
 from qualiface.train.pipelines import Phase, build_pipeline, inner_head
-from qualiface.train.precision import autocast, make_scaler, resolve_precision
+from qualiface.train.precision import autocast, configure_kernels, make_scaler, resolve_precision
 from qualiface.train.schedule import build_schedule
 
 
@@ -159,6 +159,7 @@ class Trainer:
         self.is_main = self.dist.rank == 0
         self.checkpoint_path = self.out_dir / ckpt.CHECKPOINT_NAME
 
+        configure_kernels(self.device, t.deterministic)
         seed_everything(t.seed)  # same model init on every rank (DDP also broadcasts rank 0's)
         try:
             self.dataset = build_dataset(cfg.data.name, **cfg.data.params)

@@ -40,3 +40,30 @@ def autocast(device: torch.device, precision: str):
 def make_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
     """A GradScaler that is active only for fp16 (its state is checkpointed either way)."""
     return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
+def configure_kernels(device: torch.device, deterministic: bool) -> None:
+    """Choose between repeatable and fastest GPU kernels (process-wide torch settings).
+
+    deterministic: ``torch.use_deterministic_algorithms`` (ops without a deterministic kernel
+    raise instead of silently varying), cuDNN deterministic without autotuning, and the cuBLAS
+    workspace setting that makes its reductions repeatable. Otherwise, on CUDA, cuDNN autotunes
+    (``benchmark``): the fixed 112x112 input makes the one-off search pay for itself.
+    TF32 matmuls are allowed unless deterministic runs ask for full fp32.
+    """
+    import os
+
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        return
+    torch.use_deterministic_algorithms(False)
+    if device.type == "cuda":
+        torch.backends.cudnn.deterministic = False
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True

@@ -1,4 +1,4 @@
-"""Small helpers shared by the CLI modules: clean errors and the 'not built yet' exit."""
+"""Small helpers shared by the CLI modules: one clean error line instead of a traceback."""
 
 from __future__ import annotations
 
@@ -13,10 +13,3 @@ def fail(message: str, code: int = 1) -> "typer.Exit":
     """Print a clear one-line error (no traceback) and return an Exit to raise."""
     console.print(f"[bold red]error:[/] {escape(message)}")
     return typer.Exit(code)
-
-
-def not_built_yet(what: str, issue: int) -> "typer.Exit":
-    console.print(
-        f"[yellow]qualiface {what} is not built yet (tracked in issue {issue}); nothing was done.[/]"
-    )
-    return typer.Exit(2)

@@ -171,7 +171,6 @@ def extract_features(images, embed_fn: EmbedFn, *, ids: Sequence[str] | None = N
     features, qualities = [], []
     with make_progress(enabled=progress) as bar:
         task = bar.add_task(description, total=total)
-        done = 0
         for batch in loader:
             if batch.dtype != torch.uint8 or batch.dim() != 4 or batch.shape[1] != 3:
                 raise EvaluationError(f"{description}: expected uint8 (B, 3, H, W) images, got "

@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from qualiface.data.alignment import (  # noqa: F401  (re-exported: the align API)
     TEMPLATE_112,

@@ -33,9 +33,7 @@ Single process: the plain head. Under ``torchrun``: DDP backbone plus the sharde
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import inspect
-import math
 import random
 import signal
 import time

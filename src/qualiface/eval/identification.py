@@ -40,18 +40,22 @@ class SearchResult:
 
 
 def search(probe_features, probe_labels, gallery_features, gallery_labels,
-           *, chunk: int = 512) -> SearchResult:
+           *, chunk: int = 512, device="cpu") -> SearchResult:
     """Score unit probes (P, D) against a unit gallery (G, D) in probe chunks -> ``SearchResult``.
 
     Labels are subject ids (any integers); a gallery label never used by a probe (e.g. -1 for
-    TinyFace distractors) is never a mate.
+    TinyFace distractors) is never a mate. ``device``: where the similarity matrices and the
+    rank counting run (e.g. ``"cuda"``); the result is numpy either way.
     """
     import torch
 
-    probes = torch.from_numpy(np.ascontiguousarray(probe_features, dtype=np.float32))
-    gallery = torch.from_numpy(np.ascontiguousarray(gallery_features, dtype=np.float32))
-    probe_labels = torch.from_numpy(np.asarray(probe_labels, dtype=np.int64))
-    gallery_labels = torch.from_numpy(np.asarray(gallery_labels, dtype=np.int64))
+    def on_device(array, dtype):
+        return torch.from_numpy(np.ascontiguousarray(array, dtype=dtype)).to(device)
+
+    probes = on_device(probe_features, np.float32)
+    gallery = on_device(gallery_features, np.float32)
+    probe_labels = on_device(probe_labels, np.int64)
+    gallery_labels = on_device(gallery_labels, np.int64)
     if probes.ndim != 2 or gallery.ndim != 2 or probes.shape[1] != gallery.shape[1]:
         raise EvaluationError(f"search: probe features {tuple(probes.shape)} and gallery "
                               f"features {tuple(gallery.shape)} do not match")
@@ -69,8 +73,8 @@ def search(probe_features, probe_labels, gallery_features, gallery_labels,
         ranks.append(torch.where(has_mate, beaten_by + 1, torch.zeros_like(beaten_by)))
         mated.append(best_mated)
         top.append(sims.max(dim=1).values)
-    return SearchResult(torch.cat(ranks).numpy(), torch.cat(mated).numpy(),
-                        torch.cat(top).numpy())
+    return SearchResult(torch.cat(ranks).cpu().numpy(), torch.cat(mated).cpu().numpy(),
+                        torch.cat(top).cpu().numpy())
 
 
 def rank_accuracy(result: SearchResult, ranks: Sequence[int] = (1, 5, 10)) -> dict[int, float]:

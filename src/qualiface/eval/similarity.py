@@ -85,12 +85,14 @@ def _check_indices(index: np.ndarray, size: int, what: str) -> np.ndarray:
 
 def score_pairs(features: np.ndarray, first, second, *, strategy: str = "auto",
                 dense_factor: float = 8.0, max_dense_bytes: int = 1 << 30,
-                chunk: int = 1 << 16) -> np.ndarray:
+                chunk: int = 1 << 16, device="cpu") -> np.ndarray:
     """Dot products ``features[first[k]] . features[second[k]]`` -> (P,) float32.
 
     features: (T, D) float32, usually L2-normalised templates (then the result is the cosine).
     first, second: (P,) integer row indices. ``strategy``: ``auto``, ``dense``, ``sparse`` or
-    ``rowwise`` (see the module docstring); all agree to float32 rounding.
+    ``rowwise`` (see the module docstring); all agree to float32 rounding. ``device``: where
+    the products run (e.g. ``"cuda"``; the sparse strategy always runs on the CPU); the result
+    is numpy either way.
     """
     import torch
 
@@ -106,7 +108,7 @@ def score_pairs(features: np.ndarray, first, second, *, strategy: str = "auto",
     num_pairs = len(first)
     if num_pairs == 0:
         return np.zeros(0, dtype=np.float32)
-    table = torch.from_numpy(features)
+    table = torch.from_numpy(features).to(device)
     used_first = np.flatnonzero(np.bincount(first, minlength=len(features)))
     used_second = np.flatnonzero(np.bincount(second, minlength=len(features)))
     block = len(used_first) * len(used_second)
@@ -117,7 +119,7 @@ def score_pairs(features: np.ndarray, first, second, *, strategy: str = "auto",
         return _score_dense(table, first, second, used_first, used_second)
     if strategy == "sparse":
         try:
-            return _score_sparse(table, first, second)
+            return _score_sparse(table.cpu(), first, second)
         except (RuntimeError, NotImplementedError):  # pragma: no cover - very old torch builds
             pass
     return _score_rowwise(table, first, second, chunk)
@@ -132,12 +134,15 @@ def _score_dense(table, first, second, used_first, used_second) -> np.ndarray:
     row_offset[used_first] = np.arange(len(used_first), dtype=np.int64) * len(used_second)
     column = np.zeros(len(table), dtype=np.int64)
     column[used_second] = np.arange(len(used_second))
-    left = table[torch.from_numpy(used_first)]
-    right = table[torch.from_numpy(used_second)]
-    gram = (left @ right.T).numpy().ravel()
+    left = table[torch.from_numpy(used_first).to(table.device)]
+    right = table[torch.from_numpy(used_second).to(table.device)]
     flat = row_offset[first]
     flat += column[second]
-    return np.take(gram, flat)
+    gram = left @ right.T
+    if gram.device.type == "cpu":
+        return np.take(gram.numpy().ravel(), flat)
+    # On an accelerator gather there and bring back only the P scores, not the whole Gram matrix.
+    return gram.reshape(-1)[torch.from_numpy(flat).to(gram.device)].cpu().numpy()
 
 
 def _score_sparse(table, first, second) -> np.ndarray:
@@ -175,9 +180,9 @@ def _score_rowwise(table, first, second, chunk: int) -> np.ndarray:
 
     out = np.empty(len(first), dtype=np.float32)
     for start in range(0, len(first), chunk):
-        a = table[torch.from_numpy(first[start:start + chunk])]
-        b = table[torch.from_numpy(second[start:start + chunk])]
-        out[start:start + chunk] = (a * b).sum(1).numpy()
+        a = table[torch.from_numpy(first[start:start + chunk]).to(table.device)]
+        b = table[torch.from_numpy(second[start:start + chunk]).to(table.device)]
+        out[start:start + chunk] = (a * b).sum(1).cpu().numpy()
     return out
 
 

@@ -194,28 +194,6 @@ def decode_images(dataset, progress: bool = True):
     return torch.stack(images)
 
 
-def degraded_copies(images, severities: list[float], seed: int = DEGRADE_SEED,
-                    chunk: int = 256) -> tuple[dict, list[str]]:
-    """``{severity: uint8 (N, 3, H, W)}`` and the kind each image got (fixed across levels)."""
-    import numpy as np
-    import torch
-
-    from qualiface.data.degrade import DEFAULT_KINDS, degrade
-
-    kinds = np.random.default_rng(seed).integers(len(DEFAULT_KINDS), size=len(images))
-    copies = {}
-    for severity in severities:
-        out = images.clone()
-        generator = torch.Generator().manual_seed(seed * 1000 + round(1000 * severity))
-        for k, kind in enumerate(DEFAULT_KINDS):
-            rows = torch.from_numpy(np.flatnonzero(kinds == k))
-            for start in range(0, len(rows), chunk):
-                part = rows[start : start + chunk]
-                out[part] = degrade(images[part], kind, float(severity), generator)
-        copies[float(severity)] = out
-    return copies, [DEFAULT_KINDS[k] for k in kinds]
-
-
 # --------------------------------------------------------------------------- configs
 
 
@@ -599,7 +577,9 @@ def main(argv=None) -> dict:
         train_set = f"train.txt subset: {cfg.train_identities} identities with >= 2 images (seed 0)"
     bench = test_benchmark(data_root, cfg.test_pairs_per_fold)
     clean = decode_images(bench.images)
-    degraded, kinds = degraded_copies(clean, cfg.severities)
+    from qualiface.data.degrade import degraded_copies
+
+    degraded, kinds = degraded_copies(clean, cfg.severities, seed=DEGRADE_SEED)
     header_info = provenance(eval_device)
     payload = {
         "benchmark": "real_faces", **header_info,

@@ -138,18 +138,6 @@ def test_phase_lengths_keep_their_shipped_share(real_faces):
     assert budget["eqface"]["branch_steps"] == 10 and budget["eqface"]["finetune_steps"] == 10
 
 
-def test_degraded_copies_are_deterministic(real_faces):
-    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8,
-                           generator=torch.Generator().manual_seed(3))
-    first, kinds = real_faces.degraded_copies(images, [0.5, 0.75])
-    again, kinds_again = real_faces.degraded_copies(images, [0.5, 0.75])
-    assert kinds == kinds_again and set(first) == {0.5, 0.75}
-    for severity in first:
-        assert torch.equal(first[severity], again[severity])
-        assert first[severity].shape == images.shape
-        assert not torch.equal(first[severity], images)
-
-
 def test_protocol_subsets(real_faces, shared_data, tmp_path):
     bench = real_faces.test_benchmark(shared_data, 8)
     assert sorted(set(bench.folds.tolist())) == [8, 9, 10] and len(bench.labels) == 24

@@ -265,3 +265,24 @@ def test_per_image_generators_make_batch_and_single_calls_agree(kind):
         assert (together[i].int() - alone.int()).abs().max() <= 1
     with pytest.raises(DegradationError, match="one per image"):
         degrade(batch, kind, 0.5, [_gen(0)])
+
+
+def test_degraded_copies_are_deterministic_and_differ_only_in_severity():
+    from qualiface.data.degrade import DegradationError, degraded_copies, psnr
+
+    images = torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(3))
+    first, kinds = degraded_copies(images, [0.25, 0.75], seed=2024)
+    again, kinds_again = degraded_copies(images, [0.25, 0.75], seed=2024)
+    assert kinds == kinds_again and len(kinds) == len(images) and set(first) == {0.25, 0.75}
+    for severity in first:
+        assert torch.equal(first[severity], again[severity])
+        assert first[severity].shape == images.shape and first[severity].dtype == torch.uint8
+    # The same kind at a higher severity damages the set more, on average.
+    assert psnr(images, first[0.75]).mean() < psnr(images, first[0.25]).mean()
+    _, other_kinds = degraded_copies(images, [0.5], seed=7)
+    assert other_kinds != kinds  # the seed chooses the kinds
+    with pytest.raises(DegradationError, match="severity"):
+        degraded_copies(images, [1.5])
+    with pytest.raises(DegradationError, match="uint8"):
+        degraded_copies(images.float(), [0.5])

@@ -467,3 +467,32 @@ class CompositeDegradation:
         degraded = self.apply_plan(images, plan, generator)
         severity = self.combine(plan).to(images.device)
         return degraded, (severity[0] if images.ndim == 3 else severity)
+
+
+def degraded_copies(images: torch.Tensor, severities, *, seed: int = 0,
+                    chunk: int = 256) -> tuple[dict[float, torch.Tensor], list[str]]:
+    """Degraded copies of a test set, one per severity level, for quality evaluation.
+
+    images: uint8 (N, 3, H, W). Each image gets one degradation kind, drawn uniformly from
+    ``DEFAULT_KINDS`` with ``seed`` and kept the same at every level, so the levels differ only
+    in severity. Returns ``({severity: uint8 (N, 3, H, W)}, kind name per image)``;
+    deterministic for a given seed.
+    """
+    if images.dtype != torch.uint8 or images.dim() != 4:
+        raise DegradationError(f"expected uint8 (N, 3, H, W) images, got {images.dtype} "
+                               f"{tuple(images.shape)}")
+    kinds = np.random.default_rng(seed).integers(len(DEFAULT_KINDS), size=len(images))
+    copies = {}
+    for severity in severities:
+        severity = float(severity)
+        if not 0.0 <= severity <= 1.0:
+            raise DegradationError(f"severity must be in [0, 1], got {severity}")
+        out = images.clone()
+        generator = torch.Generator().manual_seed(seed * 1000 + round(1000 * severity))
+        for k, kind in enumerate(DEFAULT_KINDS):
+            rows = torch.from_numpy(np.flatnonzero(kinds == k))
+            for start in range(0, len(rows), chunk):
+                part = rows[start:start + chunk]
+                out[part] = degrade(images[part], kind, severity, generator)
+        copies[severity] = out
+    return copies, [DEFAULT_KINDS[k] for k in kinds]

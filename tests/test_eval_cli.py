@@ -109,3 +109,49 @@ def test_clean_errors_name_the_missing_file(tmp_path, fake_model):
     result = runner.invoke(app, ["eval", "compare", str(tmp_path / "nothing"), "--out",
                                  str(tmp_path / "c")])
     assert result.exit_code == 1 and "metrics.json" in result.output
+
+
+def test_lfw_degraded_levels_add_accuracy_per_severity_and_rank_correlation(tmp_path, fake_model):
+    data = tmp_path / "lfw"
+    _write_lfw(data)
+    out = tmp_path / "run-degraded"
+    result = CliRunner().invoke(app, ["eval", "lfw", "--model", str(fake_model), "--data",
+                                      str(data), "--out", str(out), "--flip", "none",
+                                      "--degrade", "0.9,0.3", "--degrade-seed", "5"])
+    assert result.exit_code == 0, result.output
+    degraded = json.loads((out / "metrics.json").read_text())["degraded"]
+    assert list(degraded["levels"]) == ["0.3", "0.9"] and degraded["seed"] == 5
+    from qualiface.eval.benchmarks import lfw_benchmark
+
+    bench = lfw_benchmark(data)
+    assert sum(degraded["kinds"].values()) == len(bench.ids)  # each image in a pair got one kind
+    for level in degraded["levels"].values():
+        assert 0.0 <= level["accuracy"] <= 1.0 and 0.0 <= level["auc"] <= 1.0
+    for score in ("model quality", "feature norm"):
+        rho = degraded["rank_correlation"][score]["spearman"]
+        assert -1.0 <= rho <= 1.0
+    # The fake model's quality is the pixel standard deviation: check the correlation against an
+    # independent computation over clean (severity 0) and both degraded levels.
+    from scipy.stats import spearmanr
+
+    from qualiface.data.degrade import degraded_copies
+
+    clean = torch.stack([bench.images[i] for i in range(len(bench.ids))])
+    copies, _ = degraded_copies(clean, [0.3, 0.9], seed=5)
+    quality = [_fake_embed(images)[1].numpy() for images in (clean, copies[0.3], copies[0.9])]
+    severity = np.repeat([0.0, 0.3, 0.9], len(clean))
+    expected = spearmanr(np.concatenate(quality), severity).statistic
+    assert degraded["rank_correlation"]["model quality"]["spearman"] == pytest.approx(expected, abs=1e-6)
+    assert (out / "model_quality_by_severity.png").is_file()
+    assert "model_quality_by_severity" in (out / "report.html").read_text()
+    assert "Spearman(quality, severity)" in result.output
+
+
+@pytest.mark.parametrize("bad", ["0", "1.5", "a,b"])
+def test_lfw_degrade_rejects_bad_severities(tmp_path, fake_model, bad):
+    data = tmp_path / "lfw"
+    _write_lfw(data)
+    result = CliRunner().invoke(app, ["eval", "lfw", "--model", str(fake_model), "--data",
+                                      str(data), "--out", str(tmp_path / "o"), "--degrade", bad])
+    assert result.exit_code == 1
+    assert "--degrade" in result.output and "Traceback" not in result.output

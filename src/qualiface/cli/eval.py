@@ -17,6 +17,9 @@ app = typer.Typer(help="Evaluate recognition (LFW, .bin sets, IJB-B/C, TinyFace)
                        "(EDC), write reports.", no_args_is_help=True)
 
 FLIP_HELP = "flip test: none, sum (f + f'), or norm (norm-preserving fusion)"
+DEGRADE_HELP = ("also evaluate copies of the test images degraded at these severities, e.g. "
+                "0.25,0.5,0.75 (one of seven kinds per image, fixed by --degrade-seed): "
+                "accuracy per level and Spearman/Kendall of quality against severity")
 
 
 def _load_embed_fn(model: Path, device: str):
@@ -48,6 +51,62 @@ def _features(out: Path, name: str, model: Path, device: str, dataset, ids, flip
         description=f"embedding {name}", meta={"benchmark": name, "model": str(model)}))
 
 
+def _parse_severities(text: str | None) -> list[float] | None:
+    if not text:
+        return None
+    try:
+        levels = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise fail(f"--degrade must be comma-separated numbers in (0, 1], got {text!r}") from None
+    if not levels or any(not 0.0 < level <= 1.0 for level in levels):
+        raise fail(f"--degrade severities must lie in (0, 1], got {text!r}")
+    return sorted(set(levels))
+
+
+def _degraded(out: Path, bench, features, model: Path, device: str, flip: str, batch_size: int,
+              severities: list[float], seed: int):
+    """Evaluate degraded copies of the benchmark's images -> (metrics, box plots).
+
+    Every image keeps one degradation kind across the levels, so the levels differ only in
+    severity; the clean features count as severity 0 in the rank correlations.
+    """
+    import numpy as np
+    import torch
+
+    from qualiface.data.degrade import degraded_copies
+    from qualiface.eval.benchmarks import evaluate_pairs
+    from qualiface.eval.quality import rank_correlations
+    from qualiface.eval.similarity import row_norms
+
+    images = torch.stack([bench.images[i] for i in range(len(bench.ids))])
+    copies, kinds = degraded_copies(images, severities, seed=seed)
+    rows = features.rows(bench.ids)
+    quality = {0.0: features.quality[rows]}
+    norms = {0.0: row_norms(features.features[rows])}
+    levels = {}
+    for severity, copy in copies.items():
+        name = f"{bench.name.lower()}-degraded-s{severity:g}-seed{seed}"
+        level = _features(out, name, model, device, copy, bench.ids, flip, batch_size, 0)
+        verification = evaluate_pairs(bench, level).metrics["verification"]
+        levels[f"{severity:g}"] = {key: verification[key] for key in
+                                   ("accuracy", "accuracy_std", "auc", "eer", "tar_at_far")}
+        level_rows = level.rows(bench.ids)
+        quality[severity] = level.quality[level_rows]
+        norms[severity] = row_norms(level.features[level_rows])
+    severity_of = np.concatenate([np.full(len(q), s) for s, q in quality.items()])
+    metrics = {
+        "seed": seed,
+        "kinds": {kind: kinds.count(kind) for kind in sorted(set(kinds))},
+        "levels": levels,
+        "rank_correlation": {
+            "model quality": rank_correlations(np.concatenate(list(quality.values())), severity_of),
+            "feature norm": rank_correlations(np.concatenate(list(norms.values())), severity_of),
+        },
+    }
+    boxes = {"model quality by severity": {f"severity {s:g}": q for s, q in quality.items()}}
+    return metrics, boxes
+
+
 def _qmagface(path: Path | None):
     if path is None:
         return None
@@ -57,7 +116,7 @@ def _qmagface(path: Path | None):
 
 
 def _finish_pairs(bench, features, out: Path, qmagface_file: Path | None,
-                  fit_qmagface: Path | None) -> None:
+                  fit_qmagface: Path | None, degraded: tuple[dict, dict] | None = None) -> None:
     from qualiface.eval.benchmarks import evaluate_pairs
     from qualiface.eval.report import EvalReport, write_report
 
@@ -74,8 +133,11 @@ def _finish_pairs(bench, features, out: Path, qmagface_file: Path | None,
                       f"beta={params.beta:.4f} -> {fit_qmagface} (scores on the same pairs "
                       "are optimistic; apply the file to another set)")
     result = evaluate_pairs(bench, features, qmagface=params)
+    boxes = {}
+    if degraded is not None:
+        result.metrics["degraded"], boxes = degraded
     write_report(EvalReport(f"{bench.name} verification", result.metrics, result.rocs,
-                            result.edcs, result.histograms), out)
+                            result.edcs, result.histograms, boxes=boxes), out)
     _summary(result.metrics, out)
 
 
@@ -95,6 +157,11 @@ def _summary(metrics: dict, out: Path) -> None:
         if key in ident:
             parts.append(f"{key} {100 * ident[key]:.2f} %")
     console.print(", ".join(parts) or "done")
+    degraded = metrics.get("degraded")
+    if degraded:
+        levels = ", ".join(f"s={s} {100 * m['accuracy']:.1f} %" for s, m in degraded["levels"].items())
+        rho = degraded["rank_correlation"]["model quality"]["spearman"]
+        console.print(f"degraded accuracy: {levels}; Spearman(quality, severity) {rho:.3f}")
     console.print(f"report: {out / 'report.html'}")
 
 
@@ -123,6 +190,8 @@ def lfw(
     flip: str = typer.Option("norm", "--flip", help=FLIP_HELP),
     qmagface: Path = typer.Option(None, "--qmagface", help="QMagFace parameters (JSON) to apply"),
     fit_qmagface: Path = typer.Option(None, "--fit-qmagface", help="fit QMagFace here, save JSON"),
+    degrade: str = typer.Option(None, "--degrade", help=DEGRADE_HELP),
+    degrade_seed: int = typer.Option(2024, "--degrade-seed", help="which kind each image gets"),
     batch_size: int = typer.Option(64, "--batch-size"),
     workers: int = typer.Option(0, "--workers", help="decoding processes"),
     device: str = typer.Option("cpu", "--device"),
@@ -130,11 +199,14 @@ def lfw(
     """LFW-style pairs over an image folder: k-fold accuracy, ROC, TAR@FAR, EDC, report."""
     from qualiface.eval.benchmarks import lfw_benchmark
 
+    severities = _parse_severities(degrade)
     try:
         bench = lfw_benchmark(data, pairs, folds=_parse_folds(folds))
         features = _features(out, "lfw", model, device, bench.images, bench.ids, flip,
                              batch_size, workers)
-        _finish_pairs(bench, features, out, qmagface, fit_qmagface)
+        degraded = (_degraded(out, bench, features, model, device, flip, batch_size, severities,
+                              degrade_seed) if severities else None)
+        _finish_pairs(bench, features, out, qmagface, fit_qmagface, degraded)
     except _errors() as exc:
         raise fail(str(exc)) from None
 
@@ -146,6 +218,8 @@ def bin_(
     out: Path = typer.Option(None, "--out", help="output folder (default eval-<name>)"),
     flip: str = typer.Option("norm", "--flip", help=FLIP_HELP),
     qmagface: Path = typer.Option(None, "--qmagface", help="QMagFace parameters (JSON) to apply"),
+    degrade: str = typer.Option(None, "--degrade", help=DEGRADE_HELP),
+    degrade_seed: int = typer.Option(2024, "--degrade-seed", help="which kind each image gets"),
     batch_size: int = typer.Option(64, "--batch-size"),
     workers: int = typer.Option(0, "--workers", help="decoding processes"),
     device: str = typer.Option("cpu", "--device"),
@@ -154,11 +228,14 @@ def bin_(
     from qualiface.eval.benchmarks import bin_benchmark
 
     out = out or Path(f"eval-{file.stem}")
+    severities = _parse_severities(degrade)
     try:
         bench = bin_benchmark(file)
         features = _features(out, bench.name, model, device, bench.images, bench.ids, flip,
                              batch_size, workers)
-        _finish_pairs(bench, features, out, qmagface, None)
+        degraded = (_degraded(out, bench, features, model, device, flip, batch_size, severities,
+                              degrade_seed) if severities else None)
+        _finish_pairs(bench, features, out, qmagface, None, degraded)
     except _errors() as exc:
         raise fail(str(exc)) from None
 

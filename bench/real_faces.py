@@ -452,27 +452,25 @@ def plot_edcs(path: Path, runs: list[dict], methods: list[str]) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
-    drawn = False
+    from qualiface.eval.report import draw_edcs
+
+    panels = {"model quality": {}, "feature norm": {}}  # score -> method -> curve
     for method in methods:
         run = next((r for r in runs if r["method"] == method and "error" not in r), None)
         if run is None:
             continue
-        for ax, prefix in zip(axes, ("model quality", "feature norm")):
-            for name, (fractions, errors) in run.get("edcs", {}).items():
+        for prefix, curves in panels.items():
+            for name, curve in run.get("edcs", {}).items():
                 if name.startswith(prefix):
-                    ax.step(fractions, errors, where="post", label=method)
-                    drawn = True
-    if not drawn:
-        plt.close(fig)
+                    curves[method] = curve
+    if not any(panels.values()):
         return None
-    for ax, title in zip(axes, ("method's quality score", "feature norm")):
-        ax.set_xlim(0, 0.5)
-        ax.set_title(f"EDC, mixed-severity LFW 8-10: {title}")
-        ax.set_xlabel("fraction of comparisons discarded (lowest pair quality first)")
-        ax.grid(True, alpha=0.3)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
+    titles = ("method's quality score", "feature norm")
+    for ax, curves, title in zip(axes, panels.values(), titles):
+        draw_edcs(ax, curves, f"EDC, mixed-severity LFW 8-10: {title}",
+                  ylabel=f"FNMR at FMR {EDC_FMR:g}")
         ax.legend(fontsize="small")
-    axes[0].set_ylabel(f"FNMR at FMR {EDC_FMR:g}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -116,6 +116,20 @@ def _plot_rocs(rocs: dict, path: Path, title: str) -> Path | None:
     return path
 
 
+def draw_edcs(ax, edcs: dict, title: str, ylabel: str = "FNMR", max_discard: float = 0.5) -> None:
+    """Draw EDC step curves on a matplotlib axes; edcs: label -> (discard fractions, errors).
+
+    Public so that multi-panel figures (e.g. ``bench/real_faces.py``) draw curves exactly as
+    the reports do."""
+    for label, (fractions, errors) in edcs.items():
+        ax.step(fractions, errors, where="post", label=label)
+    ax.set_xlim(0, max_discard)
+    ax.set_xlabel("fraction of comparisons discarded (lowest pair quality first)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+
+
 def _plot_edcs(edcs: dict, path: Path, title: str) -> Path | None:
     """edcs: label -> (discard fractions, errors)."""
     if not edcs:
@@ -126,13 +140,7 @@ def _plot_edcs(edcs: dict, path: Path, title: str) -> Path | None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
-    for label, (fractions, errors) in edcs.items():
-        ax.step(fractions, errors, where="post", label=label)
-    ax.set_xlim(0, 0.5)
-    ax.set_xlabel("fraction of comparisons discarded (lowest pair quality first)")
-    ax.set_ylabel("FNMR")
-    ax.set_title(title)
-    ax.grid(True, alpha=0.3)
+    draw_edcs(ax, edcs, title)
     # Below the axes: EDC curves start at the top left and fall to the right, so every corner
     # inside the axes can hide one of them.
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize="small",

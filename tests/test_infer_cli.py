@@ -73,3 +73,24 @@ def test_calibrate_cli_stores_calibration_used_by_embed(tmp_path):
     assert embed.exit_code == 0, embed.output
     table = read_table(tmp_path / "e.npz")
     np.testing.assert_allclose(table["quality_calibrated"], calibration.apply(table["quality"]))
+
+
+def test_embed_with_decoding_workers_matches_inline_decoding(tmp_path):
+    make_package(tmp_path / "pkg")
+    images = random_images(7)
+    names = [f"p{i % 3}/{i}.png" for i in range(7)]
+    _write_images(tmp_path / "imgs", images, names)
+    (tmp_path / "imgs" / "p1" / "broken.jpg").write_bytes(b"")
+    tables = {}
+    for workers in ("0", "2"):
+        out = tmp_path / f"emb{workers}.npz"
+        result = CliRunner().invoke(app, ["embed", str(tmp_path / "imgs"), "--model", str(tmp_path / "pkg"),
+                                          "--out", str(out), "--batch-size", "3", "--workers", workers])
+        assert result.exit_code == 0, result.output
+        tables[workers] = read_table(out, required=("ids", "embeddings", "quality"))
+        log = (tmp_path / f"emb{workers}.npz.rejected.tsv").read_text()
+        assert "p1/broken.jpg\tunreadable" in log
+    assert tables["0"]["ids"].tolist() == tables["2"]["ids"].tolist()
+    assert len(tables["0"]["ids"]) == 7
+    np.testing.assert_array_equal(tables["0"]["embeddings"], tables["2"]["embeddings"])
+    np.testing.assert_array_equal(tables["0"]["quality"], tables["2"]["quality"])

@@ -27,12 +27,15 @@ def command(
     calibrated: bool = typer.Option(
         False, "--calibrated", help="Apply --min-quality to calibrated quality (needs a calibrated package)."
     ),
+    workers: int = typer.Option(
+        0, "--workers", min=0, help="Processes decoding images while the model runs (0: decode inline)."
+    ),
 ) -> None:
     """Embed images with a model package: embeddings, raw and calibrated quality."""
     import numpy as np
     import torch
 
-    from qualiface.infer.images import ImageDecodeError, as_uint8_batch, list_images, read_image
+    from qualiface.infer.images import ImageFileBatches, list_images
     from qualiface.infer.io import TableError, write_table
     from qualiface.infer.model import Model, ModelPackageError
     from qualiface.progress import make_progress
@@ -57,22 +60,21 @@ def command(
         return str(path)
 
     ids, embeddings, qualities, rejected = [], [], [], []
+    loader = torch.utils.data.DataLoader(
+        ImageFileBatches(paths, loaded.spec.input_size), batch_size=batch_size, shuffle=False,
+        num_workers=workers, collate_fn=ImageFileBatches.collate)
     with make_progress() as progress:
         task = progress.add_task("embedding", total=len(paths))
-        for start in range(0, len(paths), batch_size):
-            images, names = [], []
-            for path in paths[start : start + batch_size]:
-                try:
-                    images.append(as_uint8_batch(read_image(path), loaded.spec.input_size)[0])
-                    names.append(display_name(path))
-                except (ImageDecodeError, ValueError) as exc:
-                    rejected.append((display_name(path), "unreadable", str(exc)))
-            if images:
-                embedding, quality = loaded.embed(torch.stack(images), batch_size=batch_size)
-                ids += names
+        for start, (images, good, errors) in zip(range(0, len(paths), batch_size), loader):
+            batch_paths = paths[start : start + batch_size]
+            for k, error in errors.items():
+                rejected.append((display_name(batch_paths[k]), "unreadable", error))
+            if images is not None:
+                embedding, quality = loaded.embed(images, batch_size=batch_size)
+                ids += [display_name(batch_paths[k]) for k in good]
                 embeddings.append(embedding)
                 qualities.append(quality)
-            progress.advance(task, len(paths[start : start + batch_size]))
+            progress.advance(task, len(batch_paths))
     if not ids:
         raise fail(f"none of the {len(paths)} images could be embedded (see the reasons above)")
     result = loaded.finish(torch.cat(embeddings), torch.cat(qualities))

@@ -104,3 +104,33 @@ def as_uint8_batch(images, size: Sequence[int] | None = None) -> torch.Tensor:
             "align faces first (qualiface align)"
         )
     return batch
+
+
+class ImageFileBatches(torch.utils.data.Dataset):
+    """Decodes image files for a DataLoader (workers decode in parallel with the forward pass).
+
+    Item ``i`` is ``(image uint8 (3, H, W) or None, error message or "")``: a file that cannot
+    be decoded, or has the wrong size, is reported rather than raised, so one bad file never
+    stops a long embedding run. Use with ``collate_fn=ImageFileBatches.collate``.
+    """
+
+    def __init__(self, paths: Sequence[str | Path], size: Sequence[int] | None = None) -> None:
+        self.paths = list(paths)
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        try:
+            return as_uint8_batch(read_image(self.paths[index]), self.size)[0], ""
+        except (ImageDecodeError, ValueError) as exc:
+            return None, str(exc)
+
+    @staticmethod
+    def collate(items):
+        """-> (stacked images of the good items or None, their positions, {position: error})."""
+        good = [k for k, (image, _) in enumerate(items) if image is not None]
+        errors = {k: error for k, (image, error) in enumerate(items) if image is None}
+        images = torch.stack([items[k][0] for k in good]) if good else None
+        return images, good, errors

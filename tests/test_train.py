@@ -173,6 +173,31 @@ def test_run_writes_config_metrics_and_weights(tmp_path):
     assert {"loss", "acc", "norm", "lr", "images_per_s"} <= set(train_records[0])
     weights = load_file(result.final_weights)
     assert "backbone.fc.weight" in weights and "head.weight" in weights
+    html = (tmp_path / "report" / "report.html").read_text()
+    assert "training_loss" in html and (tmp_path / "report" / "training_loss.png").is_file()
+
+
+def test_training_plots_follow_the_logged_records():
+    from qualiface.train.report import loss_curve, training_plots
+
+    records = [
+        {"kind": "train", "step": 1, "loss": 5.0, "identity_loss": 5.0, "norm_phase": 0.0,
+         "acc": 0.1, "norm": 20.0, "lr": 0.1},
+        {"kind": "event", "step": 1, "message": "phase change"},
+        {"kind": "train", "step": 2, "loss": 9.0, "identity_loss": 4.0, "norm_phase": 1.0,
+         "acc": 0.2, "norm": 18.0, "lr": 0.05},
+        {"kind": "val", "step": 2, "val_accuracy": 0.7, "val_auc": 0.8},
+    ]
+    curve = loss_curve(records)
+    assert curve == {"step": [1, 2], "loss": [5.0, 9.0], "identity_loss": [5.0, 4.0],
+                     "norm_prior_from": 2}
+    plots = training_plots(records)
+    assert set(plots) == {"training loss", "training accuracy", "mean feature norm",
+                          "learning rate", "held-out verification"}
+    assert "total loss (norm prior from step 2)" in plots["training loss"]["series"]
+    assert plots["learning rate"]["series"]["lr"] == ((1, 2), (0.1, 0.05))
+    assert plots["held-out verification"]["series"]["val_auc"] == ((2,), (0.8,))
+    assert training_plots([]) == {}
 
 
 class HostReadCounter(torch.utils._python_dispatch.TorchDispatchMode):

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from qualiface.threads import torch_threads
+from qualiface.train.report import LOSS_PLOT_TITLE  # noqa: F401  (the report's plot title)
 
 #: The demo's default config, shipped inside the package (``configs/`` links to it).
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "demo_nano.yaml"
@@ -48,8 +49,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "demo_nano.yaml"
 SEVERITY_BIN_EDGES = (1 / 3, 2 / 3, 1.0)
 #: Discard fraction at which the report quotes the FNMR left after discarding.
 EDC_QUOTE_FRACTION = 0.2
-#: Report plot titles (``write_report`` names the PNGs after them).
-LOSS_PLOT_TITLE = "training loss"
+#: Report plot title of the quality box plot (``write_report`` names the PNGs after titles).
 SEVERITY_PLOT_TITLE = "model quality by severity"
 #: File marking the sub-folders a demo created (and may delete on the next run).
 MARKER = ".qualiface-demo"
@@ -467,17 +467,11 @@ def training_summary(result, seconds: float) -> dict:
     includes the norm prior), because switching the prior on makes the total jump.
     """
     from qualiface.train.logging import read_metrics
+    from qualiface.train.report import loss_curve
 
-    records = [r for r in read_metrics(result.out_dir / "metrics.jsonl")
-               if r.get("kind") == "train" and isinstance(r.get("loss"), (int, float))]
+    curve = loss_curve(read_metrics(result.out_dir / "metrics.jsonl"))
     last = {k: v for k, v in result.last_metrics.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    curve = {"step": [r["step"] for r in records], "loss": [r["loss"] for r in records]}
-    if records and all(isinstance(r.get("identity_loss"), (int, float)) for r in records):
-        curve["identity_loss"] = [r["identity_loss"] for r in records]
-    prior_steps = [r["step"] for r in records if (r.get("norm_phase") or 0) > 0]
-    if prior_steps:
-        curve["norm_prior_from"] = prior_steps[0]
     return {"steps": result.global_step, "seconds": seconds,
             "final": {k: last[k] for k in ("loss", "acc", "norm", "norm_loss", "lr") if k in last},
             "model_package": str(result.model_package),
@@ -547,14 +541,9 @@ def report_plots(training: dict, evaluation) -> tuple[dict, dict]:
     boxes: the model quality of the held-out images per severity bin (the same groups as the
     per-severity histogram of ``evaluate_held_out``).
     """
-    curve = training["loss_curve"]
-    total = "total loss"
-    if "norm_prior_from" in curve:  # say why the total jumps
-        total += f" (norm prior from step {curve['norm_prior_from']})"
-    series = {total: (curve["step"], curve["loss"])}
-    if "identity_loss" in curve:
-        series["identity (margin) loss"] = (curve["step"], curve["identity_loss"])
-    lines = {LOSS_PLOT_TITLE: {"x": "optimizer step", "y": "loss", "series": series}}
+    from qualiface.train.report import loss_plot
+
+    lines = {LOSS_PLOT_TITLE: loss_plot(training["loss_curve"])}
     boxes = {SEVERITY_PLOT_TITLE: evaluation.histograms[SEVERITY_PLOT_TITLE]}
     return lines, boxes
 

@@ -670,9 +670,23 @@ class Trainer:
                                                      "backbone": self.cfg.model.backbone,
                                                      "head": self.cfg.head.name})
             package = self._save_package()
+            self._write_report(validation)
         else:
             self._head_state_for_export()
         return TrainResult(self.out_dir, self.global_step, final, package, self.last_metrics, validation)
+
+    def _write_report(self, validation: dict) -> None:
+        """``report/report.html``: the run's curves (loss, accuracy, norm, lr, validation)."""
+        from qualiface.train.report import write_training_report
+
+        summary = {"backbone": self.cfg.model.backbone, "head": self.cfg.head.name,
+                   "pipeline": self.cfg.pipeline.name, "steps": self.global_step,
+                   "final": {k: v for k, v in self.last_metrics.items()
+                             if isinstance(v, (int, float)) and not isinstance(v, bool)},
+                   "validation": validation}
+        path = write_training_report(self.out_dir, title=f"training: {self.cfg.head.name} on "
+                                     f"{self.cfg.model.backbone}", summary=summary)
+        console.print(f"training report: {path}")
 
     def _head_state_for_export(self) -> dict:
         return self._head_state()

@@ -241,13 +241,13 @@ def bin_(
 
 
 def _finish_ijb(protocol, features, out: Path, aggregation: str, quality_threshold,
-                detector_score: bool) -> None:
+                detector_score: bool, device: str = "cpu") -> None:
     from qualiface.eval.ijb import IJBOptions, evaluate_ijb
     from qualiface.eval.report import EvalReport, write_report
 
     result = evaluate_ijb(protocol, features, IJBOptions(
         aggregation=aggregation, quality_threshold=quality_threshold,
-        detector_score_weight=detector_score))
+        detector_score_weight=detector_score, device=device))
     write_report(EvalReport(f"{protocol.name} ({aggregation})", result.metrics,
                             {"cosine": result.roc}, result.edc_curves,
                             {"pair template quality": {
@@ -278,7 +278,8 @@ def ijb(
         protocol = load_ijb(root, name)
         features = _features(out, name.lower(), model, device, ijb_images(protocol),
                              protocol.images, flip, batch_size, workers)
-        _finish_ijb(protocol, features, out, aggregation, quality_threshold, detector_score)
+        _finish_ijb(protocol, features, out, aggregation, quality_threshold, detector_score,
+                    device)
     except _errors() as exc:
         raise fail(str(exc)) from None
 

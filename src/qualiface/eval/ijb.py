@@ -40,6 +40,7 @@ class IJBOptions:
     fpirs: Sequence[float] = (1e-2, 1e-1)
     ranks: Sequence[int] = (1, 5, 10)
     edc_fmrs: Sequence[float] = (1e-3, 1e-4)
+    device: str = "cpu"  # where pair scoring and 1:N search run (e.g. "cuda")
 
 
 @dataclass
@@ -113,7 +114,7 @@ def evaluate_ijb(protocol: IJBProtocol, features: FeatureSet,
 
     first = template_rows(templates, protocol.pair_first, "pairs")
     second = template_rows(templates, protocol.pair_second, "pairs")
-    scores = score_pairs(templates.features, first, second)
+    scores = score_pairs(templates.features, first, second, device=options.device)
     labels = protocol.pair_label
     roc = roc_curve(scores, labels)
     tar = tar_at_far(roc, options.fars)
@@ -150,7 +151,7 @@ def _identification(protocol: IJBProtocol, templates: Templates, options: IJBOpt
     per_gallery = {}
     for label, (gallery_ids, gallery_subjects) in protocol.galleries.items():
         gallery = templates.features[template_rows(templates, gallery_ids, f"1:N gallery {label}")]
-        result = search(probes, probe_subjects, gallery, gallery_subjects)
+        result = search(probes, probe_subjects, gallery, gallery_subjects, device=options.device)
         entry = {f"rank{k}": v for k, v in rank_accuracy(result, options.ranks).items()}
         entry["num_mated_probes"] = int(result.has_mate.sum())
         entry["num_nonmated_probes"] = int((~result.has_mate).sum())

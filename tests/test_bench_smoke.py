@@ -202,3 +202,19 @@ def test_real_faces_bad_input_is_one_clear_line(real_faces, tmp_path, capsys):
     assert code == 2 and f"{tmp_path / 'train.txt'}: not found" in capsys.readouterr().err
     code = real_faces.run_main(real_faces.main, ["--smoke", "--methods", "arcface,nosuch"])
     assert code == 2 and "nosuch" in capsys.readouterr().err
+
+
+def test_components_bench_smoke(tmp_path):
+    components = _load("components")
+    out = tmp_path / "components.json"
+    payload = components.main(["--images", "20", "--batch", "2", "--steps", "1", "--gallery",
+                               "2000", "--queries", "20", "--threads", "1", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert PROVENANCE_KEYS <= set(data)
+    results = data["results"]
+    for key in ("decode_cv2_us_per_image", "recordio_read_decode_img_per_s",
+                "synthetic_clean_ms_per_image", "nano_train_channels_last_img_per_s",
+                "search_exact_s", "search_ivf_nprobe8_recall_at_10"):
+        assert results[key] > 0, key
+    assert results["search_ivf_nprobe8_recall_at_10"] <= 1.0
+    assert payload["results"] == results

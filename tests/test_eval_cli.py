@@ -155,3 +155,20 @@ def test_lfw_degrade_rejects_bad_severities(tmp_path, fake_model, bad):
                                       str(data), "--out", str(tmp_path / "o"), "--degrade", bad])
     assert result.exit_code == 1
     assert "--degrade" in result.output and "Traceback" not in result.output
+
+
+def test_lfw_with_a_model_of_another_input_size_fails_cleanly(tmp_path):
+    from qualiface.backbones import build_backbone
+    from qualiface.heads.quality import NormQuality
+    from qualiface.infer.model import save_model_package
+
+    kwargs = {"embedding_size": 8, "base_width": 4, "input_size": 32}
+    package = save_model_package(tmp_path / "model", backbone=build_backbone("iresnet-nano", **kwargs),
+                                 backbone_name="iresnet-nano", backbone_kwargs=kwargs,
+                                 quality_estimator=NormQuality())
+    data = tmp_path / "lfw"
+    _write_lfw(data)  # 16x16 images
+    result = CliRunner().invoke(app, ["eval", "lfw", "--model", str(package), "--data", str(data),
+                                      "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1
+    assert "expects 32x32" in result.output and "Traceback" not in result.output

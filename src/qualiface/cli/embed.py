@@ -76,7 +76,8 @@ def command(
                 qualities.append(quality)
             progress.advance(task, len(batch_paths))
     if not ids:
-        raise fail(f"none of the {len(paths)} images could be embedded (see the reasons above)")
+        name, _, reason = rejected[0]
+        raise fail(f"none of the {len(paths)} images could be embedded; the first, {name}: {reason}")
     result = loaded.finish(torch.cat(embeddings), torch.cat(qualities))
     keep = np.ones(len(ids), dtype=bool)
     if min_quality is not None:

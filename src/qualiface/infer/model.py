@@ -520,6 +520,9 @@ def package_embed_fn(path: str | Path, device: str = "cpu"):
     model = Model.load(path, device=device)
 
     def embed(images):
-        return model.embed(images, batch_size=len(images))
+        try:
+            return model.embed(images, batch_size=len(images))
+        except ValueError as exc:  # wrong image size or layout: one clear line, not a traceback
+            raise ModelPackageError(f"{path}: cannot embed these images: {exc}") from None
 
     return embed, package_identity(path)

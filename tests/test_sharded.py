@@ -18,6 +18,7 @@ from torch import nn
 from qualiface.heads import build_head
 from qualiface.train.distributed import DistInfo, clip_grad_norm_, launch_local
 from qualiface.train.sharded import ShardedHead, ShardingError, shard_range
+from stand_ins import LinearBackbone  # noqa: F401  (registers test-linear / test-blobs)
 
 WORLD = 2
 LOCAL_BATCH = 3
@@ -451,60 +452,14 @@ def test_bad_state_dict_errors():
 # -- the real trainer on two ranks ---------------------------------------------------------
 
 
-class _FlatLinearBackbone(nn.Module):
-    """Flatten + linear: a stand-in backbone with the backbone contract and no batch norm."""
-
-    def __init__(self, embedding_size: int = EMBED, input_size: int = 8) -> None:
-        super().__init__()
-        self.embedding_size = embedding_size
-        self.feature_dim = 3 * input_size * input_size
-        self.fc = nn.Linear(self.feature_dim, embedding_size)
-
-    def forward(self, x, return_features: bool = False):
-        features = x.flatten(1)
-        embedding = self.fc(features)
-        return (embedding, features) if return_features else embedding
-
-
-class _ClassBlobs(torch.utils.data.Dataset):
-    """Tiny uint8 images with a random prototype per class plus noise."""
-
-    def __init__(self, num: int = 48, classes: int = CLASSES, size: int = 8) -> None:
-        generator = torch.Generator().manual_seed(0)
-        self.labels = torch.arange(num) % classes
-        prototypes = torch.randint(0, 256, (classes, 3, size, size), generator=generator)
-        noise = torch.randint(-30, 31, (num, 3, size, size), generator=generator)
-        self.images = (prototypes[self.labels] + noise).clamp(0, 255).to(torch.uint8)
-        self.num_classes = classes
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index):
-        return self.images[index], int(self.labels[index])
-
-
-def _register_trainer_fixtures() -> None:
-    # Registered at import so that the spawned ranks (which re-import this module) have them.
-    from qualiface.backbones import BACKBONES
-    from qualiface.data import DATASETS
-
-    if "test-sharded-linear" not in BACKBONES:
-        BACKBONES.register("test-sharded-linear")(_FlatLinearBackbone)
-    if "test-sharded-blobs" not in DATASETS:
-        DATASETS.register("test-sharded-blobs")(_ClassBlobs)
-
-
-_register_trainer_fixtures()
-
-
 def _trainer_config(out_dir: str, steps: int, resume: bool = False):
     from qualiface.config import from_dict
 
     return from_dict({
-        "model": {"backbone": "test-sharded-linear", "params": {}},
+        "model": {"backbone": "test-linear", "params": {"embedding_size": EMBED}},
         "head": {"name": "arcface", "params": {}},
-        "data": {"name": "test-sharded-blobs", "params": {}, "flip": False, "num_workers": 0},
+        "data": {"name": "test-blobs", "params": {"num": 48, "classes": CLASSES}, "flip": False,
+                 "num_workers": 0},
         "optim": {"lr": 0.2},
         "schedule": {"kind": "constant"},
         "train": {"steps": steps, "batch_size": 4, "device": "cpu", "output_dir": out_dir,

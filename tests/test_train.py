@@ -10,48 +10,9 @@ from torch import nn
 
 from qualiface.backbones import BACKBONES
 from qualiface.config import OptimConfig, from_dict
-from qualiface.data import DATASETS
 from qualiface.train.loop import Trainer, TrainingError
 from qualiface.train.optim import build_optimizer, split_decay
-
-
-class LinearBackbone(nn.Module):
-    """A BN-free stand-in backbone (flatten + linear) so sample order inside a step is irrelevant."""
-
-    def __init__(self, embedding_size: int = 8, input_size: int = 8) -> None:
-        super().__init__()
-        self.embedding_size = embedding_size
-        self.feature_dim = 3 * input_size * input_size
-        self.fc = nn.Linear(self.feature_dim, embedding_size)
-
-    def forward(self, x, return_features: bool = False):
-        features = x.flatten(1)
-        embedding = self.fc(features)
-        return (embedding, features) if return_features else embedding
-
-
-class Blobs(torch.utils.data.Dataset):
-    """Tiny class-structured uint8 images: a random prototype per class plus noise."""
-
-    def __init__(self, num: int = 64, classes: int = 4, size: int = 8, seed: int = 0) -> None:
-        g = torch.Generator().manual_seed(seed)
-        self.labels = torch.arange(num) % classes
-        proto = torch.randint(0, 256, (classes, 3, size, size), generator=g)
-        noise = torch.randint(-30, 31, (num, 3, size, size), generator=g)
-        self.images = (proto[self.labels] + noise).clamp(0, 255).to(torch.uint8)
-        self.num_classes = classes
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return self.images[i], int(self.labels[i])
-
-
-if "test-linear" not in BACKBONES:
-    BACKBONES.register("test-linear")(LinearBackbone)
-if "test-blobs" not in DATASETS:
-    DATASETS.register("test-blobs")(Blobs)
+from stand_ins import Blobs, LinearBackbone  # noqa: F401  (registers test-linear / test-blobs)
 
 
 def tiny_config(tmp_path, **train):

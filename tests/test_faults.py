@@ -22,6 +22,7 @@ from test_resume import (
     launch,
     logged_steps,
     make_folder,
+    uninterrupted_run,
     wait_until,
     write_config,
 )
@@ -38,13 +39,7 @@ KILL_SEED = 20240600  # kills after steps 1, 4 and 9: before any checkpoint, at 
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory):
     """One uninterrupted CLI run: (tmp folder, data folder, its final weights)."""
-    tmp = tmp_path_factory.mktemp("faults")
-    data = make_folder(tmp / "faces")
-    out = tmp / "straight"
-    proc = launch(write_config(tmp, data, out))
-    output, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, output
-    return tmp, data, final_weights(out)
+    return uninterrupted_run(tmp_path_factory.mktemp("faults"))
 
 
 @pytest.mark.slow

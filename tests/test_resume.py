@@ -90,15 +90,19 @@ def assert_bitwise_equal(a: dict, b: dict) -> None:
         assert torch.equal(a[name], b[name]), f"{name} differs after resume"
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("resume")
+def uninterrupted_run(tmp):
+    """One uninterrupted CLI run in ``tmp``: (tmp folder, data folder, its final weights)."""
     data = make_folder(tmp / "faces")
     out = tmp / "straight"
     proc = launch(write_config(tmp, data, out))
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, output
     return tmp, data, final_weights(out)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    return uninterrupted_run(tmp_path_factory.mktemp("resume"))
 
 
 @pytest.mark.slow

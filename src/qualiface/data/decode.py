@@ -277,10 +277,14 @@ def read_image(
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Decode an image file -> uint8 tensor (3, H, W), RGB. Errors name the file."""
+    """Decode an image file -> uint8 tensor (3, H, W), RGB. Errors name the file: a missing or
+    unreadable file is a ``DecodeError`` too, so every caller handles one error family."""
     path = Path(path)
-    return decode_image(path.read_bytes(), name=str(path), max_pixels=max_pixels,
-                        backend=backend)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DecodeError(str(path), f"cannot read file ({exc.strerror or exc})") from None
+    return decode_image(data, name=str(path), max_pixels=max_pixels, backend=backend)
 
 
 def encode_jpeg(image: torch.Tensor | np.ndarray, quality: int = 95) -> bytes:

@@ -13,22 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qualiface.data import decode
 from qualiface.data.decode import DecodeError as ImageDecodeError
+from qualiface.data.decode import read_image  # noqa: F401  (re-exported: the infer image API)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-
-
-def read_image(path: str | Path) -> torch.Tensor:
-    """Decode an image file to a uint8 ``(3, H, W)`` RGB tensor (``qualiface.data.decode``).
-
-    Raises :class:`ImageDecodeError` naming the file when it is missing or undecodable.
-    """
-    path = Path(path)
-    try:
-        return decode.read_image(path)
-    except OSError as exc:
-        raise ImageDecodeError(str(path), f"cannot read file ({exc.strerror or exc})") from None
 
 
 def list_images(inputs: str | Path | Iterable[str | Path]) -> list[Path]:

@@ -4,21 +4,26 @@
     python3 quickstart.py demo [demo options]   # train + evaluate QCFace on the synthetic set
     python3 quickstart.py test [pytest options] # the whole test suite (what CI runs)
 
-The first call creates ``.venv`` with a CPU build of torch pinned to 2.13.0 and the package
-(editable) with its test extras; later calls reuse it until ``pyproject.toml`` changes.
+The first call creates ``.venv`` with torch pinned to 2.13.0 and the package (editable) with
+its test extras; later calls reuse it until ``pyproject.toml`` changes. Where no NVIDIA GPU is
+present it installs the CPU build (``torch==2.13.0+cpu``, from PyTorch's CPU wheel index or a
+local wheel pip already knows): a plain ``torch==2.13.0`` from PyPI is a multi-GB CUDA build.
+``QUALIFACE_TORCH`` (e.g. ``torch==2.13.0`` or ``torch==2.13.0+cu126``) overrides the choice.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
-TORCH_PIN = "torch==2.13.0"
+TORCH_VERSION = "2.13.0"
+CPU_WHEEL_INDEX = "https://download.pytorch.org/whl/cpu"
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 
 
@@ -27,12 +32,33 @@ def _run(*cmd: str | Path) -> None:
     subprocess.run([str(c) for c in cmd], check=True, cwd=ROOT)
 
 
+def has_nvidia_gpu() -> bool:
+    """True when an NVIDIA driver is visible (then the default, CUDA, torch build is wanted)."""
+    return shutil.which("nvidia-smi") is not None or Path("/proc/driver/nvidia").exists()
+
+
+def torch_requirement() -> tuple[str, list[str]]:
+    """(requirement, extra pip arguments) for torch on this machine, and say which and why."""
+    override = os.environ.get("QUALIFACE_TORCH")
+    if override:
+        print(f"torch: {override} (from QUALIFACE_TORCH)", flush=True)
+        return override, []
+    if has_nvidia_gpu():
+        print(f"torch: NVIDIA GPU found, installing the CUDA build torch=={TORCH_VERSION}",
+              flush=True)
+        return f"torch=={TORCH_VERSION}", []
+    print(f"torch: no NVIDIA GPU found, installing the CPU build torch=={TORCH_VERSION}+cpu "
+          f"(set QUALIFACE_TORCH to choose another build)", flush=True)
+    return f"torch=={TORCH_VERSION}+cpu", ["--extra-index-url", CPU_WHEEL_INDEX]
+
+
 def ensure_environment() -> Path:
     """Create or refresh .venv; return its python."""
     if sys.version_info < (3, 10):
         sys.exit(f"qualiface needs Python 3.10 or newer, this is {sys.version.split()[0]}")
     python = BIN / "python"
-    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + TORCH_PIN.encode()).hexdigest()
+    torch_pin, torch_args = torch_requirement()
+    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + torch_pin.encode()).hexdigest()
     stamp = VENV / ".qualiface-installed"
     if python.exists() and stamp.exists() and stamp.read_text().strip() == digest:
         return python
@@ -41,7 +67,7 @@ def ensure_environment() -> Path:
     pip = (python, "-m", "pip", "install", "--disable-pip-version-check", "-q")
     _run(*pip, "--upgrade", "pip")
     # torch first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
-    _run(*pip, TORCH_PIN)
+    _run(*pip, *torch_args, torch_pin)
     _run(*pip, "-e", ".[test]")
     stamp.write_text(digest + "\n")
     return python

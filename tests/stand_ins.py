@@ -24,7 +24,7 @@ class LinearBackbone(nn.Module):
         self.fc = nn.Linear(self.feature_dim, embedding_size)
 
     def forward(self, x, return_features: bool = False):
-        features = x.flatten(1)
+        features = x.flatten(1).to(self.fc.weight.dtype)  # float64 runs: see test_train
         embedding = self.fc(features)
         return (embedding, features) if return_features else embedding
 

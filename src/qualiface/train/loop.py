@@ -139,6 +139,10 @@ def resolve_device(requested: str, dist_device: torch.device) -> torch.device:
     return device
 
 
+def _at_least_fp32(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
 class Trainer:
     """Holds the run's state; ``run()`` executes every phase (resuming when asked)."""
 
@@ -380,15 +384,16 @@ class Trainer:
                 embeddings, features = self.model(x, return_features=True)
             else:
                 embeddings, features = self.model(x), None
-        # Heads run in fp32: margins use acos/sqrt near +-1 where bf16 rounding hurts.
-        embeddings = embeddings.float()
+        # Heads run in at least fp32: margins use acos/sqrt near +-1 where bf16 rounding hurts
+        # (a float64 model stays float64, which the exactness tests rely on).
+        embeddings = embeddings.to(_at_least_fp32(embeddings.dtype))
         second = None
         if wants_view:
             embeddings, second = embeddings[:batch], embeddings[batch:]
             features = features[:batch] if features is not None else None
         kwargs = {}
         if features is not None:
-            kwargs["features"] = features.float()
+            kwargs["features"] = features.to(_at_least_fp32(features.dtype))
         if second is not None:
             kwargs["second_view"] = second
         return self.head(embeddings, labels, **kwargs), embeddings

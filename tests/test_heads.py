@@ -494,3 +494,30 @@ def test_label_range_check_host_and_device_paths():
         CosineHead.check_index_range(labels, 0, 3, "labels", on_host=False)
     CosineHead.check_index_range(labels, 0, 6, "labels", on_host=False)  # in range: no error
     CosineHead.check_index_range(labels[:0], 0, 1, "labels", on_host=True)  # empty: nothing
+
+
+def test_easy_margin_applies_no_margin_where_cos_is_not_positive():
+    from qualiface.heads.common import arc_margin
+
+    cos = torch.linspace(-0.99, 0.99, 199, dtype=torch.float64)
+    theta = torch.arccos(cos)
+    got = arc_margin(cos, 0.5, easy_margin=True)
+    expected = torch.where(cos > 0, torch.cos(theta + 0.5), cos)
+    assert torch.allclose(got, expected, atol=1e-9)
+    # the default keeps ArcFace's monotone fallback, which differs for cos <= 0
+    assert not torch.allclose(arc_margin(cos, 0.5), got)
+
+
+def test_qcface_easy_margin_reaches_the_loss():
+    from qualiface.heads import build_head
+
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 8), torch.randint(0, 5, (16,))
+    heads = [build_head("qcface", embedding_size=8, num_classes=5, easy_margin=flag)
+             for flag in (False, True)]
+    heads[1].load_state_dict(heads[0].state_dict())
+    with torch.no_grad():
+        heads[0].weight.copy_(-x[:5])  # targets far from their centre: cos < 0 for some rows
+        heads[1].weight.copy_(-x[:5])
+    losses = [h(x, y).loss.item() for h in heads]
+    assert losses[0] != pytest.approx(losses[1])

@@ -58,8 +58,36 @@ def test_qcface_warmup_then_norm_phase(tmp_path):
     assert inner_head(trainer.head).norm_phase is True
 
 
+def test_qcface_warmup_as_fraction_of_the_run(tmp_path):
+    cfg = config(tmp_path, "qcface", {"name": "qcface", "qcface": {"warmup_fraction": 0.25}})
+    Trainer(cfg).run()
+    # 25 % of 20 steps = 5 warm-up steps: logged after steps 5 (still warm-up), 10, 15, 20
+    assert [r["norm_phase"] for r in records(tmp_path, "train")] == [0.0, 1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("warmup", [{"warmup_epochs": 50.0}, {"warmup_steps": 20},
+                                    {"warmup_fraction": 1.0}])
+def test_qcface_warmup_as_long_as_the_run_is_refused(tmp_path, warmup):
+    # A warm-up >= the run would train plain ArcFace and still ship a "QCFace quality" package.
+    cfg = config(tmp_path, "qcface", {"name": "qcface", "qcface": warmup})
+    with pytest.raises(PipelineError, match="norm regulariser would never switch on.*20"):
+        Trainer(cfg).run()
+
+
+def test_eqface_collapsed_branch_stops_with_a_clear_error(tmp_path):
+    # Measured on this tiny set: step 2 at the default branch_lr drives s to ~2e-5.
+    pipeline = {"name": "eqface", "eqface": {"branch_steps": 5, "finetune_steps": 5}}
+    trainer = Trainer(config(tmp_path, "eqface", pipeline, steps=10))
+    with pytest.raises(PipelineError, match="EQFace step 2 collapsed: .*mean s = .*branch_lr"):
+        trainer.run()
+    assert inner_head(trainer.head).stage == 2  # stopped before step 3 trained anything
+
+
 def test_eqface_three_steps_with_qwdf(tmp_path):
-    pipeline = {"name": "eqface", "eqface": {"branch_steps": 5, "finetune_steps": 5, "s_th": 0.5}}
+    # collapse_below=0: this test checks QWDF's filtering mechanics on a branch that collapses
+    # on this tiny set (see the test above), not the branch's quality.
+    pipeline = {"name": "eqface", "eqface": {"branch_steps": 5, "finetune_steps": 5, "s_th": 0.5,
+                                             "collapse_below": 0.0}}
     cfg = config(tmp_path, "eqface", pipeline, steps=10)
     trainer = Trainer(cfg)
     backbone_before_branch = {}

@@ -148,7 +148,12 @@ class TrainConfig:
 class EQFacePipelineConfig:
     """EQFace's three steps. Step 1 uses ``train.epochs``/``train.steps``; steps 2 and 3 have
     their own lengths and learning rates. ``s_th > 0`` turns on QWDF: after step 2, training
-    samples with quality below ``s_th`` are dropped for step 3."""
+    samples with quality below ``s_th`` are dropped for step 3.
+
+    ``collapse_below``: after step 2 the branch scores (a sample of) the training set; a mean
+    quality below this stops the run with a clear error, because s_i ~ 0 scales every logit
+    to ~0 and step 3 then learns nothing (its loss sits at ln C). 0 disables the check.
+    """
 
     branch_epochs: float = 1.0
     branch_steps: int = 0
@@ -157,6 +162,7 @@ class EQFacePipelineConfig:
     finetune_steps: int = 0
     finetune_lr: float = 0.01
     s_th: float = 0.0
+    collapse_below: float = 0.01
 
 
 @dataclass
@@ -169,11 +175,14 @@ class QGFacePipelineConfig:
 
 @dataclass
 class QCFacePipelineConfig:
-    """QCFace warm-up: plain margin training for ``warmup_epochs`` (or ``warmup_steps`` when
-    > 0), then the norm regulariser (``head.norm_phase``) is switched on."""
+    """QCFace warm-up: plain margin training, then the norm regulariser (``head.norm_phase``)
+    is switched on. The length is ``warmup_steps`` when > 0, else ``warmup_fraction`` of the
+    run's steps when > 0, else ``warmup_epochs``. A warm-up as long as the run would leave the
+    regulariser (QCFace's defining term) off throughout: the trainer refuses it."""
 
     warmup_epochs: float = 0.0
     warmup_steps: int = 0
+    warmup_fraction: float = 0.0
 
 
 @dataclass

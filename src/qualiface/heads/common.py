@@ -124,12 +124,16 @@ def reduced_cross_entropy(
     return reduced_logsumexp(logits, reducer) - target_logit
 
 
-def arc_margin(cos: torch.Tensor, margin: float | torch.Tensor) -> torch.Tensor:
+def arc_margin(cos: torch.Tensor, margin: float | torch.Tensor,
+               easy_margin: bool = False) -> torch.Tensor:
     """cos(theta + m) for cos = cos(theta), elementwise; m a float or a tensor like ``cos``.
 
     Past ``theta + m > pi`` (cos theta < cos(pi - m)) cos(theta + m) would start increasing again
     and reward pushing the sample further away, so the standard ArcFace fallback
     ``cos theta - sin(pi - m) * m`` (monotone, continuous at the switch) is used instead.
+    ``easy_margin=True`` instead applies no margin at all where ``cos theta <= 0`` (the target
+    is plain ``cos theta`` there): the variant of the QCFace and MagFace authors' code, which
+    spares samples that are still far from their centre early in training.
     ``cos`` is clamped to [-1 + eps, 1 - eps] so sqrt(1 - c^2) has a finite derivative.
     """
     cos = cos.clamp(-1.0 + COS_EPS, 1.0 - COS_EPS)
@@ -147,6 +151,8 @@ def arc_margin(cos: torch.Tensor, margin: float | torch.Tensor) -> torch.Tensor:
         threshold = math.cos(math.pi - margin)
         fallback_shift = math.sin(math.pi - margin) * margin
     shifted = cos * cos_m - sin * sin_m
+    if easy_margin:
+        return torch.where(cos > 0, shifted, cos)
     fallback = cos - fallback_shift
     return torch.where(cos > threshold, shifted, fallback)
 

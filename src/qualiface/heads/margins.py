@@ -20,15 +20,17 @@ from qualiface.heads.common import ClassBatch, MarginHead, arc_margin, check_pos
 class CombinedMargin:
     """The (m1, m2, m3) target transform, shared by every head that uses a combined margin."""
 
-    def __init__(self, m1: float, m2: float, m3: float) -> None:
+    def __init__(self, m1: float, m2: float, m3: float, easy_margin: bool = False) -> None:
         check_positive("m1", m1)
         check_range("m2", m2, 0.0, math.pi)
         check_range("m3", m3, -1.0, 2.0)
         self.m1, self.m2, self.m3 = float(m1), float(m2), float(m3)
+        self.easy_margin = bool(easy_margin)
 
     def __call__(self, target_cos):
         """(B,) cos t_y -> (B,) m1 cos(t_y + m2) - m3 (cosine units, before the scale)."""
-        shifted = arc_margin(target_cos, self.m2) if self.m2 > 0 else target_cos
+        shifted = (arc_margin(target_cos, self.m2, self.easy_margin) if self.m2 > 0
+                   else target_cos)
         return self.m1 * shifted - self.m3
 
 
@@ -47,9 +49,10 @@ class CombinedMarginHead(MarginHead):
         m2: float = 0.3,
         m3: float = 0.2,
         scale: float = 64.0,
+        easy_margin: bool = False,
     ) -> None:
         super().__init__(embedding_size, num_classes, scale)
-        self.margin = CombinedMargin(m1, m2, m3)
+        self.margin = CombinedMargin(m1, m2, m3, easy_margin)
 
     def margin_target(self, batch: ClassBatch):
         return self.margin(batch.target_cos)
@@ -61,14 +64,15 @@ class CombinedMarginHead(MarginHead):
 
 @HEADS.register("arcface")
 class ArcFace(CombinedMarginHead):
-    """ArcFace (Deng et al. 2019): target ``s cos(t_y + m)``, m = 0.5, s = 64.
+    """ArcFace (Deng et al. 2019): target ``s cos(t_y + m)``, m = 0.5, s = 64; ``easy_margin``
+    applies no margin where cos t_y <= 0 (see ``common.arc_margin``).
 
     Quality: raw feature norm a >= 0 (not trained by the loss).
     """
 
     def __init__(self, embedding_size: int, num_classes: int, margin: float = 0.5,
-                 scale: float = 64.0) -> None:
-        super().__init__(embedding_size, num_classes, 1.0, margin, 0.0, scale)
+                 scale: float = 64.0, easy_margin: bool = False) -> None:
+        super().__init__(embedding_size, num_classes, 1.0, margin, 0.0, scale, easy_margin)
 
 
 @HEADS.register("cosface")

@@ -12,6 +12,8 @@ recognizability score. Registry names ``qcface``, ``qcface-cur``, ``qcface-mv``.
   between z* and the exact argmin). ``loss = L_id + lambda_g L_g`` (lambda_g = 1).
 * ``norm_phase`` (attribute and parameter, default True): when False (warm-up epochs) L_g is
   not added to the loss but is still reported in ``metrics["norm_loss"]``.
+* ``easy_margin`` (``qcface`` only): no margin where cos t_y <= 0, as in the authors' code;
+  the default (False) keeps ArcFace's ``cos - m sin m`` fallback (``common.arc_margin``).
 
 Quality: p(a) in [0, 1], the recognizability recovered from the norm by inverting z*
 (``quality.NormPrior.recognizability``) - calibrated: a face at its target norm gets its p.
@@ -99,8 +101,10 @@ class QCFace(NormPriorRegularised, ArcFace):
         eps: float = 1e-3,
         lambda_g: float = 1.0,
         norm_phase: bool = True,
+        easy_margin: bool = False,
     ) -> None:
-        ArcFace.__init__(self, embedding_size, num_classes, margin=margin, scale=scale)
+        ArcFace.__init__(self, embedding_size, num_classes, margin=margin, scale=scale,
+                         easy_margin=easy_margin)
         self.init_norm_prior(u_a, l_a, eps, lambda_g, norm_phase)
 
 

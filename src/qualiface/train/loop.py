@@ -494,7 +494,7 @@ class Trainer:
             steps_per_epoch = self.plan().steps_per_epoch
         self.pipeline.enter_phase(phase, self.backbone, self.head)
         if hasattr(self.pipeline, "resolve"):
-            self.pipeline.resolve(steps_per_epoch)
+            self.pipeline.resolve(steps_per_epoch, phase.total_steps(steps_per_epoch))
         named = self.pipeline.trainable(phase, self.backbone, self.head)
         self.optimizer = build_optimizer(named, self.cfg.optim, lr=phase.lr)
         self._wrap_model()
@@ -584,10 +584,11 @@ class Trainer:
         return result
 
     @torch.no_grad()
-    def score_training_set(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def score_training_set(self, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Quality of every current training sample (no flip): ``(indices (N,), quality (N,))``.
 
-        Used by EQFace's QWDF filter. Every rank scores all samples (same result everywhere).
+        Used by EQFace's QWDF filter and its collapse check (``limit``: only the first
+        ``limit`` samples, evenly spread over the set). Every rank scores the same samples.
         """
         from qualiface.progress import make_progress
 
@@ -596,10 +597,13 @@ class Trainer:
         self.backbone.eval()
         scores = []
         bs = self.cfg.train.batch_size
+        chosen = self.indices
+        if limit is not None and len(chosen) > limit:
+            chosen = chosen[torch.linspace(0, len(chosen) - 1, limit).round().long()]
         with make_progress(enabled=self.cfg.train.progress and self.is_main) as bar:
-            task = bar.add_task("scoring training set", total=len(self.indices))
-            for start in range(0, len(self.indices), bs):
-                idx = self.indices[start : start + bs]
+            task = bar.add_task("scoring training set", total=len(chosen))
+            for start in range(0, len(chosen), bs):
+                idx = chosen[start : start + bs]
                 if self.cache is not None:
                     images = self.cache[0][idx.to(self.cache[0].device)].to(self.device)
                 else:
@@ -614,7 +618,7 @@ class Trainer:
                 scores.append(q.float().cpu())
                 bar.advance(task, len(idx))
         self.backbone.train(was_training)
-        return self.indices.clone(), torch.cat(scores)
+        return chosen.clone(), torch.cat(scores)
 
     # ------------------------------------------------------------------ the run
 

@@ -57,6 +57,17 @@ class Phase:
         return max(1, round(self.epochs * steps_per_epoch))
 
 
+def warmup_length(steps: int, fraction: float, epochs: float, steps_per_epoch: int,
+                  total_steps: int) -> int:
+    """A warm-up in optimizer steps: ``steps`` when > 0, else ``fraction`` of ``total_steps``
+    when > 0, else ``epochs`` of ``steps_per_epoch``."""
+    if steps > 0:
+        return int(steps)
+    if fraction > 0:
+        return int(round(fraction * total_steps))
+    return int(round(epochs * steps_per_epoch))
+
+
 def inner_head(head: nn.Module) -> nn.Module:
     """The method head itself (unwraps a ``ShardedHead``, which keeps it as ``.head``)."""
     return getattr(head, "head", head)
@@ -131,9 +142,19 @@ class QCFacePipeline(Pipeline):
         super().__init__(cfg)
         self._warmup_steps: int | None = None
 
-    def resolve(self, steps_per_epoch: int) -> None:
+    def resolve(self, steps_per_epoch: int, total_steps: int) -> None:
+        """Fix the warm-up in steps for a phase of ``total_steps``; refuse one that never ends."""
         q = self.cfg.pipeline.qcface
-        self._warmup_steps = q.warmup_steps if q.warmup_steps > 0 else round(q.warmup_epochs * steps_per_epoch)
+        self._warmup_steps = warmup_length(q.warmup_steps, q.warmup_fraction, q.warmup_epochs,
+                                           steps_per_epoch, total_steps)
+        if self._warmup_steps >= total_steps:
+            raise PipelineError(
+                f"QCFace's norm regulariser would never switch on: the warm-up "
+                f"(pipeline.qcface: warmup_steps={q.warmup_steps}, warmup_fraction="
+                f"{q.warmup_fraction:g}, warmup_epochs={q.warmup_epochs:g}) is "
+                f"{self._warmup_steps} steps and the run has {total_steps}; shorten the "
+                f"warm-up (e.g. pipeline.qcface.warmup_fraction=0.1) or lengthen the run"
+            )
 
     def enter_phase(self, phase: Phase, backbone: nn.Module, head: nn.Module) -> None:
         if not hasattr(inner_head(head), "norm_phase"):
@@ -178,11 +199,29 @@ class EQFacePipeline(Pipeline):
         named += [(f"head.{n}", p) for n, p in head.named_parameters() if id(p) in wanted]
         return named
 
+    # Enough samples for a stable mean without scoring a whole large training set twice.
+    COLLAPSE_SAMPLE = 4096
+
     def after_phase(self, phase: Phase, trainer) -> None:
-        s_th = self.cfg.pipeline.eqface.s_th
-        if phase.stage != 2 or s_th <= 0:
+        eq = self.cfg.pipeline.eqface
+        s_th = eq.s_th
+        if phase.stage != 2 or (s_th <= 0 and eq.collapse_below <= 0):
             return
-        indices, quality = trainer.score_training_set()
+        limit = None if s_th > 0 else self.COLLAPSE_SAMPLE
+        indices, quality = trainer.score_training_set(limit=limit)
+        mean = float(quality.mean()) if len(quality) else 0.0
+        if eq.collapse_below > 0 and mean < eq.collapse_below:
+            raise PipelineError(
+                f"EQFace step 2 collapsed: the quality branch gives a mean s = {mean:.2g} over "
+                f"{len(quality)} training samples (below pipeline.eqface.collapse_below="
+                f"{eq.collapse_below:g}); s scales every logit, so step 3 would learn nothing "
+                f"(loss stuck at ln C). Restart from the step-1 checkpoint with a lower "
+                f"pipeline.eqface.branch_lr or a shorter step 2 (branch_epochs/branch_steps)"
+            )
+        trainer.logger.note(trainer.global_step,
+                            f"EQFace step 2: mean quality s = {mean:.3f} over {len(quality)} samples")
+        if s_th <= 0:
+            return
         keep = indices[quality >= s_th]
         if len(keep) < trainer.samples_per_step:
             raise PipelineError(

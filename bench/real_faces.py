@@ -4,11 +4,13 @@
 Protocol (``../shared/data/README.md``, kept fixed):
 
 * **Train** on ``train.txt`` (list dataset; 18,976 images, 4,735 identities, no test identity).
-  Every method gets the same backbone, optimiser, schedule, seed and therefore the same data
-  order and backbone initialisation: the shared part is ``configs/bench/real_faces.yaml``; only
-  the ``head`` and ``pipeline`` sections differ, taken from the method's shipped
-  ``configs/<method>_r50.yaml``. Phases a method adds (EQFace's steps 2 and 3, QCFace's warm-up)
-  keep their shipped length *relative* to the main schedule (EQFace: +1/6 + 1/6 of it).
+  Every method gets the same backbone, data, optimiser, schedule and seed (so the same data
+  order and backbone initialisation): ``configs/bench/real_faces.yaml`` fixes those. Everything
+  else is the method's *whole* shipped config ``configs/<method>_r50.yaml``: its head, its
+  pipeline, its model parameters (e.g. QCFace's and MagFace's ``learnable_embedding_scale``)
+  and its training options (clipping, precision). Phases a method adds (EQFace's steps 2 and 3,
+  QCFace's warm-up) keep their shipped length *relative* to the main schedule. The effective
+  config of every run is printed and stored in its result file.
 * **Test** on LFW ``pairs.txt`` folds 8, 9, 10 (1,800 pairs): accuracy as 3-fold
   cross-validation over those folds (threshold from two folds, applied to the third; mean and
   std), TAR at FAR = 1e-2 and ROC AUC over all pairs.
@@ -20,17 +22,17 @@ Protocol (``../shared/data/README.md``, kept fixed):
   20 % and 30 % discard for each method's own quality score and for its feature norm, on the
   *mixed* set where every image appears at one severity drawn uniformly from {0, 0.25, 0.5,
   0.75} (seed ``MIX_SEED``), i.e. where quality varies; the clean-set EDC is in the JSON too.
-  Spearman correlation of quality with severity over every test image at every level (a good
-  score is strongly negative).
+  Spearman and Kendall correlation of quality with severity over every test image at every level
+  (a good score is strongly negative).
 
-Metrics come from ``qualiface.eval`` (``lfw_benchmark``, ``extract_features``,
-``evaluate_pairs``, ``rank_correlations``) over the model package the trainer writes
-(``qualiface.infer.model``); nothing is recomputed here. ``--seeds 0,1,2`` repeats every method
-per seed and reports mean +- std (sample std over seeds).
+Runs are resumable and their results merge across sessions: each (method, seed) writes one
+JSON (config, commit, machine, date, metrics) to ``--results-dir``; a run whose file exists is
+skipped, and a killed run resumes from its last checkpoint in ``--runs-dir``. ``--table DIR``
+only merges the run files of a folder into ``table.md`` / ``table.json`` and draws the EDC and
+quality-vs-severity plots. ``--preset cpu`` is the 2-core CPU protocol of ``docs/BENCHMARKS.md``.
 
-Writes ``bench/results/real_faces.json``, ``real_faces.md`` (the table for
-``docs/BENCHMARKS.md``) and ``real_faces_edc.png``; prints the table.
-
+    python bench/real_faces.py --preset cpu --methods qcface --seeds 0     # one row, CPU
+    python bench/real_faces.py --table bench/results/real_faces_cpu        # the table + plots
     python bench/real_faces.py --backbone iresnet18 --epochs 20 --seeds 0,1,2      # GPU
     python bench/real_faces.py --smoke                                            # CPU, 1 min
     python bench/real_faces.py --merge a.json b.json --out bench/results/real_faces.json
@@ -64,7 +66,14 @@ from common import (  # noqa: E402
     write_json,
 )
 
-METHODS = ("arcface", "cosface", "magface", "adaface", "qcface", "qcface-cur", "eqface", "qgface")
+METHODS = ("arcface", "cosface", "curricular", "mv-softmax", "magface", "adaface", "qcface",
+           "qcface-cur", "eqface", "qgface")
+# The 2-core CPU protocol (docs/BENCHMARKS.md): a narrow IResNet-18 at 112 px converges in
+# about 10 epochs within ~45 minutes per method on 2 cores (measured 79 img/s training steps).
+CPU_PRESET = {"backbone": "iresnet18", "backbone_params": {"base_width": 16},
+              "epochs": 10.0, "batch_size": 128, "device": "cpu", "workers": 0,
+              "val_every_epoch": True, "results_dir": "bench/results/real_faces_cpu",
+              "runs_dir": "runs/bench_real_faces_cpu"}
 BASE_CONFIG = REPO / "configs" / "bench" / "real_faces.yaml"
 TEST_FOLDS = (8, 9, 10)
 DEGRADE_SEED = 2024  # which kind each test image gets, and the kinds' own randomness
@@ -96,9 +105,15 @@ class RealFacesConfig:
     embed_batch: int = 256
     overrides: list[str] = field(default_factory=list)
     runs_dir: str = "runs/bench_real_faces"
+    results_dir: str = ""
     out: str = ""
     smoke: bool = False
+    preset: str = ""
+    val_every_epoch: bool = False
+    checkpoint_every: int = 50
+    force: bool = False
     merge: list[str] = field(default_factory=list)
+    table: str = ""
 
 
 # --------------------------------------------------------------------------- data
@@ -199,31 +214,54 @@ def decode_images(dataset, progress: bool = True):
 
 def run_config(cfg: RealFacesConfig, method: str, seed: int, list_file: Path, data_root: Path,
                out_dir: Path):
-    """The TrainingConfig of one (method, seed): base file + method sections + flags."""
+    """The TrainingConfig of one (method, seed): the method's whole shipped config, with the
+    sections the protocol fixes (backbone, data, validation, optimiser, schedule, seed, length,
+    output) taken from the base file and the flags."""
     import yaml
 
     from qualiface.config import apply_overrides, from_dict
 
     base = yaml.safe_load(BASE_CONFIG.read_text())
-    sections, shipped_epochs = method_sections(method)
-    method_part = {k: v for k, v in sections.items() if k in ("head", "pipeline")}
-    if "pipeline" in method_part:
-        method_part["pipeline"] = rescale_phases(method_part["pipeline"], shipped_epochs, cfg)
-    merged = merge(base, method_part)
-    merged["model"]["backbone"] = cfg.backbone
-    merged["model"]["params"] = merge(merged["model"].get("params", {}), cfg.backbone_params)
+    method_file = REPO / "configs" / f"{method}_r50.yaml"
+    shipped = yaml.safe_load(method_file.read_text()) if method_file.is_file() else {
+        "head": {"name": method}}
+    shipped_epochs = (shipped.get("train") or {}).get("epochs")
+    merged = dict(shipped)
+    if "pipeline" in merged and shipped_epochs:
+        merged["pipeline"] = rescale_phases(merged["pipeline"], float(shipped_epochs), cfg)
+    # model: the protocol's backbone; the method keeps its own model parameters
+    # (learnable_embedding_scale, ...) unless the protocol sets the same key.
+    model = merge(merged.get("model") or {}, {"params": base["model"].get("params", {})})
+    model["backbone"] = cfg.backbone
+    model["params"] = merge(model.get("params", {}), cfg.backbone_params)
+    merged["model"] = model
+    for section in ("data", "optim", "schedule"):
+        merged[section] = base[section]
+    merged["val"] = base["val"]
     merged["data"]["params"] = {"list_file": str(list_file), "root": str(data_root)}
     merged["data"]["num_workers"] = cfg.workers
-    train = merged["train"]
+    train = merge(merged.get("train") or {}, base["train"])
     train.update(batch_size=cfg.batch_size, device=cfg.device, seed=seed,
-                 output_dir=str(out_dir), progress=True)
+                 output_dir=str(out_dir), progress=True, resume=True,
+                 checkpoint_every=cfg.checkpoint_every)
+    train.pop("steps", None)
     if cfg.max_steps > 0:
         train["steps"] = cfg.max_steps
         merged["schedule"]["warmup_steps"] = max(1, cfg.max_steps // 20)
     else:
         train["epochs"] = cfg.epochs
+    merged["train"] = train
+    if cfg.val_every_epoch:
+        images = sum(1 for line in list_file.read_text().splitlines()
+                     if line.strip() and not line.startswith("#"))
+        train["eval_every"] = max(1, images // cfg.batch_size)  # one epoch (drop-last batches)
+        # LFW folds 8-10 after every epoch: the curve that shows whether a run has converged
+        # (accuracy no longer rising). It only monitors; nothing is selected on it.
+        merged["val"] = {"kind": "pairs", "root": str(data_root / "lfw" / "aligned112"),
+                         "pairs": str(data_root / "lfw" / "pairs.txt"),
+                         "folds": list(TEST_FOLDS)}
     merged = apply_overrides(merged, cfg.overrides)
-    return from_dict(merged, source=f"{BASE_CONFIG} + {method} (seed {seed})")
+    return from_dict(merged, source=f"{BASE_CONFIG} + {method_file.name} (seed {seed})")
 
 
 def rescale_phases(pipeline: dict, shipped_epochs: float | None, cfg: RealFacesConfig) -> dict:
@@ -326,6 +364,12 @@ def evaluate_package(package: Path, bench, clean, degraded: dict, device: str,
         "model quality": rank_correlations(all_quality, all_severity),
         "feature norm": rank_correlations(all_norms, all_severity),
     }
+    # Median and quartiles per severity: what the quality-vs-severity plot draws.
+    by_severity = {}
+    for name, values in (("model quality", all_quality), ("feature norm", all_norms)):
+        by_severity[name] = {f"{s:g}": np.percentile(values[all_severity == s], [25, 50, 75])
+                             for s in order}
+    results["quality_by_severity"] = by_severity
     return {"results": results, "edcs": edcs}
 
 
@@ -334,25 +378,57 @@ def evaluate_package(package: Path, bench, clean, degraded: dict, device: str,
 
 def train_and_evaluate(cfg: RealFacesConfig, method: str, seed: int, list_file: Path,
                        data_root: Path, bench, clean, degraded, eval_device: str) -> dict:
+    """Train (or resume) one (method, seed) and evaluate its model package.
+
+    The seconds spent training are added up over every invocation in ``bench_time.json`` of
+    the run folder, so a run resumed across sessions still reports its whole training time.
+    """
+    import json
+
+    import yaml
+
+    from qualiface.config import to_dict
     from qualiface.train.loop import TrainingError, train
 
     out_dir = Path(cfg.runs_dir) / f"{method}-seed{seed}"
     tcfg = run_config(cfg, method, seed, list_file, data_root, out_dir)
+    effective = to_dict(tcfg)
+    print(f"-- effective config of {method} (seed {seed}):\n"
+          + yaml.safe_dump(effective, sort_keys=False), file=sys.stderr, flush=True)
+    clock = out_dir / "bench_time.json"
+    spent = json.loads(clock.read_text())["train_seconds"] if clock.is_file() else 0.0
     started = time.perf_counter()
     try:
         result = train(tcfg)
     except TrainingError as exc:
-        return {"method": method, "seed": seed, "error": str(exc)}
-    train_seconds = time.perf_counter() - started
+        return {"method": method, "seed": seed, "error": str(exc), "config": effective}
+    finally:
+        spent += time.perf_counter() - started
+        if out_dir.is_dir():
+            write_json(clock, {"train_seconds": spent})
     if result.model_package is None:
         raise BenchError(f"{out_dir}: the trainer wrote no model package")
     evaluation = evaluate_package(result.model_package, bench, clean, degraded, eval_device,
                                   cfg, f"{method} s{seed}")
     last = {k: v for k, v in result.last_metrics.items() if isinstance(v, (int, float))}
-    return {"method": method, "seed": seed, "run_dir": str(out_dir),
-            "train": {"steps": result.global_step, "seconds": train_seconds,
-                      "last_metrics": last},
+    images = result.global_step * cfg.batch_size
+    return {"method": method, "seed": seed, "run_dir": str(out_dir), "config": effective,
+            "train": {"steps": result.global_step, "seconds": spent,
+                      "images_per_s": images / spent if spent > 0 else None,
+                      "last_metrics": last, "validation_curve": validation_curve(out_dir)},
             **evaluation}
+
+
+def validation_curve(out_dir: Path) -> list[dict]:
+    """(step, LFW 8-10 accuracy) records the trainer logged, for the convergence check."""
+    import json
+
+    path = out_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [{"step": r["step"], "accuracy": r.get("val_accuracy"), "auc": r.get("val_auc")}
+            for r in rows if r.get("kind") == "val"]
 
 
 # --------------------------------------------------------------------------- aggregation
@@ -369,15 +445,24 @@ def table_columns(severities: list[float]) -> list[tuple[str, str, bool]]:
              ("pAUC20 norm", "mixed:norm_pauc_20", False),
              ("pAUC30 norm", "mixed:norm_pauc_30", False),
              ("rho q", "spearman:model quality", False),
-             ("rho norm", "spearman:feature norm", False)]
+             ("rho norm", "spearman:feature norm", False),
+             ("tau q", "kendall:model quality", False),
+             ("tau norm", "kendall:feature norm", False),
+             ("train min", "train:minutes", False),
+             ("img/s", "train:images_per_s", False)]
     return cols
 
 
 def column_value(run: dict, path: str):
     part, key = path.split(":", 1)
     results = run["results"]
-    if part == "spearman":
-        return results["spearman_vs_severity"][key]["spearman"]
+    if part in ("spearman", "kendall"):
+        return results["spearman_vs_severity"][key].get(part)
+    if part == "train":
+        train = run.get("train", {})
+        if key == "minutes":
+            return train["seconds"] / 60 if train.get("seconds") else None
+        return train.get(key)
     return results[part]["summary"].get(key)
 
 
@@ -477,6 +562,45 @@ def plot_edcs(path: Path, runs: list[dict], methods: list[str]) -> Path | None:
     return path
 
 
+def plot_quality_vs_severity(path: Path, runs: list[dict], methods: list[str]) -> Path | None:
+    """Median (line) and quartiles (band) of each method's quality score per severity, first
+    seed; one panel for the method's own score, one for the feature norm (z-scored per method
+    so that norms of different scales share an axis)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    chosen = [next((r for r in runs if r["method"] == m and "error" not in r
+                    and "quality_by_severity" in r["results"]), None) for m in methods]
+    chosen = [r for r in chosen if r is not None]
+    if not chosen:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    for ax, name in zip(axes, ("model quality", "feature norm")):
+        for run in chosen:
+            per = run["results"]["quality_by_severity"][name]
+            levels = sorted(per, key=float)
+            x = [float(k) for k in levels]
+            q = np.array([per[k] for k in levels], dtype=float)  # (levels, [q25, q50, q75])
+            if name == "feature norm":
+                centre, spread = q[0, 1], max(q[0, 2] - q[0, 0], 1e-12)
+                q = (q - centre) / spread
+            line, = ax.plot(x, q[:, 1], marker="o", label=run["method"])
+            ax.fill_between(x, q[:, 0], q[:, 2], color=line.get_color(), alpha=0.12)
+        ax.set_xlabel("degradation severity (0 = clean)")
+        ax.set_ylabel("quality score (median, quartile band)" if name == "model quality"
+                      else "feature norm, relative to clean (median 0, IQR 1)")
+        ax.set_title(f"{name} vs severity, LFW 8-10 (falling = tracks damage)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small", ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 # --------------------------------------------------------------------------- CLI
 
 
@@ -509,6 +633,19 @@ def parse_args(argv) -> RealFacesConfig:
     parser.add_argument("--out", default=None, help="results JSON (default bench/results/...)")
     parser.add_argument("--merge", nargs="+", default=[], metavar="JSON",
                         help="only combine earlier result files into one table (no training)")
+    parser.add_argument("--table", default="", metavar="DIR",
+                        help="only merge the run files of DIR (one JSON per method and seed) "
+                             "into DIR/table.{md,json} with the EDC and quality plots")
+    parser.add_argument("--preset", choices=("cpu",), default="",
+                        help="cpu: the 2-core CPU protocol (iresnet18 width 16, 112 px, "
+                             "10 epochs, LFW 8-10 checked every epoch); flags given win")
+    parser.add_argument("--results-dir", default=None,
+                        help="one result JSON per (method, seed) goes here; existing ones are "
+                             "reused, not re-run")
+    parser.add_argument("--force", action="store_true",
+                        help="re-run (method, seed) pairs whose result file already exists")
+    parser.add_argument("--checkpoint-every", type=int, default=50,
+                        help="steps between checkpoints (a killed run resumes from the last)")
     parser.add_argument("--smoke", action="store_true",
                         help="CPU smoke: iresnet-nano, 2 steps, 12 identities, 8 pairs per fold")
     args = parser.parse_args(argv)
@@ -522,10 +659,19 @@ def parse_args(argv) -> RealFacesConfig:
         severities=parse_list(args.severities, float, what="--severities"), data=args.data,
         train_identities=args.train_identities, test_pairs_per_fold=args.test_pairs_per_fold,
         workers=args.workers, threads=args.threads, embed_batch=args.embed_batch,
-        overrides=args.overrides, smoke=args.smoke, merge=args.merge,
+        overrides=args.overrides, smoke=args.smoke, merge=args.merge, table=args.table,
+        preset=args.preset, force=args.force, checkpoint_every=args.checkpoint_every,
     )
+    explicit = set(a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]))
+    if args.preset == "cpu":
+        flags = {"backbone": "--backbone", "backbone_params": "--backbone-param",
+                 "epochs": "--epochs", "batch_size": "--batch-size", "device": "--device",
+                 "workers": "--workers", "results_dir": "--results-dir",
+                 "runs_dir": "--runs-dir"}
+        for name, value in CPU_PRESET.items():
+            if flags.get(name) not in explicit:
+                setattr(cfg, name, value)
     if args.smoke:
-        explicit = set(a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]))
         defaults = {"--backbone": ("backbone", "iresnet-nano"), "--max-steps": ("max_steps", 2),
                     "--batch-size": ("batch_size", 16), "--device": ("device", "cpu"),
                     "--train-identities": ("train_identities", 12),
@@ -546,8 +692,15 @@ def parse_args(argv) -> RealFacesConfig:
     if cfg.batch_size < 1 or cfg.epochs <= 0 or cfg.max_steps < 0:
         raise BenchError("--batch-size and --epochs must be positive, --max-steps >= 0")
     suffix = "_smoke" if cfg.smoke else ""
-    cfg.out = args.out or str(RESULTS_DIR / f"real_faces{suffix}.json")
-    cfg.runs_dir = args.runs_dir or f"runs/bench_real_faces{suffix}"
+    if args.results_dir:
+        cfg.results_dir = args.results_dir
+    elif args.out:  # the run files go beside an explicit --out
+        cfg.results_dir = str(Path(args.out).with_suffix("")) + "_runs"
+    elif not cfg.results_dir:
+        cfg.results_dir = str(RESULTS_DIR / f"real_faces{suffix}_runs")
+    cfg.out = args.out or str(Path(cfg.results_dir) / "table.json")
+    if args.runs_dir or not cfg.preset:
+        cfg.runs_dir = args.runs_dir or f"runs/bench_real_faces{suffix}"
     return cfg
 
 
@@ -555,6 +708,8 @@ def main(argv=None) -> dict:
     import torch
 
     cfg = parse_args(argv)
+    if cfg.table:
+        return table_from_dir(Path(cfg.table))
     if cfg.merge:
         return merge_results(cfg)
     if cfg.threads:
@@ -590,14 +745,70 @@ def main(argv=None) -> dict:
                      "kinds_count": {k: kinds.count(k) for k in sorted(set(kinds))}},
         "runs": [],
     }
+    results_dir = Path(cfg.results_dir)
     for seed in cfg.seeds:
         for method in cfg.methods:
+            run_file = results_dir / f"{method}-seed{seed}.json"
+            if run_file.is_file() and not cfg.force:
+                print(f"== {method} (seed {seed}): done earlier, reusing {run_file}",
+                      file=sys.stderr, flush=True)
+                payload["runs"].append(read_run(run_file)["run"])
+                continue
             print(f"== {method} (seed {seed})", file=sys.stderr, flush=True)
             run = train_and_evaluate(cfg, method, seed, list_file, data_root, bench, clean,
                                      degraded, eval_device)
             payload["runs"].append(run)
-            write_json(out_path, payload)  # progress survives a crash
+            # One file per run (with the header): runs done in other sessions merge in.
+            write_json(run_file, {**{k: v for k, v in payload.items() if k != "runs"},
+                                  "provenance": provenance(eval_device), "run": run})
     return finish(payload, out_path, cfg.methods, cfg.severities)
+
+
+def read_run(path: Path) -> dict:
+    """One per-run result file, with a clear error when it is not one."""
+    import json
+
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BenchError(f"{path}: cannot read a real_faces run result ({exc})") from None
+    if not isinstance(data, dict) or "run" not in data or "settings" not in data:
+        raise BenchError(f"{path}: not a real_faces run result (no 'run'/'settings')")
+    return data
+
+
+# Settings that may differ between run files of one table (what each file ran, and where).
+PER_RUN_SETTINGS = {"methods", "seeds", "out", "runs_dir", "results_dir", "merge", "table",
+                    "force", "threads", "workers", "embed_batch", "checkpoint_every", "device"}
+
+
+def table_from_dir(folder: Path) -> dict:
+    """Merge every ``<method>-seed<k>.json`` of ``folder`` into ``table.json`` / ``table.md``
+    plus ``table_edc.png`` and ``table_quality_vs_severity.png``; the protocol settings of all
+    files must agree (a file from another protocol is named, not silently mixed in)."""
+    files = sorted(p for p in folder.glob("*-seed*.json"))
+    if not files:
+        raise BenchError(f"{folder}: no run results (<method>-seed<k>.json) found")
+    datas = [read_run(p) for p in files]
+    first = datas[0]
+
+    def protocol(data):
+        return {k: v for k, v in data["settings"].items() if k not in PER_RUN_SETTINGS}
+
+    for path, data in zip(files[1:], datas[1:]):
+        if protocol(data) != protocol(first):
+            differ = sorted(k for k in protocol(first) if protocol(first).get(k) != protocol(data).get(k))
+            raise BenchError(f"{path}: protocol settings differ from {files[0]} in "
+                             f"{', '.join(differ)}")
+    runs = [d["run"] for d in datas]
+    present = {r["method"] for r in runs}
+    methods = [m for m in METHODS if m in present] + sorted(present - set(METHODS))
+    settings = {**first["settings"], "methods": methods,
+                "seeds": sorted({r["seed"] for r in runs})}
+    payload = {k: v for k, v in first.items() if k not in ("run", "provenance")}
+    payload.update(settings=settings, runs=runs, merged_from=[str(p) for p in files],
+                   run_provenance={p.name: d.get("provenance") for p, d in zip(files, datas)})
+    return finish(payload, folder / "table.json", methods, settings["severities"])
 
 
 def finish(payload: dict, out_path: Path, methods: list[str], severities: list[float]) -> dict:
@@ -608,11 +819,15 @@ def finish(payload: dict, out_path: Path, methods: list[str], severities: list[f
     payload["markdown"] = str(write_markdown(stem.with_suffix(".md"), payload, header, rows))
     plot = plot_edcs(stem.parent / f"{stem.name}_edc.png", payload["runs"], methods)
     payload["edc_plot"] = str(plot) if plot else None
+    plot = plot_quality_vs_severity(stem.parent / f"{stem.name}_quality_vs_severity.png",
+                                    payload["runs"], methods)
+    payload["quality_plot"] = str(plot) if plot else None
     write_json(out_path, payload)
     s = payload["settings"]
     scale = "" if "gpu" in payload["machine"] else " (CPU scale, not the benchmark)"
     print_table(f"real-face protocol: {s['backbone']}{scale}", header, rows)
-    print(f"wrote {out_path}, {payload['markdown']}, {payload['edc_plot']}", file=sys.stderr)
+    print(f"wrote {out_path}, {payload['markdown']}, {payload['edc_plot']}, "
+          f"{payload['quality_plot']}", file=sys.stderr)
     return payload
 
 

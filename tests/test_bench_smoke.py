@@ -15,9 +15,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 import torch
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "bench"
 
 
 def _load(name: str):
@@ -162,7 +164,13 @@ def test_real_faces_smoke_writes_expected_outputs(real_faces, shared_data, tmp_p
         assert "error" not in run, run.get("error")
         results = run["results"]
         assert set(results) == {"severity_0", "severity_0.25", "severity_0.5", "severity_0.75",
-                                "mixed", "spearman_vs_severity"}
+                                "mixed", "spearman_vs_severity", "quality_by_severity"}
+        assert run["train"]["seconds"] > 0 and run["train"]["images_per_s"] > 0
+        # the method's whole config is used: its model parameters survive the protocol
+        shipped_params = yaml.safe_load((REPO / "configs" / f"{run['method']}_r50.yaml")
+                                        .read_text())["model"]["params"]
+        if shipped_params.get("learnable_embedding_scale"):
+            assert run["config"]["model"]["params"]["learnable_embedding_scale"] is True
         clean = results["severity_0"]["summary"]
         assert 0 <= clean["accuracy"] <= 1 and 0 <= clean["auc"] <= 1
         mixed = results["mixed"]["summary"]
@@ -178,7 +186,21 @@ def test_real_faces_smoke_writes_expected_outputs(real_faces, shared_data, tmp_p
     markdown = Path(data["markdown"]).read_text()
     assert "CPU smoke scale" in markdown and "| qgface |" in markdown
     assert Path(data["edc_plot"]).stat().st_size > 0
+    assert Path(data["quality_plot"]).stat().st_size > 0
     assert not math.isnan(summary["severity_0:accuracy"]["mean"])
+
+    # One result file per run beside --out; a second invocation reuses them (no training) and
+    # --table rebuilds the same table from the folder alone.
+    run_files = sorted((tmp_path / "rf_runs").glob("*-seed0.json"))
+    assert [p.name for p in run_files] == sorted(f"{m}-seed0.json" for m in real_faces.METHODS)
+    again = real_faces.main(["--smoke", "--data", str(shared_data), "--out",
+                             str(tmp_path / "again.json"), "--results-dir",
+                             str(tmp_path / "rf_runs"), "--runs-dir", str(tmp_path / "nothing")])
+    assert not list((tmp_path / "nothing").glob("*-seed0"))  # nothing was trained again
+    assert again["summary"]["arcface"] == summary
+    table = real_faces.main(["--table", str(tmp_path / "rf_runs")])
+    assert table["summary"]["qcface"] == data["summary"]["qcface"]
+    assert (tmp_path / "rf_runs" / "table.md").read_text().count("| qcface |") == 1
 
     # --merge: a second "seed" from another job; mean and sample std over the two.
     other = json.loads(out.read_text())

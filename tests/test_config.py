@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -150,3 +151,52 @@ def test_shipped_config_resolves_by_name_from_any_directory(tmp_path, monkeypatc
     assert load_config("qcface_r50.yaml").head.name == "arcface"
     with pytest.raises(ConfigError, match="no such config file.*qcface_r50"):
         load_config("no_such_config")
+
+
+def test_exponent_floats_parse_in_files_overrides_and_free_form_params(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("optim:\n  lr: 1e-3\n  eps: 1E-8\nhead:\n  params: {margin: 5e-1}\n")
+    cfg = load_config(path, ["optim.weight_decay=5e-4", "schedule.min_lr='1e-6'"])
+    assert cfg.optim.lr == 0.001 and cfg.optim.eps == 1e-8 and cfg.optim.weight_decay == 5e-4
+    assert cfg.schedule.min_lr == 1e-6  # a numeric string in a float field is read as a number
+    assert cfg.head.params == {"margin": 0.5}  # a float for the constructor, not the text "5e-1"
+    assert load_config(path, ["train.steps=12"]).train.steps == 12  # integers stay integers
+
+
+@pytest.mark.parametrize("override, key", [
+    ("optim.lr=.nan", "optim.lr"), ("optim.lr=.inf", "optim.lr"), ("optim.lr=nan", "optim.lr"),
+    ("optim.lr=-.inf", "optim.lr"), ("train.epochs=.nan", "train.epochs"),
+    ("schedule.min_lr=inf", "schedule.min_lr"), ("distributed.timeout_s=.inf", "distributed.timeout_s"),
+    ("data.cache_max_gb=.nan", "data.cache_max_gb"), ("optim.betas=[.nan, 0.999]", "optim.betas[0]"),
+    ("head.params.margin=.inf", "head.params.margin"),
+])
+def test_non_finite_numbers_are_refused_naming_the_key(tmp_path, override, key):
+    with pytest.raises(ConfigError, match=re.escape(key) + r": .* is not a finite number"):
+        load_config(write(tmp_path, {}), [override])
+
+
+@pytest.mark.parametrize("override, key", [
+    (f"train.seed={2**70}", "train.seed"), ("train.seed=-1", "train.seed"),
+    (f"val.seed={2**32}", "val.seed"), ("train.seed=2**70", "train.seed"),
+])
+def test_seeds_outside_what_numpy_and_torch_accept_are_refused(tmp_path, override, key):
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        load_config(write(tmp_path, {}), [override])
+    assert load_config(write(tmp_path, {}), [f"train.seed={2**32 - 1}"]).train.seed == 2**32 - 1
+
+
+@pytest.mark.parametrize("params, key", [
+    ({"input_size": 8}, "model.params.input_size"), ({"input_size": 0}, "model.params.input_size"),
+    ({"embedding_size": 0}, "model.params.embedding_size"),
+])
+def test_backbone_params_the_backbone_cannot_take_name_the_key(tmp_path, params, key):
+    cfg = load_config(write(tmp_path, {"model": {"backbone": "iresnet50", "params": params}}))
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        validate_components(cfg)
+
+
+def test_output_dir_that_is_not_a_directory_names_the_key(tmp_path):
+    for output_dir in ("/dev/null", "/dev/null/run", str(write(tmp_path, {}))):
+        cfg = load_config(write(tmp_path, {}), [f"train.output_dir={output_dir}"])
+        with pytest.raises(ConfigError, match="train.output_dir: .*not a directory"):
+            validate_components(cfg)

@@ -75,6 +75,7 @@ def test_synthetic_demo_writes_report_with_sane_metrics(tmp_path):
     curve = metrics["training"]["loss_curve"]
     assert curve["step"][-1] == 3 and all(np.isfinite(curve["loss"]))
     assert len(curve["identity_loss"]) == len(curve["step"])  # QCFace logs the margin loss
+    assert len(curve["norm_loss"]) == len(curve["step"])  # and its norm regulariser
     for quality in ("model quality", "feature norm"):
         assert set(metrics["quality"][quality]["vs_severity"]) == {"spearman", "kendall"}
     assert set(metrics["run"]["seconds"]) >= {"generating data", "training", "evaluating"}
@@ -269,14 +270,19 @@ def test_report_plots_carry_the_loss_curve_and_severity_groups():
     (title, spec), = lines.items()
     assert title == "training loss" and spec["x"] == "optimizer step"
     assert spec["series"] == {"total loss": ([2, 4, 6], [9.0, 7.5, 6.25])}
+    assert spec["markers"] == []
     assert boxes == {"model quality by severity": groups}
 
+    # QCFace: each loss term drawn, the norm prior switching on marked (an older curve without
+    # ``phase_changes`` falls back to ``norm_prior_from``).
     qcface = {"step": [2, 4, 6], "loss": [9.0, 7.5, 20.0], "identity_loss": [9.0, 7.5, 6.0],
-              "norm_prior_from": 6}
+              "norm_loss": [30.0, 20.0, 14.0], "norm_prior_from": 6}
     lines, _ = report_plots({"loss_curve": qcface}, evaluation)
     assert lines["training loss"]["series"] == {
-        "total loss (norm prior from step 6)": ([2, 4, 6], [9.0, 7.5, 20.0]),
-        "identity (margin) loss": ([2, 4, 6], [9.0, 7.5, 6.0])}
+        "total loss": ([2, 4, 6], [9.0, 7.5, 20.0]),
+        "identity (margin) loss": ([2, 4, 6], [9.0, 7.5, 6.0]),
+        "norm regulariser L_g (x lambda_g in the total once on)": ([2, 4, 6], [30.0, 20.0, 14.0])}
+    assert lines["training loss"]["markers"] == [(6, "norm regulariser on")]
 
 
 # --------------------------------------------------------------------------- thread control

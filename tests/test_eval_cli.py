@@ -172,3 +172,59 @@ def test_lfw_with_a_model_of_another_input_size_fails_cleanly(tmp_path):
                                       "--out", str(tmp_path / "out")])
     assert result.exit_code == 1
     assert "expects 32x32" in result.output and "Traceback" not in result.output
+
+
+def test_feature_cache_is_keyed_on_the_data_not_only_the_name(tmp_path, fake_model):
+    """Two different ``lfw.bin`` (same name, same ids) into one --out: each gets its own numbers."""
+    runner = CliRunner()
+    generator = torch.Generator().manual_seed(0)
+    bins = {}
+    for side in ("A", "B"):
+        images = torch.randint(0, 255, (16, 3, 16, 16), dtype=torch.uint8, generator=generator)
+        (tmp_path / side).mkdir()
+        bins[side] = write_verification_bin(tmp_path / side / "lfw.bin", images,
+                                            [True, False] * 4)
+
+    def run(path, out):
+        result = runner.invoke(app, ["eval", "bin", str(path), "--model", str(fake_model),
+                                     "--out", str(out), "--flip", "none"])
+        assert result.exit_code == 0, result.output
+        return json.loads((out / "metrics.json").read_text())["verification"], result.output
+
+    alone_b, _ = run(bins["B"], tmp_path / "only-b")
+    shared = tmp_path / "shared"
+    run(bins["A"], shared)
+    after_a, output = run(bins["B"], shared)
+    assert "reusing cached features" not in output
+    assert after_a == alone_b
+    again, output = run(bins["B"], shared)  # same data: reused, and the run says so
+    assert again == alone_b
+    assert "reusing cached features" in output and "features-lfw-" in output
+
+
+def test_lfw_feature_cache_follows_the_image_folder_and_content(tmp_path, fake_model):
+    import os
+
+    runner = CliRunner()
+    for side, seed in (("A", 0), ("B", 1)):
+        _write_lfw(tmp_path / side / "lfw", seed=seed)
+
+    def run(data, out):
+        result = runner.invoke(app, ["eval", "lfw", "--model", str(fake_model), "--data",
+                                     str(data), "--out", str(out), "--flip", "none"])
+        assert result.exit_code == 0, result.output
+        return json.loads((out / "metrics.json").read_text())["verification"], result.output
+
+    alone_b, _ = run(tmp_path / "B" / "lfw", tmp_path / "only-b")
+    shared = tmp_path / "shared"
+    run(tmp_path / "A" / "lfw", shared)
+    after_a, output = run(tmp_path / "B" / "lfw", shared)
+    assert after_a == alone_b and "reusing" not in output
+    # An image replaced in place (same path, other content) is embedded again.
+    image = tmp_path / "B" / "lfw" / "Person_A" / "Person_A_0001.jpg"
+    image.write_bytes((tmp_path / "A" / "lfw" / "Person_B" / "Person_B_0002.jpg").read_bytes())
+    stat = image.stat()
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    changed, output = run(tmp_path / "B" / "lfw", shared)
+    fresh, _ = run(tmp_path / "B" / "lfw", tmp_path / "fresh-b")
+    assert "reusing" not in output and changed == fresh

@@ -67,3 +67,36 @@ def test_feature_file_errors(tmp_path):
     fs = FeatureSet(["a", "b"], np.ones((2, 3)), np.ones(2))
     with pytest.raises(EvaluationError, match="no image 'c'"):
         fs.rows(["a", "c"])
+
+
+def test_data_digest_tells_same_named_data_apart_and_reuse_is_reported(tmp_path):
+    import os
+
+    from qualiface.eval.features import ImageFiles, data_digest
+
+    for side in ("a", "b"):
+        (tmp_path / side).mkdir()
+        (tmp_path / side / "lfw.bin").write_bytes(side.encode() * 100)
+    from types import SimpleNamespace
+
+    def one_file(side):  # a dataset read from one file, like VerificationBinDataset
+        return data_digest(SimpleNamespace(path=tmp_path / side / "lfw.bin"))
+
+    assert one_file("a") != one_file("b") and one_file("a") is not None
+    image = tmp_path / "a" / "x.jpg"
+    image.write_bytes(b"one")
+    before = data_digest(ImageFiles([image]))
+    image.write_bytes(b"two")  # same size: the modification time tells it apart
+    stat = image.stat()
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert data_digest(ImageFiles([image])) != before
+    images = torch.zeros(2, 3, 4, 4, dtype=torch.uint8)
+    assert data_digest(images) != data_digest(images + 1)
+    assert data_digest([object()]) is None  # unknown content: the caller must not cache
+
+    reused = []
+    compute = lambda: FeatureSet(["0"], np.ones((1, 2)), np.ones(1))  # noqa: E731
+    cached_features(tmp_path / "c", "f", {"data": "x"}, compute, on_reuse=reused.append)
+    assert reused == []
+    cached_features(tmp_path / "c", "f", {"data": "x"}, compute, on_reuse=reused.append)
+    assert len(reused) == 1 and reused[0].name.startswith("f-")

@@ -169,30 +169,49 @@ def ref_eqface_branch(features, params, bn_eps=1e-5):
     return np.array(out)
 
 
-def ref_qgface(x, y, w, second, queue, tau=0.5, s=64.0, mu_old=20.0, sigma_old=100.0):
-    """queue: list of (embedding, label, proxy_at_enqueue)."""
-    cos = cosines(x, w)
-    z, _, _ = ref_adaface_z(np.linalg.norm(x, axis=1), mu_old, sigma_old)
+def ref_qgface(x, y, w, second, queue, tau=0.5, s=64.0, mu_old=20.0, sigma_old=100.0,
+               queue_size=4096, enqueue_first=True, classify_both_views=True, split_by="min",
+               symmetric=True, training=True):
+    """queue: list of (embedding, label, proxy_at_enqueue), oldest first (at most queue_size)."""
+    n = len(y)
+    views = [x, second] if classify_both_views else [x]
+    rows_x = np.concatenate(views)
+    rows_y = np.concatenate([y] * len(views))
+    z_rows, mu, sigma = ref_adaface_z(np.linalg.norm(rows_x, axis=1), mu_old, sigma_old,
+                                      training=training)
+    cos = cosines(rows_x, w)
     rows = []
-    for i in range(len(y)):
-        gate = 1 / (1 + math.exp(-s * (z[i] + 2 * (0.5 - tau))))
-        logits = cos[i].copy()
-        logits[y[i]] = adaface_target(cos[i, y[i]], z[i])
+    for r in range(len(rows_y)):
+        gate = 1 / (1 + math.exp(-s * (z_rows[r] + 2 * (0.5 - tau))))
+        logits = cos[r].copy()
+        logits[rows_y[r]] = adaface_target(cos[r, rows_y[r]], z_rows[r])
         rows.append(s * gate * logits)
-    cls = softmax_ce(rows, y)
+    cls = softmax_ce(rows, rows_y)
+    if classify_both_views:
+        z_second = z_rows[n:]
+    else:  # read-only statistics (already updated with the first view)
+        z_second = np.clip(0.333 * (np.linalg.norm(second, axis=1) - mu) / (sigma + 1e-3), -1, 1)
+    q_first, q_second = (z_rows[:n] + 1) / 2, (z_second + 1) / 2
+    pair_q = {"first": q_first, "min": np.minimum(q_first, q_second),
+              "mean": (q_first + q_second) / 2, "max": np.maximum(q_first, q_second)}[split_by]
+    queue = list(queue)
+    if training and enqueue_first:
+        queue = (queue + [(e, label, w[label]) for e, label in zip(rows_x, rows_y)])[-queue_size:]
+    directions = [(x, second), (second, x)] if symmetric else [(x, second)]
     con = []
-    for i in range(len(y)):
-        if (z[i] + 1) / 2 >= tau:
-            continue
-        u = x[i] / np.linalg.norm(x[i])
-        k = second[i] / np.linalg.norm(second[i])
-        values = [s * (u @ k)]
-        for e, label, old in queue:
-            if label == y[i]:
+    for queries, keys in directions:
+        for i in range(n):
+            if pair_q[i] >= tau:
                 continue
-            e2 = e + np.linalg.norm(e) / np.linalg.norm(old) * (w[label] - old)
-            values.append(s * (u @ e2) / np.linalg.norm(e2))
-        con.append(logsumexp(values) - values[0])
+            u = queries[i] / np.linalg.norm(queries[i])
+            k = keys[i] / np.linalg.norm(keys[i])
+            values = [s * (u @ k)]
+            for e, label, old in queue:
+                if label == y[i]:
+                    continue
+                e2 = e + np.linalg.norm(e) / np.linalg.norm(old) * (w[label] - old)
+                values.append(s * (u @ e2) / np.linalg.norm(e2))
+            con.append(logsumexp(values) - values[0])
     return cls + (np.mean(con) if con else 0.0)
 
 

@@ -201,28 +201,95 @@ def test_qgface_queue_correction_hand_made():
     assert head.corrected_queue(subset_batch)[0, :2].tolist() == [2.0, 0.0]
 
 
-def filled_qgface(seed=8, queue_size=6):
+def filled_qgface(seed=8, queue_size=40, stored=6, **params):
+    """A float64 QGFace whose queue holds ``stored`` entries of classes 0.. with drifted centres."""
     x, y, centres, _, second = make_inputs(seed, torch.float64)
     gen = torch.Generator().manual_seed(seed)
-    head = make_head("qgface", queue_size=queue_size).double().train()
+    head = make_head("qgface", queue_size=queue_size, **params).double().train()
     with torch.no_grad():
         head.weight.copy_(centres)
-        head.queue_embeddings.copy_(torch.randn(queue_size, D, generator=gen) * 20)
-        head.queue_proxies.copy_(centres[:queue_size] + 0.2 * torch.randn(queue_size, D,
-                                                                             generator=gen))
-        head.queue_labels.copy_(torch.arange(queue_size))
-        head.queue_filled.fill_(queue_size)
+        head.queue_embeddings[:stored] = torch.randn(stored, D, generator=gen) * 20
+        head.queue_proxies[:stored] = centres[:stored] + 0.2 * torch.randn(stored, D,
+                                                                          generator=gen)
+        head.queue_labels[:stored] = torch.arange(stored)
+        head.queue_ptr.fill_(stored % queue_size)
+        head.queue_filled.fill_(stored)
     return head, x, y, centres, second
 
 
-def test_qgface_loss_with_queue_matches_formula():
-    head, x, y, centres, second = filled_qgface()
-    queue = [(head.queue_embeddings[j].numpy().copy(), int(head.queue_labels[j]),
-              head.queue_proxies[j].numpy().copy()) for j in range(6)]
-    expected = ref_qgface(x.numpy(), y.numpy(), centres.numpy(), second.numpy(), queue)
+def stored_queue(head):
+    """The head's filled queue entries, oldest first, as the reference's list of tuples."""
+    count = int(head.queue_filled)
+    start = int(head.queue_ptr) - count if count < head.queue_size else int(head.queue_ptr)
+    slots = [(start + j) % head.queue_size for j in range(count)]
+    return [(head.queue_embeddings[j].numpy().copy(), int(head.queue_labels[j]),
+             head.queue_proxies[j].numpy().copy()) for j in slots]
+
+
+OLD_QGFACE = {"enqueue_first": False, "classify_both_views": False, "split_by": "first",
+              "symmetric": False}
+
+
+@pytest.mark.parametrize("options", [
+    {},
+    {"enqueue_first": False},
+    {"classify_both_views": False},
+    {"split_by": "first"},
+    {"split_by": "mean"},
+    {"split_by": "max"},
+    {"symmetric": False},
+    {"initial_statistics": "zero"},
+    OLD_QGFACE,
+], ids=lambda options: ",".join(f"{k}={v}" for k, v in options.items()) or "defaults")
+def test_qgface_loss_with_queue_matches_formula(options):
+    head, x, y, centres, second = filled_qgface(**options)
+    # Norms well below 20 for half the samples, so each option changes which pairs are LQ.
+    x[: B // 2] *= 0.3
+    reference_options = {k: v for k, v in options.items() if k != "initial_statistics"}
+    if options.get("initial_statistics") == "zero":
+        reference_options.update(mu_old=0.0, sigma_old=0.0)
+        assert head.norm_statistic.batch_mean.item() == 0.0
+    expected = ref_qgface(x.numpy(), y.numpy(), centres.numpy(), second.numpy(),
+                          stored_queue(head), queue_size=head.queue_size, **reference_options)
     out = head(x, y, second_view=second)
-    assert out.metrics["contrastive_loss"] > 0 and 0 < out.metrics["fraction_low_quality"] < 1
+    if options.get("initial_statistics") == "zero":
+        # mu, sigma ~ 0.01 of the batch's: z saturates at +1, every pair is HQ at first.
+        assert out.metrics["fraction_low_quality"] == 0.0
+    else:
+        assert out.metrics["contrastive_loss"] > 0
+        assert 0 < out.metrics["fraction_low_quality"] < 1
     assert out.loss.item() == pytest.approx(expected, rel=1e-9)
+    # A second step with the queue the first one left (FIFO, corrections, statistics).
+    with torch.no_grad():
+        head.weight.add_(0.1 * torch.randn_like(head.weight))
+    mu, sigma = head.norm_statistic.batch_mean.item(), head.norm_statistic.batch_std.item()
+    expected = ref_qgface(x.numpy() * 1.1, y.numpy(), head.weight.detach().numpy(),
+                          second.numpy(), stored_queue(head), queue_size=head.queue_size,
+                          **{**reference_options, "mu_old": mu, "sigma_old": sigma})
+    assert head(x * 1.1, y, second_view=second).loss.item() == pytest.approx(expected, rel=1e-9)
+
+
+def test_qgface_options_change_the_loss_and_are_validated():
+    losses = {}
+    for name, options in [("defaults", {}), ("old", OLD_QGFACE)]:
+        head, x, y, _, second = filled_qgface(**options)
+        losses[name] = head(x * 0.5, y, second_view=second).loss.item()
+    assert losses["defaults"] != pytest.approx(losses["old"], rel=1e-6)
+    for params, message in [({"split_by": "low"}, "split_by"),
+                            ({"symmetric": 1}, "symmetric"),
+                            ({"initial_statistics": "ones"}, "initial_statistics")]:
+        with pytest.raises(ValueError, match=message):
+            make_head("qgface", **params)
+
+
+def test_qgface_split_by_min_uses_the_worse_view():
+    head, x, y, _, second = filled_qgface()
+    # First views of high norm (HQ alone), second views of norm 1: only "first" calls them HQ.
+    x_hq = torch.nn.functional.normalize(x, dim=1) * 200
+    low = torch.nn.functional.normalize(second, dim=1)
+    assert head.eval()(x_hq, y, second_view=low).metrics["fraction_low_quality"] == 1.0
+    head_first, *_ = filled_qgface(split_by="first")
+    assert head_first.eval()(x_hq, y, second_view=low).metrics["fraction_low_quality"] == 0.0
 
 
 def test_qgface_same_label_entries_are_not_negatives():
@@ -248,25 +315,35 @@ def test_qgface_same_label_entries_are_not_negatives():
 
 def test_qgface_queue_fifo_and_state_dict_round_trip():
     x, y, centres, _, second = make_inputs(9, torch.float64)
-    head = make_head("qgface", queue_size=20, contrastive_start_step=2).double().train()
+    head = make_head("qgface", queue_size=30, contrastive_start_step=2).double().train()
     first = head(x, y, second_view=second)
     assert first.metrics["contrastive_active"] == 0.0
+    assert head.queue_filled.item() == 2 * B  # both views of every sample
     head(x * 0.8, y, second_view=second)
-    assert head.queue_filled.item() == 20 and head.queue_ptr.item() == 2 * B % 20
-    # The newest entries overwrote the oldest: slots 0..3 hold the 2nd batch's last 4 rows.
-    torch.testing.assert_close(head.queue_embeddings[:4], (x * 0.8)[B - 4:])
-    torch.testing.assert_close(head.queue_proxies[:4], head.weight.detach()[y[B - 4:]])
-    assert head.queue_labels[:4].tolist() == y[B - 4:].tolist()
+    assert head.queue_filled.item() == 30 and head.queue_ptr.item() == 4 * B % 30
+    # Rows [x * 0.8; second] went to slots 24, 25, ...: slots 0..17 hold rows 6..23.
+    stored = torch.cat([x * 0.8, second])
+    torch.testing.assert_close(head.queue_embeddings[:18], stored[6:])
+    torch.testing.assert_close(head.queue_proxies[:18], head.weight.detach()[y.repeat(2)[6:]])
+    assert head.queue_labels[:18].tolist() == y.repeat(2)[6:].tolist()
     state = head.state_dict()
     for key in ("queue_embeddings", "queue_labels", "queue_proxies", "queue_ptr",
                 "queue_filled", "step"):
         assert key in state
-    restored = make_head("qgface", queue_size=20, contrastive_start_step=2).double().train()
+    restored = make_head("qgface", queue_size=30, contrastive_start_step=2).double().train()
     restored.load_state_dict(state)
     a = head(x, y, second_view=second)
     b = restored(x, y, second_view=second)
     assert a.metrics["contrastive_active"] == 1.0
     assert a.loss.item() == pytest.approx(b.loss.item(), rel=1e-12)
+
+
+def test_qgface_first_view_only_enqueues_b_rows():
+    x, y, _, _, second = make_inputs(9, torch.float64)
+    head = make_head("qgface", queue_size=30, classify_both_views=False).double().train()
+    out = head(x, y, second_view=second)
+    assert head.queue_filled.item() == B and out.logits.shape == (B, C)
+    torch.testing.assert_close(head.queue_embeddings[:B], x)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -94,3 +94,33 @@ def test_embed_with_decoding_workers_matches_inline_decoding(tmp_path):
     assert len(tables["0"]["ids"]) == 7
     np.testing.assert_array_equal(tables["0"]["embeddings"], tables["2"]["embeddings"])
     np.testing.assert_array_equal(tables["0"]["quality"], tables["2"]["quality"])
+
+
+def test_embed_calls_a_wrong_size_image_wrong_size_with_the_sizes(tmp_path):
+    make_package(tmp_path / "pkg")
+    _write_images(tmp_path / "imgs", random_images(2), ["a.png", "b.png"])
+    _write_images(tmp_path / "imgs", random_images(1, size=48), ["big.png"])
+    (tmp_path / "imgs" / "broken.jpg").write_bytes(b"\xff\xd8 not really")
+    result = CliRunner().invoke(app, ["embed", str(tmp_path / "imgs"), "--model", str(tmp_path / "pkg"),
+                                      "--out", str(tmp_path / "e.npz")])
+    assert result.exit_code == 0, result.output
+    log = dict(line.split("\t", 1) for line in (tmp_path / "e.npz.rejected.tsv").read_text().splitlines())
+    assert log["big.png"].startswith("wrong size\timage size 48x48 (WxH), the model expects 32x32")
+    assert log["broken.jpg"].startswith("unreadable\t")
+    printed = " ".join(result.output.split())
+    assert "1 unreadable, 1 of the wrong size" in printed
+
+
+def test_rejected_tsv_escapes_names_that_would_forge_columns_or_rows(tmp_path):
+    make_package(tmp_path / "pkg")
+    _write_images(tmp_path / "imgs", random_images(1), ["good.png"])
+    forged = "x.jpg\tlow-quality\tforged\nother\\.jpg"  # tab, newline and a backslash
+    (tmp_path / "imgs" / forged).write_bytes(b"\xff\xd8 not really")
+    result = CliRunner().invoke(app, ["embed", str(tmp_path / "imgs"), "--model", str(tmp_path / "pkg"),
+                                      "--out", str(tmp_path / "e.npz")])
+    assert result.exit_code == 0, result.output
+    rows = (tmp_path / "e.npz.rejected.tsv").read_text().splitlines()
+    assert len(rows) == 1  # one rejected file, one row
+    name, reason, _detail = rows[0].split("\t")
+    assert name == "x.jpg\\tlow-quality\\tforged\\nother\\\\.jpg" and reason == "unreadable"
+    assert name.encode().decode("unicode_escape") == forged  # reversible

@@ -338,3 +338,36 @@ def test_fuzz_random_frame_sequences(pieces):
 
 def test_errors_are_one_family():
     assert issubclass(RecordIOError, DataError) and issubclass(RecordIOError, ValueError)
+
+
+def test_index_with_keys_sharing_one_offset_is_refused(tmp_path):
+    # 16 "images" that are one: every key points at the same record.
+    rec = _write_raw(tmp_path, [(0, _header(0, 0.0, 0) + _png(1))], prefix="dup")
+    idx = rec.with_suffix(".idx")
+    idx.write_text("".join(f"{key}\t0\n" for key in range(16)))
+    with pytest.raises(RecordIOError, match="keys 0 and 1 share byte offset 0") as info:
+        RecordIODataset(rec)
+    assert str(idx) in str(info.value)
+    # Offsets 4 bytes apart cannot both start a record (a frame header alone is 8 bytes).
+    rec.write_bytes(rec.read_bytes() + _piece(0, _header(0, 0.0, 1) + _png(2)))
+    idx.write_text("0\t0\n1\t4\n")
+    with pytest.raises(RecordIOError, match="overlapping records"):
+        RecordIODataset(rec)
+
+
+def test_index_pointing_inside_another_record_is_refused_on_read(tmp_path):
+    # Record 0's payload hides a complete frame; the index lists it as a second record.
+    inner = _piece(0, _header(0, 0.0, 1) + _png(3))
+    outer_payload = _header(0, 0.0, 0) + _png(4)
+    outer_payload += b"\0" * (-len(outer_payload) % 4)
+    inner_offset = 8 + len(outer_payload)
+    rec = tmp_path / "nested.rec"
+    rec.write_bytes(_piece(0, outer_payload + inner))
+    rec.with_suffix(".idx").write_text(f"1\t0\n2\t{inner_offset}\n")  # no key 0: flat
+    with pytest.raises(RecordIOError, match=f"past the indexed record at byte {inner_offset}"):
+        RecordIODataset(rec)  # the label scan reads every record
+    (tmp_path / "property").write_text("1,8,8\n")  # no scan: refused when the record is read
+    dataset = RecordIODataset(rec)
+    assert dataset[1][1] == 0  # the hidden record itself reads fine on its own...
+    with pytest.raises(RecordIOError, match="overlapping records"):
+        dataset[0]  # ...but the record around it would read the same bytes again

@@ -104,3 +104,70 @@ def test_cli_enrol_pools_identities_and_query_finds_them(tmp_path):
     assert result["match_ids"][:, 0].tolist() == [name.split("/")[0] for name, _ in rows]
     bad = runner.invoke(app, ["search", "info", "--gallery", str(tmp_path / "nothing")])
     assert bad.exit_code == 1 and "gallery.json: missing" in bad.output.replace("\n", "")
+
+
+def test_rank_rates_count_only_enrolled_probes():
+    from qualiface.infer.search import SearchResult, rank_rates
+
+    ids = np.array([list("abcdef"), list("bacdef"), list("bcdefg"), list("abcdef")])
+    result = SearchResult(scores=np.tile(np.linspace(0.9, 0.4, 6, dtype=np.float32), (4, 1)),
+                          indices=np.zeros((4, 6), np.int64), ids=ids)
+    # a: rank 1; a: rank 2; z: enrolled but not returned (rank > 6); q: not enrolled, not counted
+    rates, counted = rank_rates(result, ["a", "a", "z", "q"], list("abcdefgz"))
+    assert counted == 3 and rates == {1: pytest.approx(1 / 3), 5: pytest.approx(2 / 3)}
+    assert rank_rates(result, ["q"] * 4, list("abc")) == ({}, 0)
+    with pytest.raises(GalleryError, match="3 labels for 4 probes"):
+        rank_rates(result, ["a"] * 3, list("abc"))
+
+
+def _labelled_table(path, seed=3):
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((6, 16))
+    rows = [(f"person{p}/{i}.jpg", centres[p] + 0.1 * rng.standard_normal(16)) for p in range(6) for i in range(2)]
+    embeddings = np.stack([e for _, e in rows]).astype(np.float32)
+    write_table(path, {"ids": np.array([name for name, _ in rows]), "embeddings": embeddings,
+                       "quality": np.ones(len(rows), np.float32)})
+    return [name for name, _ in rows]
+
+
+def test_cli_query_prints_rank_1_and_5_when_probes_carry_labels(tmp_path):
+    names = _labelled_table(tmp_path / "e.npz")
+    runner = CliRunner()
+    assert runner.invoke(app, ["search", "enrol", str(tmp_path / "e.npz"), "-g", str(tmp_path / "g")]).exit_code == 0
+    # labels from the ids by the gallery's own rule (parent folder); k=1 still reports rank-5
+    query = runner.invoke(app, ["search", "query", str(tmp_path / "e.npz"), "-g", str(tmp_path / "g"), "--k", "1",
+                                "--out", str(tmp_path / "r.npz")])
+    assert query.exit_code == 0, query.output
+    printed = " ".join(query.output.split())
+    assert "rank-1 1.000, rank-5 1.000 over the 12 of 12 probes whose identity is enrolled" in printed
+    assert read_table(tmp_path / "r.npz")["match_ids"].shape == (12, 1)
+    # an explicit labels column wins: two probes labelled as someone else drop rank-1 to 10/12
+    table = read_table(tmp_path / "e.npz")
+    labels = np.array([n.split("/")[0] for n in names])
+    labels[[0, 1]] = "person5"
+    table["labels"] = labels
+    write_table(tmp_path / "l.npz", table)
+    query = runner.invoke(app, ["search", "query", str(tmp_path / "l.npz"), "-g", str(tmp_path / "g")])
+    printed = " ".join(query.output.split())
+    assert query.exit_code == 0 and "rank-1 0.833" in printed and "(labels: the 'labels' column)" in printed
+    # labels that name no enrolled template: no rank line
+    query = runner.invoke(app, ["search", "query", str(tmp_path / "e.npz"), "-g", str(tmp_path / "g"),
+                                "--identity", "stem"])
+    assert query.exit_code == 0 and "rank-1" not in query.output
+    bad = runner.invoke(app, ["search", "query", str(tmp_path / "e.npz"), "-g", str(tmp_path / "g"),
+                              "--identity", "folder"])
+    assert bad.exit_code != 0 and "--identity must be one of" in " ".join(bad.output.split())
+
+
+def test_every_gallery_command_takes_the_gallery_as_the_same_option(tmp_path):
+    # one style: the gallery is always --gallery/-g DIR, the positional is always the input table
+    import typer
+
+    from qualiface.cli.search import app as search_app
+
+    group = typer.main.get_command(search_app)
+    for name in ("enrol", "query", "info"):
+        params = {p.name: p for p in group.commands[name].params}
+        assert params["gallery"].param_type_name == "option" and params["gallery"].opts == ["--gallery", "-g"]
+        positional = [p.name for p in params.values() if p.param_type_name == "argument"]
+        assert positional == ([] if name == "info" else ["embeddings"])

@@ -211,8 +211,8 @@ def marker(tmp_path) -> Path:
     assert not path.exists(), "a hostile file ran code"
 
 
-def _jpeg() -> bytes:
-    return encode_jpeg(torch.full((3, 8, 8), 100, dtype=torch.uint8))
+def _jpeg(side: int = 8) -> bytes:
+    return encode_jpeg(torch.full((3, side, side), 100, dtype=torch.uint8))
 
 
 @pytest.mark.parametrize("payload", PAYLOADS)
@@ -257,7 +257,8 @@ def test_hostile_checkpoint_in_a_resumed_run_is_refused_by_the_cli(tmp_path, mar
     for ident in range(2):
         (faces / f"id{ident}").mkdir(parents=True)
         for k in range(4):
-            (faces / f"id{ident}" / f"{k}.jpg").write_bytes(_jpeg())
+            # The model's input size: wrong-size images would be skipped as bad samples.
+            (faces / f"id{ident}" / f"{k}.jpg").write_bytes(_jpeg(16))
     out = tmp_path / "run"
     out.mkdir()
     _hostile_checkpoint(out / "checkpoint.pt", marker, "os.system", zipped=True)

@@ -186,11 +186,13 @@ def test_training_plots_follow_the_logged_records():
     ]
     curve = loss_curve(records)
     assert curve == {"step": [1, 2], "loss": [5.0, 9.0], "identity_loss": [5.0, 4.0],
-                     "norm_prior_from": 2}
+                     "norm_prior_from": 2, "phase_changes": [[2, "norm regulariser on"]]}
     plots = training_plots(records)
     assert set(plots) == {"training loss", "training accuracy", "mean feature norm",
                           "learning rate", "held-out verification"}
-    assert "total loss (norm prior from step 2)" in plots["training loss"]["series"]
+    assert set(plots["training loss"]["series"]) == {"total loss", "identity (margin) loss"}
+    for plot in plots.values():  # the phase change is marked on every curve
+        assert plot["markers"] == [(2, "norm regulariser on")]
     assert plots["learning rate"]["series"]["lr"] == ((1, 2), (0.1, 0.05))
     assert plots["held-out verification"]["series"]["val_auc"] == ((2,), (0.8,))
     assert training_plots([]) == {}

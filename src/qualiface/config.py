@@ -6,6 +6,11 @@ key and the file), and every value is checked against the field's annotated type
 overrides use dotted paths (``optim.lr=0.05``, ``head.params.lambda_g=2``); the value text is
 parsed as YAML (so ``true``, ``2``, ``[1, 2]`` work) and then type-checked the same way.
 
+Numbers: ``1e-3`` is a float (as in YAML 1.2; PyYAML's YAML 1.1 would read it as text), and a
+float field also takes a numeric string. NaN and Inf (``.nan``, ``.inf``, ``nan``) are refused in
+every float field and anywhere in the free-form sections, naming the key: a NaN learning rate
+passes every range check and turns the weights into NaN after one step.
+
 Free-form sections (``model.params``, ``head.params``, ``data.params``) are plain dicts passed
 as keyword arguments to the component's constructor; ``validate_components`` checks their keys
 against the constructor signature so a typo fails before training starts, not hours in.
@@ -19,6 +24,9 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
+import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -220,6 +228,9 @@ class TrainingConfig:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
+#: Largest seed accepted (numpy's ``np.random.seed`` takes 0 .. 2**32 - 1).
+MAX_SEED = 2**32 - 1
+
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.cache": ("auto", "always", "never"),
     "val.kind": ("none", "synthetic", "pairs"),
@@ -262,8 +273,13 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return value
         raise ConfigError(f"{where}: expected an integer, got {value!r}")
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+        number = _number_from_text(value) if isinstance(value, str) else value
+        if isinstance(number, (int, float)) and not isinstance(number, bool):
+            # NaN passes every "> 0" check and Inf every "< limit" check: refuse both here,
+            # before any range check can be fooled (NaN weights after one step otherwise).
+            if not math.isfinite(number):
+                raise ConfigError(f"{where}: {value!r} is not a finite number")
+            return float(number)
         raise ConfigError(f"{where}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
@@ -276,13 +292,43 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             args = typing.get_args(tp)
             if args:
                 return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+            _refuse_non_finite(value, where)
             return list(value)
         raise ConfigError(f"{where}: expected a list, got {value!r}")
     if tp is dict or origin is dict:
         if isinstance(value, dict):
+            _refuse_non_finite(value, where)
             return dict(value)
         raise ConfigError(f"{where}: expected a mapping, got {value!r}")
     raise ConfigError(f"{where}: unsupported field type {_type_name(tp)}")  # pragma: no cover
+
+
+def _number_from_text(text: str) -> float | str:
+    """``'1e-3'`` -> ``0.001``; text that is not a number comes back unchanged.
+
+    YAML 1.1 (PyYAML) reads ``1e-3`` as a string (its floats need a dot and a signed exponent),
+    so a quoted or hand-built value may still arrive as text. YAML's ``.inf``/``.nan`` spellings
+    are understood so that they are refused as non-finite, not as "not a number".
+    """
+    candidate = text.strip()
+    if candidate.lstrip("+-").lower() in (".inf", ".nan"):
+        candidate = candidate.replace(".", "", 1)
+    try:
+        return float(candidate)
+    except ValueError:
+        return text
+
+
+def _refuse_non_finite(value: Any, where: str) -> None:
+    """``ConfigError`` for a NaN/Inf anywhere in a free-form section or untyped list."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: {value!r} is not a finite number")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _refuse_non_finite(item, f"{where}.{key}")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _refuse_non_finite(item, f"{where}[{i}]")
 
 
 def _build(cls: type, data: Any, where: str) -> Any:
@@ -328,6 +374,12 @@ def _check_choices(cfg: TrainingConfig) -> None:
         raise ConfigError(f"distributed.sample_rate must be in (0, 1], got {cfg.distributed.sample_rate}")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr must be > 0, got {cfg.optim.lr}")
+    for path in ("train.seed", "val.seed"):
+        seed = get_value(cfg, path)
+        if not 0 <= seed <= MAX_SEED:
+            # numpy's legacy seeding takes 0 .. 2**32 - 1; larger ints overflow torch/numpy.
+            raise ConfigError(f"{path}: {seed} is outside 0 .. 2**32 - 1 (what numpy and torch "
+                              f"accept as a seed)")
 
 
 # --------------------------------------------------------------------------- public API
@@ -387,6 +439,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 # an "alias bomb" (anchors whose aliases nest: a: &a [x, x], b: &b [*a, *a], ...) is tiny on
 # disk but expands to billions of nodes when the config is copied or saved.
 MAX_YAML_NODES = 100_000
+#: Largest config file read: a real one is a few KB.
+MAX_CONFIG_BYTES = 4 * 2**20
 MAX_YAML_DEPTH = 64
 
 
@@ -430,21 +484,42 @@ def _check_yaml_size(root: yaml.Node) -> None:
         stack.extend((child, False) for child in children)
 
 
+class _ConfigLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that also reads exponent floats without a dot (``1e-3``, ``5E4``).
+
+    YAML 1.1 resolves those to strings, so ``optim.lr: 1e-3`` would be refused as "expected a
+    number" and a free-form ``head.params`` value would reach the constructor as text. YAML 1.2
+    reads them as floats, as users expect; plain integers stay integers.
+    """
+
+
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
 def _load_yaml(text: str, where: str) -> Any:
-    """``yaml.safe_load(text)`` with the size and depth bounds; ``ConfigError`` names ``where``."""
+    """Safe-load ``text`` (``_ConfigLoader``) with the size and depth bounds; ``ConfigError``
+    names ``where``."""
+    loader = _ConfigLoader(text)
     try:
         # Composing first gives the node graph with aliases still shared, so the bounds are
-        # checked before anything is expanded; a config is small, so parsing twice is cheap.
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        if root is not None:
-            _check_yaml_size(root)
-        return yaml.safe_load(text)
+        # checked before anything is expanded; the checked graph is then constructed.
+        root = loader.get_single_node()
+        if root is None:
+            return None
+        _check_yaml_size(root)
+        return loader.construct_document(root)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{where}: invalid YAML: {exc}") from None
     except ValueError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     except RecursionError:  # the parser recurses once per nesting level
         raise ConfigError(f"{where}: YAML nested too deeply to be a config") from None
+    finally:
+        loader.dispose()
 
 
 #: The configs shipped with the package (``configs/`` in the source tree links here).
@@ -466,12 +541,57 @@ def shipped_config_names() -> list[str]:
     return sorted(p.stem for p in SHIPPED_CONFIGS.glob("*.yaml"))
 
 
+#: Keys naming input files or folders. A relative one is relative to the current directory,
+#: except in a shipped config run from a project checkout (``project_root``): there it is
+#: relative to the checkout, so ``qualiface train qcface_r50`` finds ``../shared/data`` from
+#: any folder. ``check_data_paths`` checks that they exist before training starts.
+DATA_PATH_KEYS = tuple(f"{section}.{key}" for section in ("data.params", "data.params.params")
+                       for key in ("list_file", "root", "path")) + ("val.root", "val.pairs")
+
+
+def project_root() -> Path | None:
+    """The source checkout holding the shipped configs (``<root>/src/qualiface/configs``, with
+    ``<root>/pyproject.toml``); None for an installed package."""
+    root = SHIPPED_CONFIGS.parents[2]
+    return root if (root / "pyproject.toml").is_file() else None
+
+
+def _data_paths(data: dict) -> list[tuple[dict, str, str]]:
+    """``(section, key, dotted key)`` of every non-empty ``DATA_PATH_KEYS`` value in ``data``."""
+    found = []
+    for dotted in DATA_PATH_KEYS:
+        *parents, key = dotted.split(".")
+        node: Any = data
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get(key), str) and node[key]:
+            found.append((node, key, dotted))
+    return found
+
+
+def check_data_paths(cfg: TrainingConfig, *, source: str = "config") -> None:
+    """Raise ``ConfigError`` for a data path (``DATA_PATH_KEYS``) that does not exist, saying
+    what a relative path was resolved against and which override fixes it."""
+    data = to_dict(cfg)
+    if cfg.val.kind != "pairs":
+        data.pop("val")
+    for node, key, dotted in _data_paths(data):
+        path = Path(node[key])
+        if path.exists() or path.with_name(path.name + ".rec").exists():  # RecordIO: a prefix
+            continue
+        where = "" if path.is_absolute() else f" (relative to the current directory, {Path.cwd()})"
+        raise ConfigError(f"{source}: {dotted}: {path} not found{where}; point it at your data, "
+                          f"e.g. {dotted}=/path/to/{path.name}")
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainingConfig:
     """Read a YAML config file (a path, or the name of a shipped config), apply ``key=value``
     overrides, validate types and choices."""
+    from qualiface.files import read_small_text
+
     path = resolve_config_path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
+    try:  # a device, a FIFO or a huge file is refused unread (an OSError naming the problem)
+        text = read_small_text(path, limit=MAX_CONFIG_BYTES, what="config")
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file (shipped configs: "
                           f"{', '.join(shipped_config_names())})") from None
@@ -484,6 +604,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Trainin
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    root = project_root()
+    if root is not None and path.resolve().is_relative_to(SHIPPED_CONFIGS):
+        for node, key, _dotted in _data_paths(data):  # shipped: relative to the checkout
+            node[key] = os.path.normpath(root / node[key])
     source = str(path)
     if overrides:
         source += " (with overrides " + " ".join(overrides) + ")"
@@ -556,5 +680,62 @@ def validate_components(cfg: TrainingConfig, *, source: str = "config") -> None:
             reserved=("embedding_size", "num_classes"),
         )
         check_params(DATASETS.get(cfg.data.name), cfg.data.params, what="data.params")
+        _check_backbone_params(BACKBONES.get(cfg.model.backbone), cfg.model)
+        _check_output_dir(cfg.train.output_dir)
     except (ConfigError, RegistryError) as exc:
         raise ConfigError(f"{source}: {exc}") from None
+
+
+def _check_backbone_params(factory: Any, model: ModelConfig) -> None:
+    """Build the backbone on the meta device (no memory, milliseconds) and push one input of
+    ``input_size`` through it, so a bad value fails here naming its key, not as a traceback
+    from inside the constructor or the first forward pass.
+
+    Only the constructor's own argument errors (``ValueError``/``TypeError``) and shape errors
+    of the forward pass are reported; anything the meta device itself cannot do is left to the
+    real build.
+    """
+    import warnings
+
+    import torch
+
+    params = model.params
+
+    def key_for(exc: Exception) -> str:
+        named = [name for name in params if name in str(exc)]
+        return f"model.params.{named[0]}" if named else "model.params"
+
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "initializing zero-element tensors"
+            backbone = factory(**params)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{key_for(exc)}: {exc} (backbone {model.backbone})") from None
+    except Exception:  # the meta device cannot build it: the real build reports the problem
+        return
+    size = params.get("input_size")
+    if not isinstance(size, int) or isinstance(size, bool):
+        return
+    try:
+        with torch.device("meta"), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            backbone.eval()(torch.empty(2, 3, size, size))
+    except NotImplementedError:  # an operator without a meta kernel: nothing learned
+        return
+    except (RuntimeError, ValueError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"model.params.input_size: {size} does not fit backbone "
+                          f"{model.backbone} ({first_line})") from None
+
+
+def _check_output_dir(output_dir: str) -> None:
+    """``train.output_dir`` must be (or become) a folder: refuse a file such as ``/dev/null``
+    or a path under one, before any training time is spent."""
+    path = Path(output_dir)
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            if not candidate.is_dir():
+                what = ("exists and is not a directory" if candidate == path
+                        else f"is under {candidate}, which is not a directory")
+                raise ConfigError(f"train.output_dir: '{output_dir}' {what}")
+            return

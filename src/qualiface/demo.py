@@ -462,9 +462,10 @@ def claim_folder(folder: Path) -> Path:
 def training_summary(result, seconds: float) -> dict:
     """Steps, final training metrics and the loss curve (from ``metrics.jsonl``).
 
-    ``loss_curve``: ``step`` and total ``loss`` per logged step; with a QCFace pipeline also
-    ``identity_loss`` (the margin loss alone) and ``norm_prior_from`` (first step whose loss
-    includes the norm prior), because switching the prior on makes the total jump.
+    ``loss_curve``: ``qualiface.train.report.loss_curve``: ``step`` and total ``loss`` per
+    logged step, each loss term logged (QCFace: ``identity_loss``, the margin loss alone, and
+    ``norm_loss``), ``phase_changes`` and ``norm_prior_from`` (first step whose loss includes
+    the norm prior), because switching the prior on makes the total jump.
     """
     from qualiface.train.logging import read_metrics
     from qualiface.train.report import loss_curve
@@ -537,7 +538,7 @@ def report_plots(training: dict, evaluation) -> tuple[dict, dict]:
     """The demo's extra report plots: ``(lines, boxes)`` for ``EvalReport``.
 
     lines: the training loss against the optimizer step (``training["loss_curve"]``: the total
-    and, when logged, the identity loss alone);
+    and each logged term, phase changes marked);
     boxes: the model quality of the held-out images per severity bin (the same groups as the
     per-severity histogram of ``evaluate_held_out``).
     """
@@ -633,7 +634,8 @@ def run_demo(options: DemoOptions) -> DemoResult:
 
         phase_start = time.perf_counter()
         _phase(4, "writing report")
-        from qualiface.eval.report import EvalReport, write_report
+        from qualiface.eval.report import SEVERITY_CAPTION, EvalReport, write_report
+        from qualiface.train.report import LOSS_CAPTION
 
         summary = headline(evaluation)
         metrics = {
@@ -656,7 +658,9 @@ def run_demo(options: DemoOptions) -> DemoResult:
         title = f"demo: {cfg.head.name}/{cfg.model.backbone} on {where}"
         lines, boxes = report_plots(training, evaluation)
         write_report(EvalReport(title, metrics, evaluation.rocs, evaluation.edcs,
-                                evaluation.histograms, lines=lines, boxes=boxes), out)
+                                evaluation.histograms, lines=lines, boxes=boxes,
+                                captions={LOSS_PLOT_TITLE: LOSS_CAPTION,
+                                          SEVERITY_PLOT_TITLE: SEVERITY_CAPTION}), out)
         seconds["writing report"] = time.perf_counter() - phase_start
     seconds["total"] = time.perf_counter() - started
     _print_summary(summary, out, seconds["total"])

@@ -132,6 +132,7 @@ class IResNet(nn.Module):
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.embedding_size = int(embedding_size)
+        self.input_size = int(input_size)
         widths = [base_width, 2 * base_width, 4 * base_width, 8 * base_width]
         final_side = input_size // 16
         self.feature_dim = widths[-1] * final_side * final_side

@@ -113,6 +113,7 @@ class MobileFaceNet(nn.Module):
             return max(8, int(round(channels * width_mult)))
 
         self.embedding_size = int(embedding_size)
+        self.input_size = int(input_size)
         stem = width(64)
         self.stem = nn.Sequential(
             ConvBN(3, stem, 3, stride=2), ConvBN(stem, stem, 3, groups=stem)

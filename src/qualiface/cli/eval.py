@@ -2,11 +2,13 @@
 
 Every command writes ``metrics.json``, ``curves.json``, PNG plots, ``report.md`` and
 ``report.html`` into ``--out``, plus the extracted features (``features-*.safetensors``, reused
-on the next run with the same model and options, and readable by ``eval features``).
+on the next run with the same model, options and data content, which the run then says, and
+readable by ``eval features``).
 """
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import typer
@@ -20,6 +22,20 @@ FLIP_HELP = "flip test: none, sum (f + f'), or norm (norm-preserving fusion)"
 DEGRADE_HELP = ("also evaluate copies of the test images degraded at these severities, e.g. "
                 "0.25,0.5,0.75 (one of seven kinds per image, fixed by --degrade-seed): "
                 "accuracy per level and Spearman/Kendall of quality against severity")
+
+
+THREADS_HELP = "torch intra-op threads (0: torch's default, one per core)"
+
+
+def _threaded(command):
+    """Run an eval command under its ``--threads`` (torch's intra-op thread count)."""
+    @functools.wraps(command)  # typer reads the wrapped signature, ``threads`` included
+    def run(*args, **kwargs):
+        from qualiface.threads import thread_option
+
+        with thread_option(kwargs["threads"]):
+            return command(*args, **kwargs)
+    return run
 
 
 def _load_embed_fn(model: Path, device: str):
@@ -39,16 +55,28 @@ def _parse_folds(text: str | None) -> list[int] | None:
 
 
 def _features(out: Path, name: str, model: Path, device: str, dataset, ids, flip: str,
-              batch_size: int, workers: int):
-    from qualiface.eval.features import cached_features, extract_features, ids_digest
+              batch_size: int, workers: int, files=(), arrays=()):
+    """Features of ``dataset``, reused from ``out`` only when model, options *and data* match.
+
+    ``files`` / ``arrays``: protocol files and arrays (pairs.txt, IJB landmarks) that change the
+    features besides the images themselves; ``data_digest`` hashes them with the images.
+    """
+    from qualiface.eval.features import (cached_features, data_digest, extract_features,
+                                         ids_digest)
 
     if not model.exists():
         raise fail(f"{model}: model package not found")
     embed_fn, model_id = _load_embed_fn(model, device)
-    key = {"model": model_id, "benchmark": name, "flip": flip, "ids": ids_digest(ids)}
-    return cached_features(out, f"features-{name}", key, lambda: extract_features(
-        dataset, embed_fn, ids=ids, flip=flip, batch_size=batch_size, num_workers=workers,
-        description=f"embedding {name}", meta={"benchmark": name, "model": str(model)}))
+    data = data_digest(dataset, files, arrays)
+    key = {"model": model_id, "benchmark": name, "flip": flip, "ids": ids_digest(ids),
+           "data": data}
+    return cached_features(
+        out if data is not None else None, f"features-{name}", key,
+        lambda: extract_features(dataset, embed_fn, ids=ids, flip=flip, batch_size=batch_size,
+                                 num_workers=workers, description=f"embedding {name}",
+                                 meta={"benchmark": name, "model": str(model)}),
+        on_reuse=lambda path: console.print(f"reusing cached features {path} (same model, "
+                                            "options and data content)"))
 
 
 def _parse_severities(text: str | None) -> list[float] | None:
@@ -118,7 +146,7 @@ def _qmagface(path: Path | None):
 def _finish_pairs(bench, features, out: Path, qmagface_file: Path | None,
                   fit_qmagface: Path | None, degraded: tuple[dict, dict] | None = None) -> None:
     from qualiface.eval.benchmarks import evaluate_pairs
-    from qualiface.eval.report import EvalReport, write_report
+    from qualiface.eval.report import SEVERITY_CAPTION, EvalReport
 
     params = _qmagface(qmagface_file)
     if fit_qmagface is not None:
@@ -136,9 +164,22 @@ def _finish_pairs(bench, features, out: Path, qmagface_file: Path | None,
     boxes = {}
     if degraded is not None:
         result.metrics["degraded"], boxes = degraded
-    write_report(EvalReport(f"{bench.name} verification", result.metrics, result.rocs,
-                            result.edcs, result.histograms, boxes=boxes), out)
+    _write_report(EvalReport(f"{bench.name} verification", result.metrics, result.rocs,
+                             result.edcs, result.histograms, boxes=boxes,
+                             captions={title: SEVERITY_CAPTION for title in boxes}), out)
     _summary(result.metrics, out)
+
+
+def _write_report(report, out: Path) -> None:
+    """``write_report``, with a failing write (a full disk) as one line naming ``out``."""
+    from qualiface.eval.report import write_report
+    from qualiface.train.checkpoint import describe_os_error
+
+    try:
+        write_report(report, out)
+    except OSError as exc:
+        where = exc.filename or out
+        raise fail(f"{where}: cannot write the report: {describe_os_error(exc)}") from None
 
 
 def _summary(metrics: dict, out: Path) -> None:
@@ -181,6 +222,7 @@ def _errors():
 
 
 @app.command("lfw")
+@_threaded
 def lfw(
     model: Path = typer.Option(..., "--model", help="model package folder"),
     data: Path = typer.Option(..., "--data", help="LFW folder (aligned images, or with aligned112/)"),
@@ -194,6 +236,7 @@ def lfw(
     degrade_seed: int = typer.Option(2024, "--degrade-seed", help="which kind each image gets"),
     batch_size: int = typer.Option(64, "--batch-size"),
     workers: int = typer.Option(0, "--workers", help="decoding processes"),
+    threads: int = typer.Option(0, "--threads", min=0, help=THREADS_HELP),
     device: str = typer.Option("cpu", "--device"),
 ) -> None:
     """LFW-style pairs over an image folder: k-fold accuracy, ROC, TAR@FAR, EDC, report."""
@@ -203,7 +246,7 @@ def lfw(
     try:
         bench = lfw_benchmark(data, pairs, folds=_parse_folds(folds))
         features = _features(out, "lfw", model, device, bench.images, bench.ids, flip,
-                             batch_size, workers)
+                             batch_size, workers, files=[bench.source])
         degraded = (_degraded(out, bench, features, model, device, flip, batch_size, severities,
                               degrade_seed) if severities else None)
         _finish_pairs(bench, features, out, qmagface, fit_qmagface, degraded)
@@ -212,6 +255,7 @@ def lfw(
 
 
 @app.command("bin")
+@_threaded
 def bin_(
     file: Path = typer.Argument(..., help="verification .bin (lfw.bin, cfp_fp.bin, agedb_30.bin ...)"),
     model: Path = typer.Option(..., "--model", help="model package folder"),
@@ -222,6 +266,7 @@ def bin_(
     degrade_seed: int = typer.Option(2024, "--degrade-seed", help="which kind each image gets"),
     batch_size: int = typer.Option(64, "--batch-size"),
     workers: int = typer.Option(0, "--workers", help="decoding processes"),
+    threads: int = typer.Option(0, "--threads", min=0, help=THREADS_HELP),
     device: str = typer.Option("cpu", "--device"),
 ) -> None:
     """An InsightFace .bin pair set: 10-fold accuracy, ROC, TAR@FAR, EDC, report."""
@@ -243,20 +288,21 @@ def bin_(
 def _finish_ijb(protocol, features, out: Path, aggregation: str, quality_threshold,
                 detector_score: bool, device: str = "cpu") -> None:
     from qualiface.eval.ijb import IJBOptions, evaluate_ijb
-    from qualiface.eval.report import EvalReport, write_report
+    from qualiface.eval.report import EvalReport
 
     result = evaluate_ijb(protocol, features, IJBOptions(
         aggregation=aggregation, quality_threshold=quality_threshold,
         detector_score_weight=detector_score, device=device))
-    write_report(EvalReport(f"{protocol.name} ({aggregation})", result.metrics,
-                            {"cosine": result.roc}, result.edc_curves,
-                            {"pair template quality": {
-                                "genuine": result.pair_qualities[result.labels],
-                                "impostor": result.pair_qualities[~result.labels]}}), out)
+    _write_report(EvalReport(f"{protocol.name} ({aggregation})", result.metrics,
+                             {"cosine": result.roc}, result.edc_curves,
+                             {"pair template quality": {
+                                 "genuine": result.pair_qualities[result.labels],
+                                 "impostor": result.pair_qualities[~result.labels]}}), out)
     _summary(result.metrics, out)
 
 
 @app.command("ijb")
+@_threaded
 def ijb(
     model: Path = typer.Option(..., "--model", help="model package folder"),
     root: Path = typer.Option(..., "--root", help="IJB release folder (holding NAME/meta, NAME/loose_crop)"),
@@ -268,6 +314,7 @@ def ijb(
     flip: str = typer.Option("norm", "--flip", help=FLIP_HELP),
     batch_size: int = typer.Option(64, "--batch-size"),
     workers: int = typer.Option(0, "--workers", help="decoding processes"),
+    threads: int = typer.Option(0, "--threads", min=0, help=THREADS_HELP),
     device: str = typer.Option("cpu", "--device"),
 ) -> None:
     """IJB-B/C: 1:1 TAR@FAR over template pairs, 1:N rank-k and TPIR@FPIR, report."""
@@ -277,7 +324,8 @@ def ijb(
     try:
         protocol = load_ijb(root, name)
         features = _features(out, name.lower(), model, device, ijb_images(protocol),
-                             protocol.images, flip, batch_size, workers)
+                             protocol.images, flip, batch_size, workers,
+                             arrays=[protocol.landmarks])
         _finish_ijb(protocol, features, out, aggregation, quality_threshold, detector_score,
                     device)
     except _errors() as exc:
@@ -285,6 +333,7 @@ def ijb(
 
 
 @app.command("tinyface")
+@_threaded
 def tinyface(
     model: Path = typer.Option(..., "--model", help="model package folder"),
     root: Path = typer.Option(..., "--root", help="TinyFace folder (Testing_Set or its parent)"),
@@ -292,6 +341,7 @@ def tinyface(
     flip: str = typer.Option("norm", "--flip", help=FLIP_HELP),
     batch_size: int = typer.Option(64, "--batch-size"),
     workers: int = typer.Option(0, "--workers", help="decoding processes"),
+    threads: int = typer.Option(0, "--threads", min=0, help=THREADS_HELP),
     device: str = typer.Option("cpu", "--device"),
 ) -> None:
     """TinyFace rank-1/5/10 (AdaFace protocol: probes vs gallery match + distractors)."""
@@ -308,11 +358,11 @@ def tinyface(
 
 
 def _finish_tinyface(protocol, features, out: Path) -> None:
-    from qualiface.eval.report import EvalReport, write_report
+    from qualiface.eval.report import EvalReport
     from qualiface.eval.tinyface import evaluate_tinyface
 
     metrics = evaluate_tinyface(protocol, features)
-    write_report(EvalReport("TinyFace identification", metrics), out)
+    _write_report(EvalReport("TinyFace identification", metrics), out)
     _summary(metrics, out)
 
 

@@ -1,8 +1,10 @@
 """`qualiface export ...`: Export a model package to ONNX, or calibrate its quality on labelled pairs.
 
 - ``qualiface export onnx --model M --out model.onnx [--fp16] [--opset 17]``: float NCHW
-  normalised input, outputs ``embedding`` and ``quality``, dynamic batch; verified against
-  PyTorch with onnxruntime (max abs diff printed).
+  normalised input, outputs ``embedding`` (unit norm, as ``embed`` writes), ``norm`` and
+  ``quality``, dynamic batch; verified against PyTorch with onnxruntime (max abs diff printed).
+  The input normalisation, channel order and output conventions are stored in the model's
+  ``metadata_props`` and printed.
 - ``qualiface export calibrate --model M --pairs pairs.txt --images ROOT``: fits raw quality ->
   P(pair verified correctly at the FMR threshold) and stores it in ``model.json``.
 """
@@ -40,9 +42,12 @@ def onnx_command(
     console.print(
         f"wrote {report.path} ({'fp16' if fp16 else 'fp32'}, opset {report.opset}, {report.exporter}); "
         f"onnxruntime vs PyTorch max abs diff: embedding {report.max_abs_diff_embedding:.2e}, "
-        f"quality {report.max_abs_diff_quality:.2e} (tolerance {report.tolerance:.1e}, batch sizes "
-        f"{', '.join(map(str, report.batch_sizes))})"
+        f"norm {report.max_abs_diff_norm:.2e}, quality {report.max_abs_diff_quality:.2e} "
+        f"(tolerance {report.tolerance:.1e}, batch sizes {', '.join(map(str, report.batch_sizes))})"
     )
+    console.print("metadata_props:", markup=False)
+    for key, value in report.metadata.items():
+        console.print(f"  {key}: {value}", markup=False, soft_wrap=True)
 
 
 def _parse_folds(text: str | None) -> list[int]:

@@ -1,9 +1,16 @@
 """`qualiface search ...`: 1:N gallery search: enrol templates, query top-k (exact or faiss).
 
-- ``enrol EMB --gallery DIR``: build a gallery from an embed output (images of one identity
-  pooled into one template by quality-weighted aggregation).
-- ``query EMB --gallery DIR --k 5 --out FILE``: top-k template ids and cosine scores per row.
+- ``enrol EMB --gallery DIR``: add the templates of an embed output to a gallery (images of one
+  identity pooled into one template by quality-weighted aggregation). An existing gallery is
+  extended, never silently replaced (``--replace`` starts it afresh); concurrent enrolments into
+  one folder serialise on its lock and all land.
+- ``query EMB --gallery DIR --k 5 --out FILE``: top-k template ids and cosine scores per row;
+  when the probes carry labels (a ``labels`` column, or ``--identity`` / the gallery's own rule
+  applied to their ids) and some are enrolled, also rank-1 and rank-5.
 - ``info --gallery DIR``: what a gallery holds.
+
+Every command that reads or writes a gallery takes it as ``--gallery/-g DIR``; the positional
+argument is always the input table.
 - ``aggregate FRAMES --out FILE``: per-track (video) templates from a per-frame table with
   ``track_ids``, ``embeddings`` and ``quality`` (EQFace progressive update or QWFA / QWFAF);
   the output is itself a table that ``enrol`` and ``query`` read.
@@ -46,14 +53,17 @@ def enrol_command(
     backend: str = typer.Option("auto", "--backend", help="auto, exact, flat (faiss) or ivf (faiss)."),
     nlist: int | None = typer.Option(None, "--nlist", help="IVF cells (default ~4 sqrt(N))."),
     nprobe: int = typer.Option(8, "--nprobe", help="IVF cells visited per query (nlist = exact)."),
+    replace: bool = typer.Option(
+        False, "--replace", help="Replace an existing gallery instead of adding to it."
+    ),
 ) -> None:
-    """Enrol templates from an embedding table into a persisted gallery."""
+    """Enrol templates from an embedding table into a gallery (added to an existing one)."""
     import numpy as np
 
     from qualiface.eval import EvaluationError
     from qualiface.eval.aggregation import aggregate_templates
     from qualiface.infer.io import TableError, read_table
-    from qualiface.infer.search import Gallery, GalleryError
+    from qualiface.infer.search import GalleryError, enrol
 
     try:
         table = read_table(embeddings, required=("ids", "embeddings"))
@@ -67,15 +77,17 @@ def enrol_command(
         if quality is not None:
             _, row = np.unique(names, return_inverse=True)
             template_quality = np.bincount(row.ravel(), weights=quality).astype(np.float32)
-        result = Gallery.build(
-            pooled.ids, pooled.features, backend=backend, nlist=nlist, nprobe=nprobe, quality=template_quality,
+        result, before = enrol(
+            gallery, pooled.ids, pooled.features, replace=replace, backend=backend, nlist=nlist,
+            nprobe=nprobe, quality=template_quality,
             metadata={"source": str(embeddings), "identity": identity, "mode": mode, "images": int(len(names))},
         )
-        result.save(gallery)
     except (TableError, GalleryError, EvaluationError) as exc:
         raise fail(str(exc)) from None
+    added = f" (added to {before}: {result.size} in all)" if before else ""
     console.print(
-        f"enrolled {result.size} templates from {len(names)} images into {gallery} (backend {result.backend})"
+        f"enrolled {result.size - before} templates from {len(names)} images into {gallery}{added} "
+        f"(backend {result.backend})"
     )
 
 
@@ -87,17 +99,33 @@ def query_command(
     nprobe: int | None = typer.Option(None, "--nprobe", help="IVF cells to visit (overrides the stored value)."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Write ids, match_ids (Q,k), scores (Q,k) here."),
     show: int = typer.Option(5, "--show", help="Print the results of this many probes."),
+    identity: str | None = typer.Option(
+        None, "--identity", help="Probe labels from each row id, as in enrol: parent, stem or id "
+        "(default: a 'labels' column, else the rule the gallery was enrolled with). Rank-1/rank-5 "
+        "are printed when some labels are enrolled ids.",
+    ),
 ) -> None:
-    """Top-k gallery templates for every probe embedding, with cosine scores."""
+    """Top-k gallery templates for every probe embedding, with cosine scores (and rank-1/5)."""
     from qualiface.infer.io import TableError, read_table, write_table
-    from qualiface.infer.search import Gallery, GalleryError
+    from qualiface.infer.search import Gallery, GalleryError, SearchResult, rank_rates
 
     try:
         probes = read_table(embeddings, required=("ids", "embeddings"))
         loaded = Gallery.load(gallery)
         if nprobe is not None:
             loaded.set_nprobe(nprobe)
-        result = loaded.search(probes["embeddings"], k=k)
+        rule = loaded.metadata.get("identity")
+        if identity is not None:
+            labels, source = _identity(probes["ids"], identity), f"--identity {identity}"
+        elif "labels" in probes:
+            labels, source = probes["labels"], "the 'labels' column"
+        elif rule in IDENTITY_RULES:
+            labels, source = _identity(probes["ids"], rule), f"the ids, by the gallery's rule '{rule}'"
+        else:
+            labels = source = None
+        ranked = loaded.search(probes["embeddings"], k=max(k, 5) if labels is not None else k)
+        rates, counted = rank_rates(ranked, labels, loaded.ids) if labels is not None else ({}, 0)
+        result = SearchResult(ranked.scores[:, :k], ranked.indices[:, :k], ranked.ids[:, :k])
         if out is not None:
             write_table(out, {"ids": probes["ids"], "match_ids": result.ids, "scores": result.scores})
     except (TableError, GalleryError) as exc:
@@ -105,6 +133,11 @@ def query_command(
     for row in range(min(show, len(probes["ids"]))):
         matches = ", ".join(f"{i} ({s:.3f})" for i, s in zip(result.ids[row], result.scores[row]) if i)
         console.print(f"{probes['ids'][row]}: {matches}")
+    if counted:
+        console.print(
+            f"rank-1 {rates[1]:.3f}, rank-5 {rates[5]:.3f} over the {counted} of {len(labels)} probes whose "
+            f"identity is enrolled (labels: {source})"
+        )
     if out is not None:
         console.print(f"wrote top-{result.ids.shape[1]} results of {len(probes['ids'])} probes to {out}")
 

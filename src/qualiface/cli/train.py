@@ -12,18 +12,24 @@ from qualiface.cli.common import console, fail
 def command(
     ctx: typer.Context,
     config: Path = typer.Argument(..., help="YAML config file, or the name of a shipped one (e.g. qcface_r50; see configs/)."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite",
+        help="Start afresh in a train.output_dir that holds a previous run: its checkpoints, metrics and weights are deleted."),
+    threads: int = typer.Option(0, "--threads", min=0, help="torch intra-op threads (0: torch's default, one per core)"),
 ) -> None:
     """Train a model from a YAML config with key=value overrides.
 
     Overrides follow the config file as dotted key=value pairs, e.g.
     `qualiface train configs/qcface_r50.yaml optim.lr=0.05 head.params.lambda_g=2 resume=true`
     (`resume=true` is short for `train.resume=true`). Under torchrun every process runs this
-    same command; the classifier is then sharded across processes.
+    same command; the classifier is then sharded across processes. An output folder that holds
+    a previous run is refused unless `resume=true` continues it or `--overwrite` replaces it.
     """
-    from qualiface.config import ConfigError, load_config, validate_components
+    from qualiface.config import ConfigError, check_data_paths, load_config, validate_components
     from qualiface.data.decode import DataError as DatasetFileError
     from qualiface.registry import RegistryError
-    from qualiface.train.checkpoint import CheckpointError
+    from qualiface.threads import thread_option
+    from qualiface.train.checkpoint import CheckpointError, existing_run_files, remove_run_files
     from qualiface.train.data import DataError
     from qualiface.train.distributed import DistributedError
     from qualiface.train.sharded import ShardingError
@@ -37,7 +43,16 @@ def command(
     try:
         cfg = load_config(config, overrides)
         validate_components(cfg, source=str(config))
-        result = train(cfg)
+        check_data_paths(cfg, source=str(config))
+        previous_run = [] if cfg.train.resume else existing_run_files(cfg.train.output_dir)
+        if previous_run and not overwrite:
+            raise fail(f"{cfg.train.output_dir}: holds a previous run ({', '.join(p.name for p in previous_run)}); "
+                       f"continue it with resume=true, or replace it with --overwrite")
+        if previous_run:
+            removed = remove_run_files(cfg.train.output_dir)
+            console.print(f"--overwrite: removed {len(removed)} file(s) of the previous run in {cfg.train.output_dir}")
+        with thread_option(threads):
+            result = train(cfg)
     except TrainingInterrupted as exc:
         console.print(f"[yellow]{exc}[/]")
         raise typer.Exit(128 + int(exc.signum)) from None

@@ -29,6 +29,8 @@ logger = logging.getLogger(__name__)
 
 #: File extensions treated as images (compared lower-case).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+#: Largest list file read (~5M ``path label`` lines); bigger sets belong in a RecordIO pack.
+LIST_FILE_LIMIT = 256 * 2**20
 
 
 class DatasetError(DataError):
@@ -128,10 +130,16 @@ def parse_list_file(
     list_file = Path(list_file)
     base = Path(root) if root is not None else list_file.parent
     base_str = os.path.normpath(os.path.abspath(base))
+    from qualiface.files import FileReadError, read_small_text
+
     try:
-        text = list_file.read_text(encoding="utf-8")
+        text = read_small_text(list_file, limit=LIST_FILE_LIMIT, what="list file")
     except FileNotFoundError:
         raise DatasetError(f"{list_file}: list file not found") from None
+    except FileReadError as exc:  # a device, a FIFO or a huge file: refused unread
+        raise DatasetError(str(exc)) from None
+    except OSError as exc:
+        raise DatasetError(f"{list_file}: cannot read list file ({exc.strerror or exc})") from None
     except UnicodeDecodeError as exc:
         raise DatasetError(f"{list_file}: not UTF-8 text ({exc.reason} at byte "
                            f"{exc.start})") from None

@@ -17,10 +17,13 @@ Malformed files raise ``PairsFormatError`` naming the file and line.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -28,6 +31,10 @@ from qualiface.data.decode import DataError
 
 # Bounded digit counts keep int() cheap and far from Python's int/str conversion limit.
 _NUMBER = re.compile(r"[0-9]{1,9}")
+#: Most pairs a headerless file may list (LFW has 6,000; the largest public protocols ~10^5).
+MAX_PAIRS = 1_000_000
+#: Longest line read: a pair line is two names and two numbers.
+MAX_LINE_BYTES = 4096
 
 
 class PairsFormatError(DataError):
@@ -75,9 +82,9 @@ class LFWPairs:
     def select_folds(self, *folds: int) -> LFWPairs:
         """Only the pairs of the given (1-based) folds, in file order."""
         unknown = set(folds) - set(self.folds)
-        if unknown:
-            raise ValueError(f"{self.source}: no fold(s) {sorted(unknown)}; folds are "
-                             f"{self.folds}")
+        if unknown:  # a DataError (a ValueError): one clear line in the CLI
+            raise PairsFormatError(f"{self.source}: no fold(s) {sorted(unknown)}; folds are "
+                                   f"{self.folds}")
         keep = np.isin(self.fold, list(folds))
         index = np.flatnonzero(keep)
         return replace(self, paths1=tuple(self.paths1[i] for i in index),
@@ -135,75 +142,118 @@ def _check_name(token: str, where: str) -> str:
 
 def parse_pairs_text(text: str, *, source: str = "<text>", extension: str = "jpg") -> LFWPairs:
     """Parse the text of a pairs file (see the module docstring for accepted layouts)."""
-    rows: list[tuple[int, list[str]]] = [
-        (number, line.split()) for number, line in enumerate(text.splitlines(), start=1)
-        if line.strip() and not line.lstrip().startswith("#")
-    ]
-    if not rows:
-        raise PairsFormatError(f"{source}: no pairs (empty file)")
+    return _parse_pair_lines(enumerate(text.splitlines(), start=1), source, extension)
+
+
+def _parse_pair_lines(lines: Iterable[tuple[int, str]], source: str, extension: str) -> LFWPairs:
+    """Parse numbered lines one at a time, keeping only the pairs (not the lines).
+
+    Bounded: with a header, the file may not hold more pairs than it announces (checked as
+    each line arrives, so a 10M-line file fails at the first extra line); without one, at most
+    ``MAX_PAIRS``. Each pair's matched/mismatched kind is checked against its fold as read.
+    """
     header: tuple[int, int] | None = None
-    first_number, first_fields = rows[0]
-    if len(first_fields) in (1, 2):
-        where = f"{source}:{first_number}"
-        values = [_parse_number(token, where, "header value") for token in first_fields]
-        header = (values[0], values[1]) if len(values) == 2 else (1, values[0])
-        rows = rows[1:]
+    header_line = 0
     paths1: list[str] = []
     paths2: list[str] = []
     issame: list[bool] = []
-    for line_number, fields in rows:
+    misplaced: tuple[int, int] | None = None  # (pair position, line) of the first wrong kind
+    for line_number, line in lines:
+        fields = line.split()
+        if not fields or fields[0].startswith("#"):
+            continue
         where = f"{source}:{line_number}"
+        if not header_line and not issame and len(fields) in (1, 2):
+            values = [_parse_number(token, where, "header value") for token in fields]
+            header = (values[0], values[1]) if len(values) == 2 else (1, values[0])
+            header_line = line_number
+            continue
+        header_line = header_line or -1  # pairs have started: no header from here on
+        limit = header[0] * 2 * header[1] if header is not None else MAX_PAIRS
+        if len(issame) >= limit:
+            if header is None:
+                raise PairsFormatError(f"{where}: more than {MAX_PAIRS:,} pairs; a pairs file "
+                                       "this long is not a verification protocol")
+            raise PairsFormatError(f"{source}:{header_line}: header says {header[0]} fold(s) of "
+                                   f"{header[1]} matched + {header[1]} mismatched pairs "
+                                   f"({limit} lines), the file has more (line {line_number})")
         if len(fields) == 3:
             name = _check_name(fields[0], where)
-            paths1.append(lfw_image_path(name, _parse_number(fields[1], where, "image number"),
-                                         extension))
-            paths2.append(lfw_image_path(name, _parse_number(fields[2], where, "image number"),
-                                         extension))
-            issame.append(True)
+            first = lfw_image_path(name, _parse_number(fields[1], where, "image number"), extension)
+            second = lfw_image_path(name, _parse_number(fields[2], where, "image number"), extension)
+            same = True
         elif len(fields) == 4:
             name1, name2 = _check_name(fields[0], where), _check_name(fields[2], where)
-            paths1.append(lfw_image_path(name1, _parse_number(fields[1], where, "image number"),
-                                         extension))
-            paths2.append(lfw_image_path(name2, _parse_number(fields[3], where, "image number"),
-                                         extension))
-            issame.append(False)
+            first = lfw_image_path(name1, _parse_number(fields[1], where, "image number"), extension)
+            second = lfw_image_path(name2, _parse_number(fields[3], where, "image number"), extension)
+            same = False
         else:
             raise PairsFormatError(f"{where}: expected 'name i j' or 'name1 i name2 j', got "
                                    f"{len(fields)} fields")
+        if header is not None and misplaced is None:
+            # Within a fold the first per_side lines are matched, the next per_side mismatched;
+            # reported after the count check, which says more when lines are missing.
+            position = len(issame)
+            if same != ((position % (2 * header[1])) < header[1]):
+                misplaced = (position, line_number)
+        paths1.append(first)
+        paths2.append(second)
+        issame.append(same)
     if not issame:
-        raise PairsFormatError(f"{source}: header but no pairs")
+        raise PairsFormatError(f"{source}: header but no pairs" if header is not None
+                               else f"{source}: no pairs (empty file)")
     if header is None:
         fold = np.ones(len(issame), dtype=np.int64)
     else:
         folds, per_side = header
         expected = folds * 2 * per_side
         if len(issame) != expected:
-            raise PairsFormatError(f"{source}:{first_number}: header says {folds} fold(s) of "
+            raise PairsFormatError(f"{source}:{header_line}: header says {folds} fold(s) of "
                                    f"{per_side} matched + {per_side} mismatched pairs "
                                    f"({expected} lines), the file has {len(issame)}")
-        # Within a fold the first per_side lines are matched, the next per_side mismatched.
-        position = np.arange(expected)
-        should_match = (position % (2 * per_side)) < per_side
-        wrong = np.flatnonzero(should_match != np.asarray(issame))
-        if wrong.size:
-            bad = int(wrong[0])
-            kind = "matched ('name i j')" if should_match[bad] else "mismatched ('name1 i name2 j')"
-            raise PairsFormatError(f"{source}:{rows[bad][0]}: fold {bad // (2 * per_side) + 1} "
+        if misplaced is not None:
+            position, line_number = misplaced
+            kind = ("mismatched ('name1 i name2 j')" if issame[position]
+                    else "matched ('name i j')")
+            raise PairsFormatError(f"{source}:{line_number}: fold {position // (2 * per_side) + 1} "
                                    f"expects a {kind} pair on this line")
-        fold = position // (2 * per_side) + 1
+        fold = np.arange(expected) // (2 * per_side) + 1
     return LFWPairs(tuple(paths1), tuple(paths2), np.asarray(issame, dtype=bool),
                     fold.astype(np.int64), source)
 
 
+def _numbered_lines(handle: BinaryIO, source: str) -> Iterator[tuple[int, str]]:
+    """``(line number, text)`` of a binary file, one line in memory at a time."""
+    offset = 0
+    for number in itertools.count(1):
+        raw = handle.readline(MAX_LINE_BYTES + 1)
+        if not raw:
+            return
+        if len(raw) > MAX_LINE_BYTES:
+            raise PairsFormatError(f"{source}:{number}: line longer than {MAX_LINE_BYTES} bytes "
+                                   "(not a pairs file?)")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise PairsFormatError(f"{source}: not UTF-8 text (byte {offset + exc.start})") from None
+        offset += len(raw)
+        yield number, text
+
+
 def read_pairs(path: str | os.PathLike, image_root: str | os.PathLike | None = None, *,
                extension: str = "jpg") -> LFWPairs:
-    """Read a pairs file; with ``image_root`` the paths are resolved and checked to exist."""
+    """Read a pairs file, streamed line by line; with ``image_root`` the paths are resolved and
+    checked to exist. Devices and FIFOs are refused (``qualiface.files.open_regular``)."""
+    from qualiface.files import FileReadError, open_regular
+
     path = Path(path)
     try:
-        text = path.read_bytes().decode("utf-8")
+        with open_regular(path, what="pairs file") as handle:
+            pairs = _parse_pair_lines(_numbered_lines(handle, str(path)), str(path), extension)
     except FileNotFoundError:
         raise PairsFormatError(f"{path}: pairs file not found") from None
-    except UnicodeDecodeError as exc:
-        raise PairsFormatError(f"{path}: not UTF-8 text (byte {exc.start})") from None
-    pairs = parse_pairs_text(text, source=str(path), extension=extension)
+    except FileReadError as exc:
+        raise PairsFormatError(str(exc)) from None
+    except OSError as exc:
+        raise PairsFormatError(f"{path}: cannot read ({exc.strerror or exc})") from None
     return pairs.resolve(image_root) if image_root is not None else pairs

@@ -55,6 +55,8 @@ MAX_RECORD_LENGTH = _LENGTH_MASK
 _FLOAT32_EXACT = 1 << 24
 IDENTITIES_FILE = "identities.txt"
 PROPERTY_FILE = "property"
+#: Classes a dataset may have beyond its image count (sparse labels); see _check_num_classes.
+MAX_CLASSES_WITHOUT_IMAGES = 1 << 16
 
 
 class RecordIOError(DataError):
@@ -214,8 +216,9 @@ def read_index(idx_path: str | os.PathLike, rec_size: int | None = None
                ) -> tuple[np.ndarray, np.ndarray]:
     """Parse a ``.idx`` file -> ``(keys, offsets)`` int64 arrays sorted by key.
 
-    Checks every line is ``int<TAB>int``, keys are unique and >= 0, and offsets lie inside the
-    ``.rec`` (``0 <= offset < rec_size`` when ``rec_size`` is given).
+    Checks every line is ``int<TAB>int``, keys are unique and >= 0, offsets lie inside the
+    ``.rec`` (``0 <= offset < rec_size`` when ``rec_size`` is given), and no two keys share an
+    offset or start closer than one record header.
     """
     idx_path = Path(idx_path)
     if not idx_path.is_file():
@@ -255,7 +258,32 @@ def read_index(idx_path: str | os.PathLike, rec_size: int | None = None
     duplicate = np.flatnonzero(key_array[1:] == key_array[:-1])
     if duplicate.size:
         raise RecordIOError(idx_path, None, f"key {key_array[duplicate[0]]} appears twice")
+    _check_offsets_distinct(idx_path, key_array, offset_array)
     return key_array, offset_array
+
+
+def _check_offsets_distinct(idx_path: Path, keys: np.ndarray, offsets: np.ndarray) -> None:
+    """Refuse two keys at one offset, or offsets closer than one frame header.
+
+    Either way two "records" would read the same bytes: a hostile or broken index could turn one
+    image into many (silently duplicated training samples). Records that start far enough apart
+    but still overlap are caught on read, where the frame's true length is known (see
+    ``RecordIODataset._record``).
+    """
+    order = np.argsort(offsets, kind="stable")
+    gaps = np.diff(offsets[order])
+    close = np.flatnonzero(gaps < _FRAME.size)
+    if not close.size:
+        return
+    first, second = order[close[0]], order[close[0] + 1]
+    key_a, key_b = int(keys[first]), int(keys[second])
+    offset_a, offset_b = int(offsets[first]), int(offsets[second])
+    if offset_a == offset_b:
+        reason = f"keys {key_a} and {key_b} share byte offset {offset_a} (one record listed twice)"
+    else:
+        reason = (f"keys {key_a} and {key_b} start at bytes {offset_a} and {offset_b}, closer "
+                  f"than one {_FRAME.size}-byte record header (overlapping records)")
+    raise RecordIOError(idx_path, None, reason)
 
 
 def _default_file_mode() -> int:
@@ -314,10 +342,17 @@ def resolve_paths(path: str | os.PathLike) -> tuple[Path, Path, Path]:
 
 def read_property(property_path: str | os.PathLike) -> tuple[int, int, int] | None:
     """``property`` file -> ``(num_classes, height, width)``, or None when absent."""
+    from qualiface.files import read_small_bytes
+
     property_path = Path(property_path)
     if not property_path.is_file():
         return None
-    text = property_path.read_text(encoding="utf-8", errors="replace").strip()
+    try:  # one short line: a large file here is not a property file
+        data = read_small_bytes(property_path, limit=4096, what="property file")
+    except OSError as exc:
+        raise RecordIOError(property_path, None, getattr(exc, "problem", None)
+                            or f"cannot read ({exc.strerror or exc})") from None
+    text = data.decode("utf-8", errors="replace").strip()
     try:
         values = tuple(int(v) for v in text.split(","))
         if len(values) != 3 or min(values) <= 0:
@@ -399,6 +434,8 @@ class RecordIODataset(torch.utils.data.Dataset):
         self.max_pixels = max_pixels
         self._rec_size = self.rec_path.stat().st_size
         keys, offsets = read_index(self.idx_path, self._rec_size)
+        # Where the next indexed record starts, for the overlap check in ``_record``.
+        self._sorted_offsets = np.sort(offsets)
         self._buffer: mmap.mmap | bytes | None = None
         self._pid: int | None = None
         self.identity_block: tuple[int, int] | None = None
@@ -417,6 +454,28 @@ class RecordIODataset(torch.utils.data.Dataset):
             self._num_classes = self.identity_block[1] - self.identity_block[0]
         else:
             self._num_classes = self._scan_num_classes()
+        self._check_num_classes(prop is not None)
+
+    def _check_num_classes(self, from_property: bool) -> None:
+        """Refuse a class count the records cannot back (the head allocates one row per class).
+
+        A real set has at least one image per class; sparse labels (a filtered subset keeping
+        its original labels) are allowed up to ``MAX_CLASSES_WITHOUT_IMAGES`` classes, which a
+        head holds in a few hundred MB at most. Beyond both, the count is a corrupt or hostile
+        header, not a dataset: ``property`` 1e12 or one label 3e9 asked for terabytes.
+        """
+        limit = max(len(self), MAX_CLASSES_WITHOUT_IMAGES)
+        if self._num_classes <= limit:
+            return
+        source = (self.property_path if from_property
+                  else self.rec_path if self.identity_block is None else self.idx_path)
+        what = ("'property' says" if from_property
+                else "the identity block of record 0 spans" if self.identity_block is not None
+                else "the largest label implies")
+        raise RecordIOError(source, None, f"{what} {self._num_classes} classes, but the .rec holds "
+                                          f"only {len(self)} images; more classes than images "
+                                          f"is accepted up to {MAX_CLASSES_WITHOUT_IMAGES} only "
+                                          "(a corrupt header?)")
 
     def _use_identity_block(self, header: IRHeader, keys: np.ndarray, offsets: np.ndarray
                             ) -> None:
@@ -430,6 +489,13 @@ class RecordIODataset(torch.utils.data.Dataset):
             raise RecordIOError(self.idx_path, None, f"record 0 says records 1..{first - 1} "
                                                      f"are images but the index lists "
                                                      f"{int(is_image.sum())} of them")
+        # Every identity header must be indexed: this also bounds the class count (end - first)
+        # by the records that exist, so a corrupt record 0 cannot ask for terabytes.
+        headers = int(((keys >= first) & (keys < end)).sum())
+        if headers != end - first:
+            raise RecordIOError(self.idx_path, None, f"record 0 says records {first}..{end - 1} "
+                                                     f"are identity headers but the index lists "
+                                                     f"{headers} of them")
         self.identity_block = (first, end)
         self._all_keys, self._all_offsets = keys, offsets
         self._image_keys, self._image_offsets = keys[is_image], offsets[is_image]
@@ -442,6 +508,10 @@ class RecordIODataset(torch.utils.data.Dataset):
             checked = _integral_label(label, None)
             if checked is None:
                 raise RecordIOError(self.rec_path, offset, f"label {label} is not an int >= 0")
+            if checked >= _FLOAT32_EXACT:  # float32 headers cannot store it exactly: corrupt
+                raise RecordIOError(self.rec_path, offset, f"label {label:.0f} is not below "
+                                                           f"2**24 (float32 labels are exact "
+                                                           "only up to there)")
             largest = max(largest, checked)
         return largest + 1
 
@@ -464,7 +534,15 @@ class RecordIODataset(torch.utils.data.Dataset):
         return state
 
     def _record(self, offset: int) -> tuple[IRHeader, bytes]:
-        payload, _ = read_frame(self._data(), offset, source=str(self.rec_path))
+        payload, following = read_frame(self._data(), offset, source=str(self.rec_path))
+        # A record must end where the next indexed one starts (or before): otherwise the index
+        # points into the middle of this record and the same bytes would be read twice.
+        position = int(np.searchsorted(self._sorted_offsets, offset, side="right"))
+        if position < len(self._sorted_offsets) and following > self._sorted_offsets[position]:
+            raise RecordIOError(self.idx_path, None, f"the record at byte {offset} runs to byte "
+                                                     f"{following}, past the indexed record at "
+                                                     f"byte {int(self._sorted_offsets[position])} "
+                                                     f"(overlapping records)")
         return unpack_record(payload, source=str(self.rec_path), offset=offset)
 
     @property

@@ -41,7 +41,7 @@ import ctypes
 import logging
 import multiprocessing
 import multiprocessing.context
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -369,6 +369,23 @@ def collate_skipping(batch: list):
     if not kept:
         return None
     return torch.utils.data.default_collate(kept)
+
+
+def require_image_size(dataset, image_size: tuple[int, int]) -> RobustDataset:
+    """``dataset`` with images of another size than ``image_size`` treated as bad samples.
+
+    What the trainer applies to every dataset: one wrong-size image in a folder otherwise ended
+    in a ``torch.stack`` traceback deep inside batching. Now it is skipped (replaced by a
+    counted substitute), logged by file name, and too many stop the run with
+    ``TooManyBadSamplesError``. A ``RobustDataset`` keeps its policy, gaining the size check
+    when it had none; any other dataset is wrapped with the default policy.
+    """
+    size = (int(image_size[0]), int(image_size[1]))
+    if isinstance(dataset, RobustDataset):
+        if dataset.policy.image_size is None:
+            dataset.policy = replace(dataset.policy, image_size=size)
+        return dataset
+    return RobustDataset(dataset, SkipPolicy(image_size=size))
 
 
 _POLICY_FIELDS = frozenset(f.name for f in fields(SkipPolicy))

@@ -48,6 +48,17 @@ class PickleFormatError(DataError):
     """The data is not a readable pickle (truncated, corrupt or not a pickle at all)."""
 
 
+class PickleTooLargeError(PickleFormatError):
+    """The pickle references far more data than it holds (one object referenced many times)."""
+
+
+#: Data (bytes and str) a pickle may reference beyond twice its own size. A pickle stores each
+#: object once and may reference it many times (the memo), so 20,000 references to one 1 MB
+#: bytearray in a 1 MB file would decode to 20 GB once copied; real files reference each image
+#: about once, so their total stays near the file size.
+REFERENCED_BYTES_SLACK = 16 * 2**20
+
+
 class RestrictedUnpickler(pickle.Unpickler):
     """An Unpickler that can build only built-in values: every global is refused."""
 
@@ -62,14 +73,24 @@ class RestrictedUnpickler(pickle.Unpickler):
         raise UnsafePickleError(self.source, "a persistent id")
 
 
-def _check_plain(value: object, source: str) -> None:
+def _check_plain(value: object, source: str, max_bytes: int | None = None) -> None:
     # Iterative walk: hostile input may nest deeply or reference itself through the memo.
+    # Bytes and str are counted at every reference (what a consumer copying them would use);
+    # containers once (a consumer walks a shared list once per reference, but it holds only
+    # references, each one an opcode in the file).
     stack = [value]
     seen: set[int] = set()
+    total = 0
     while stack:
         item = stack.pop()
         if type(item) not in ALLOWED_TYPES:
             raise UnsafePickleError(source, f"a value of type '{type(item).__name__}'")
+        if type(item) in (bytes, bytearray, str):
+            total += len(item)
+            if max_bytes is not None and total > max_bytes:
+                raise PickleTooLargeError(
+                    f"{source}: refused: references more than {max_bytes} bytes of data, far "
+                    "more than the file holds (one object referenced many times?)")
         if type(item) in (list, tuple):
             if id(item) in seen:
                 continue
@@ -80,7 +101,9 @@ def _check_plain(value: object, source: str) -> None:
 def safe_loads(data: bytes, *, source: str = "<bytes>", encoding: str = "bytes") -> object:
     """Unpickle plain data from ``data``; ``source`` names it in errors.
 
-    Raises ``UnsafePickleError`` (a refused global or type) or ``PickleFormatError`` (corrupt).
+    Raises ``UnsafePickleError`` (a refused global or type) or ``PickleFormatError`` (corrupt,
+    or ``PickleTooLargeError``: the value references more than ``2 * len(data)`` bytes plus
+    ``REFERENCED_BYTES_SLACK`` of bytes/str data, see that constant).
     """
     try:
         value = RestrictedUnpickler(io.BytesIO(data), source=source, encoding=encoding).load()
@@ -89,11 +112,18 @@ def safe_loads(data: bytes, *, source: str = "<bytes>", encoding: str = "bytes")
     except Exception as exc:  # any failure parsing untrusted bytes is a format error
         raise PickleFormatError(f"{source}: not a readable pickle "
                                 f"({type(exc).__name__}: {exc})") from None
-    _check_plain(value, source)
+    _check_plain(value, source, max_bytes=2 * len(data) + REFERENCED_BYTES_SLACK)
     return value
 
 
 def safe_load(path: str | os.PathLike, *, encoding: str = "bytes") -> object:
-    """Unpickle plain data from a file (see ``safe_loads``); errors name the file."""
+    """Unpickle plain data from a regular file (see ``safe_loads``); errors name the file."""
+    from qualiface.files import FileReadError, open_regular
+
     path = Path(path)
-    return safe_loads(path.read_bytes(), source=str(path), encoding=encoding)
+    try:  # a device or FIFO (``/dev/zero``) would be read forever
+        with open_regular(path, what="pickle file") as handle:
+            data = handle.read()
+    except FileReadError as exc:
+        raise PickleFormatError(str(exc)) from None
+    return safe_loads(data, source=str(path), encoding=encoding)

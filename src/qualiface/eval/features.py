@@ -20,7 +20,10 @@ The quality of a fused sample is the mean of the two views' qualities in both fu
 
 Results are a ``FeatureSet`` (image ids, raw features, quality) saved as safetensors (ids and
 options in the header metadata). ``cached_features`` keys the file by a hash of the model
-identity, the benchmark, the image list and the options, so changing any of them recomputes.
+identity, the benchmark, the image list, the options and the data itself (``data_digest``:
+the bytes of a ``.bin`` / pairs file, path + size + mtime of every image file), so changing any
+of them recomputes: two benchmarks with the same name and image ids (``A/lfw.bin`` and
+``B/lfw.bin``) must never share features.
 """
 
 from __future__ import annotations
@@ -193,11 +196,14 @@ def cache_key(**parts) -> str:
 
 
 def cached_features(cache_dir: str | os.PathLike | None, name: str, key_parts: dict,
-                    compute: Callable[[], FeatureSet]) -> FeatureSet:
+                    compute: Callable[[], FeatureSet], *,
+                    on_reuse: Callable[[Path], None] | None = None) -> FeatureSet:
     """Load ``<cache_dir>/<name>-<key>.safetensors`` if present, else ``compute()`` and save it.
 
     ``key_parts`` must hold everything that changes the features (model identity, flip mode,
-    the image ids or a digest of them, preprocessing options). ``cache_dir=None`` disables it.
+    the image ids or a digest of them, preprocessing options, and the data content from
+    ``data_digest``). ``cache_dir=None`` disables it. ``on_reuse(path)`` is called when a cached
+    file is returned, so callers can say which numbers come from an earlier run.
     """
     if cache_dir is None:
         return compute()
@@ -206,6 +212,8 @@ def cached_features(cache_dir: str | os.PathLike | None, name: str, key_parts: d
     if path.is_file():
         cached = FeatureSet.load(path)
         if cached.meta.get("cache_key") == key:
+            if on_reuse is not None:
+                on_reuse(path)
             return cached
     result = compute()
     result.meta = {**result.meta, "cache_key": key}
@@ -216,6 +224,57 @@ def cached_features(cache_dir: str | os.PathLike | None, name: str, key_parts: d
 def ids_digest(ids: Sequence[str]) -> str:
     """Digest of an image list (keeps cache keys short for 469k IJB-C images)."""
     return hashlib.sha256("\n".join(ids).encode()).hexdigest()
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks (a .bin of several GB never sits in memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def data_digest(images, files: Sequence[str | os.PathLike] = (), arrays: Sequence = ()) -> str | None:
+    """A digest of the data a feature set is computed from, for the cache key; None if unknown.
+
+    The image ids alone do not identify the data: every ``lfw.bin`` has ids ``"0"``...``"N"``
+    and every LFW copy the same relative paths. So the digest covers, deduplicated and in order:
+
+    - the bytes of each of ``files`` (pairs / protocol files) and of ``images.path`` when the
+      dataset reads one file (a ``.bin``);
+    - for a dataset of image files (``ImageFiles``): the absolute path, size and modification
+      time of every image, which changes when an image is replaced or the folder is another one,
+      without reading every image again (469k IJB-C files);
+    - the bytes of in-memory images (a tensor / array, e.g. degraded copies) and of ``arrays``
+      (e.g. IJB landmarks, which change the aligned crops).
+
+    Returns None when ``images`` is of a kind whose content cannot be fingerprinted, and the
+    caller should then not cache.
+    """
+    digest = hashlib.sha256()
+    paths = [Path(f) for f in files]
+    single = getattr(images, "path", None)
+    known = isinstance(single, (str, os.PathLike)) and Path(single).is_file()
+    if known:
+        paths.append(Path(single))
+    for path in dict.fromkeys(paths):
+        digest.update(f"file {path.name} {file_digest(path)}\n".encode())
+    if isinstance(images, ImageFiles):
+        for name in images.paths:
+            stat = os.stat(name)
+            digest.update(f"image {os.path.abspath(name)} {stat.st_size} {stat.st_mtime_ns}\n"
+                          .encode())
+        known = True
+    in_memory = hasattr(images, "shape") and hasattr(images, "dtype")
+    known = known or in_memory
+    for array in ([images] if in_memory else []) + list(arrays):
+        if hasattr(array, "detach"):
+            array = array.detach().cpu().numpy()
+        array = np.ascontiguousarray(array)
+        digest.update(f"array {array.dtype} {array.shape}\n".encode())
+        digest.update(array.reshape(-1).view(np.uint8).data)
+    return digest.hexdigest() if known else None
 
 
 class ImageFiles:

@@ -178,6 +178,17 @@ def theoretical_best_area(starting_error: float, limit: float, best: str = "line
     raise EvaluationError(f"unknown theoretical best {best!r}; use 'linear' or 'exact'")
 
 
+def theoretical_best_fnmr(starting_error: float, fractions) -> np.ndarray:
+    """The exact theoretical-best EDC: FNMR ``max(0, FNMR0 - x) / (1 - x)`` left once a fraction
+    ``x`` of the mated comparisons is discarded, all of them false non-matches first (0 at
+    ``x = 1``); the curve whose area ``theoretical_best_area(..., best="exact")`` is.
+
+    A random discard, the other reference, keeps the FNMR at ``FNMR0`` (in expectation)."""
+    x = np.asarray(fractions, dtype=np.float64)
+    remaining = np.clip(float(starting_error) - x, 0.0, None)
+    return np.where(x < 1.0, remaining / np.where(x < 1.0, 1.0 - x, 1.0), 0.0)
+
+
 def edc_summary(curve: EdcCurve, limits: Sequence[float] = (0.2, 0.3),
                 best: str = "linear") -> dict:
     """JSON-ready numbers: starting FNMR, pAUC at each limit, and pAUC minus the best's area."""

@@ -26,7 +26,8 @@ class NormStatistic(torch.nn.Module):
     """AdaFace's EMA-normalised norm z, shared with QGFace.
 
     Buffers ``batch_mean`` (mu) and ``batch_std`` (sigma); ``forward(norm) -> z`` (B,) in [-1, 1],
-    updating the EMAs first when the module is in training mode.
+    updating the EMAs first when the module is in training mode; ``normalise(norm)`` only reads
+    them. ``initial_std`` may be 0 (``std_eps`` keeps z finite).
     """
 
     def __init__(self, h: float = 0.333, momentum: float = 0.01, initial_mean: float = 20.0,
@@ -34,7 +35,7 @@ class NormStatistic(torch.nn.Module):
         super().__init__()
         check_positive("h", h)
         check_range("momentum", momentum, 0.0, 1.0, closed_high=True)
-        check_positive("initial_std", initial_std)
+        check_range("initial_std", initial_std, 0.0, math.inf)
         self.h = float(h)
         self.momentum = float(momentum)
         self.std_eps = float(std_eps)
@@ -50,6 +51,11 @@ class NormStatistic(torch.nn.Module):
                 std = a.std() if a.numel() > 1 else torch.zeros_like(mean)
                 self.batch_mean.mul_(1.0 - self.momentum).add_(self.momentum * mean)
                 self.batch_std.mul_(1.0 - self.momentum).add_(self.momentum * std.to(mean.dtype))
+        return self.normalise(a)
+
+    def normalise(self, norm: torch.Tensor) -> torch.Tensor:
+        """z of (B,) norms with the current mu, sigma, never updating them."""
+        a = norm.detach()
         mu = self.batch_mean.to(a.dtype)
         sigma = self.batch_std.to(a.dtype)
         return (self.h * (a - mu) / (sigma + self.std_eps)).clamp(-1.0, 1.0)

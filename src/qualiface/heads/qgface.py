@@ -1,35 +1,61 @@
-"""QGFace: quality-guided joint training - AdaFace classification for high-quality faces and a
-queue-based contrastive loss between two views for low-quality ones.
+"""QGFace (Song & Wang 2023): quality-guided joint training - AdaFace classification for
+high-quality faces and a queue-based contrastive loss between two views for low-quality ones.
+
+The defaults follow the authors' published training code (github.com/IsidoreSong/QGFace,
+``framework.py`` / ``head.py``); each point where an earlier version of this head differed is a
+constructor option, so the old behaviour stays reachable and measurable
+(``bench/qgface_options.py``, docs/BENCHMARKS.md).
+
+Views. ``embeddings`` x (B, D) are the first (clean) view, ``second_view`` x' (B, D) the
+embeddings of a degraded view of the same images (the trainer's low-quality view).
 
 Quality split. z is AdaFace's EMA-normalised norm (``adaface.NormStatistic``: EMAs updated
-first in training mode, then z computed), q = (z + 1) / 2 in [0, 1]; a sample is high quality
-(HQ) when q >= tau (tau = 0.5), low quality (LQ) otherwise.
+first in training mode, then z computed), q = (z + 1) / 2 in [0, 1]. The EMAs see the norms of
+every classified row (both views with ``classify_both_views``). A pair i is low quality (LQ)
+when ``split_by``-combined quality < tau (tau = 0.5): ``"min"`` (default, the authors'
+``quality_select_method="low"``): min(q_i, q'_i); ``"mean"``, ``"max"``; ``"first"``: q_i alone
+(the old behaviour; q' is then not needed). Otherwise high quality (HQ). Without a second view
+(evaluation) the split uses q_i.
+``initial_statistics``: ``"adaface"`` (default; mu0 = 20, sigma0 = 100, NormStatistic's own
+defaults, as AdaFace) or ``"zero"`` (mu0 = sigma0 = 0, what the authors' ``SoftmaxFace`` buffers
+actually start from: z saturates at +1 until the EMAs catch up, so early batches are all HQ).
 
-Classification (L_cls). AdaFace logits (margin m = 0.4, h = 0.333) where row i is multiplied by
-the gate ``g_i = sigmoid(gate_scale * (z_i + 2 (0.5 - tau)))`` = sigmoid(2 gate_scale (q_i - tau)):
-``logits_i = g_i * s * adaface_cos_logits_i`` and L_cls is the mean cross-entropy over all rows.
-HQ rows get g ~ 1 (plain AdaFace); LQ rows are pulled towards all-zero logits, a flat softmax
-with ~no gradient, so identity learning comes from HQ faces. z uses the detached norm, so the gate
-carries no gradient itself.
+Classification (L_cls). AdaFace logits (margin m = 0.4, h = 0.333) where row r is multiplied by
+the gate ``g_r = sigmoid(gate_scale * (z_r + 2 (0.5 - tau)))`` = sigmoid(2 gate_scale (q_r - tau)):
+``logits_r = g_r * s * adaface_cos_logits_r``; L_cls is the mean cross-entropy over the rows:
+both views, 2B rows (``classify_both_views=True``, default, as the authors), or the first view
+only (B rows). Each row is gated by its own z. HQ rows get g ~ 1 (plain AdaFace); LQ rows are
+pulled towards all-zero logits, a flat softmax with ~no gradient. z uses the detached norm, so
+the gate carries no gradient itself. ``HeadOutput.logits`` are the first view's (B, C).
 
-Contrastive (L_con), LQ rows only, needs ``second_view`` (B, D): embeddings of a degraded view of
-the same images. Query u_i = x_i/||x_i||, positive key k_i = second_view_i/||.||, logits
-``s_c (cos(u_i, k_i) - m_c)`` for the positive and ``s_c cos(u_i, e'_j)`` for queue entries j
-whose label differs from y_i (same-label entries are not negatives; empty slots are ignored);
-loss = -log softmax at the positive, averaged over LQ rows (0 without LQ rows). Gradients reach
-both views. Queue entries are corrected for centre drift since they were stored:
+Contrastive (L_con), LQ pairs only, needs ``second_view``. Query u = x/||x||, positive key
+k = x'/||x'||, logits ``s_c (cos(u, k) - m_c)`` for the positive and ``s_c cos(u, e'_j)`` for queue
+entries j whose label differs from y (same-label entries are not negatives; empty slots are
+ignored); per row -log softmax at the positive. ``symmetric=True`` (default, the authors'
+``pair_coupling="D2N"``) adds the rows with the views swapped (query x', key x) against the same
+queue; L_con is the mean over all LQ rows (0 without LQ rows). Gradients reach both views. Queue
+entries are corrected for centre drift since they were stored:
 ``e' = e + (||e|| / ||W_y_old||) (W_y_now - W_y_old)``; W_y_now comes from whichever shard owns y
 (zero-padded rows summed through the reducer); entries whose class is on no shard stay as stored.
 
-Queue. A FIFO of ``queue_size`` (4096) past first-view embeddings (detached, unnormalised) with
-their labels and class centre at enqueue time; the batch is enqueued after the loss is computed,
-in training mode only. Buffers (saved in ``state_dict``): ``queue_embeddings``, ``queue_labels``
-(-1 = empty), ``queue_proxies``, ``queue_ptr``, ``queue_filled``, ``step``.
+Queue. A FIFO of ``queue_size`` (4096) past embeddings (detached, unnormalised) of every
+classified view (2B rows per step with ``classify_both_views``, else the first view's B) with
+their labels and class centre at enqueue time, in training mode only. ``enqueue_first=True``
+(default, as the authors) stores the batch before L_con, so the other-label samples of the
+current batch are negatives too (its same-label entries, the positive among them, are masked);
+``False`` stores it after the loss. Buffers (saved in ``state_dict``): ``queue_embeddings``,
+``queue_labels`` (-1 = empty), ``queue_proxies``, ``queue_ptr``, ``queue_filled``, ``step``.
 
 Total: ``L = L_cls + w L_con`` (w = 1.0), with L_con added from training step
 ``contrastive_start_step`` on (default 0; raise it to let the queue fill / centres settle).
 
-Quality: the raw feature norm a >= 0 (larger = better; z and q in extras).
+Remaining differences from the authors' code (not options here; see docs/BENCHMARKS.md):
+same-label queue entries get logit 0 there (kept in the denominator), here they are dropped;
+there L_con is averaged over all 2B rows (HQ rows add the constant log(K+1)) and rescaled by
+log(129) / log(K+1), here it is averaged over LQ rows; there norms are clipped to [1e-3, 100]
+before the statistics; their optional dynamic contrastive margin is not offered.
+
+Quality: the raw feature norm a >= 0 of the first view (larger = better; z, q in extras).
 """
 
 from __future__ import annotations
@@ -86,6 +112,32 @@ def correct_queue(
     return torch.where(present[:, None], corrected, embeddings)
 
 
+SPLITS = {
+    "first": lambda q, q_second: q,
+    "min": torch.minimum,
+    "mean": lambda q, q_second: (q + q_second) / 2.0,
+    "max": torch.maximum,
+}
+#: NormStatistic keyword overrides; "adaface" keeps its defaults (AdaFace's mu0 = 20, sigma0 = 100).
+INITIAL_STATISTICS = {"adaface": {}, "zero": {"initial_mean": 0.0, "initial_std": 0.0}}
+
+
+def stack_views(first: ClassBatch, second: ClassBatch) -> ClassBatch:
+    """The two views' batches (same labels, centres, reducer) as one batch of 2B rows."""
+    return ClassBatch(
+        cos=torch.cat([first.cos, second.cos]),
+        norm=torch.cat([first.norm, second.norm]),
+        unit=torch.cat([first.unit, second.unit]),
+        labels=torch.cat([first.labels, second.labels]),
+        local_labels=torch.cat([first.local_labels, second.local_labels]),
+        class_ids=first.class_ids,
+        target_mask=torch.cat([first.target_mask, second.target_mask]),
+        target_cos=torch.cat([first.target_cos, second.target_cos]),
+        weight=first.weight,
+        reducer=first.reducer,
+    )
+
+
 @HEADS.register("qgface")
 class QGFace(CosineHead):
     """QGFace; quality = raw feature norm a >= 0, larger = better (z, q in extras)."""
@@ -108,6 +160,11 @@ class QGFace(CosineHead):
         contrastive_margin: float = 0.0,
         contrastive_scale: float = 64.0,
         contrastive_start_step: int = 0,
+        enqueue_first: bool = True,
+        classify_both_views: bool = True,
+        split_by: str = "min",
+        symmetric: bool = True,
+        initial_statistics: str = "adaface",
     ) -> None:
         super().__init__(embedding_size, num_classes, scale)
         check_range("margin", margin, 0.0, math.pi)
@@ -123,6 +180,16 @@ class QGFace(CosineHead):
             raise ValueError(
                 f"contrastive_start_step must be an int >= 0, got {contrastive_start_step!r}"
             )
+        for name, value in (("enqueue_first", enqueue_first),
+                            ("classify_both_views", classify_both_views),
+                            ("symmetric", symmetric)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be true or false, got {value!r}")
+        if split_by not in SPLITS:
+            raise ValueError(f"split_by must be one of {', '.join(SPLITS)}, got {split_by!r}")
+        if initial_statistics not in INITIAL_STATISTICS:
+            raise ValueError(f"initial_statistics must be one of "
+                             f"{', '.join(INITIAL_STATISTICS)}, got {initial_statistics!r}")
         self.margin = float(margin)
         self.eps = float(eps)
         self.tau = float(tau)
@@ -132,7 +199,13 @@ class QGFace(CosineHead):
         self.contrastive_margin = float(contrastive_margin)
         self.contrastive_scale = float(contrastive_scale)
         self.contrastive_start_step = contrastive_start_step
-        self.norm_statistic = NormStatistic(h=h, momentum=momentum)
+        self.enqueue_first = enqueue_first
+        self.classify_both_views = classify_both_views
+        self.split_by = split_by
+        self.symmetric = symmetric
+        self.initial_statistics = initial_statistics
+        self.norm_statistic = NormStatistic(h=h, momentum=momentum,
+                                            **INITIAL_STATISTICS[initial_statistics])
         self.register_buffer("queue_embeddings", torch.zeros(queue_size, embedding_size))
         self.register_buffer("queue_labels", torch.full((queue_size,), -1, dtype=torch.long))
         self.register_buffer("queue_proxies", torch.zeros(queue_size, embedding_size))
@@ -166,26 +239,31 @@ class QGFace(CosineHead):
         self.queue_ptr.copy_((self.queue_ptr + count) % self.queue_size)
         self.queue_filled.copy_((self.queue_filled + count).clamp(max=self.queue_size))
 
+    def enqueue_batch(self, views: ClassBatch) -> None:
+        """Store every classified row of ``views`` with its label and current centre."""
+        proxies, _ = current_proxies(views.labels, views.weight, views.class_ids, views.reducer)
+        self.enqueue((views.unit * views.norm[:, None]).detach(), views.labels, proxies)
+
     # -- losses ----------------------------------------------------------------------------
-    def contrastive_loss(self, batch: ClassBatch, second_view: torch.Tensor,
-                         low_quality: torch.Tensor) -> torch.Tensor:
+    def contrastive_loss(self, batch: ClassBatch, queries: torch.Tensor, keys: torch.Tensor,
+                         labels: torch.Tensor, low_quality: torch.Tensor) -> torch.Tensor:
         """Mean over LQ rows of -log softmax(positive) against corrected, other-label entries.
 
-        Every row is computed and the HQ rows are masked out of the mean (0 without LQ rows),
-        rather than selecting the LQ rows with a boolean index: the selection has a
+        queries, keys: (R, D) unit vectors (row r's positive is keys[r]); labels, low_quality:
+        (R,). Every row is computed and the HQ rows are masked out of the mean (0 without LQ
+        rows), rather than selecting the LQ rows with a boolean index: the selection has a
         data-dependent size, which would make every forward wait for the GPU. The extra rows
-        cost one (B, Q) product instead of (B_LQ, Q).
+        cost one (R, Q) product instead of (R_LQ, Q).
         """
         work_dtype = batch.cos.dtype
-        query = batch.unit.to(work_dtype)
-        key = F.normalize(second_view.to(work_dtype), dim=1)
+        queries, keys = queries.to(work_dtype), keys.to(work_dtype)
         positive = self.contrastive_scale * (
-            (query * key).sum(dim=1) - self.contrastive_margin
+            (queries * keys).sum(dim=1) - self.contrastive_margin
         )
         queue = F.normalize(self.corrected_queue(batch).to(work_dtype), dim=1)
-        negatives = self.contrastive_scale * (query @ queue.T).to(work_dtype)
+        negatives = self.contrastive_scale * (queries @ queue.T).to(work_dtype)
         usable = (self.queue_labels[None, :] >= 0) & (
-            self.queue_labels[None, :] != batch.labels[:, None]
+            self.queue_labels[None, :] != labels[:, None]
         )
         negatives = negatives.masked_fill(~usable, -math.inf)
         all_logits = torch.cat([positive[:, None], negatives], dim=1)
@@ -204,31 +282,50 @@ class QGFace(CosineHead):
             raise HeadInputError(
                 "QGFace training needs second_view (embeddings of a degraded view)"
             )
-        z = self.norm_statistic(batch.norm)
+        size = batch.labels.shape[0]
+        second = None
+        if second_view is not None:
+            second = self.prepare_batch(second_view, batch.labels, batch.weight,
+                                        batch.local_labels, batch.class_ids, batch.reducer)
+        # ``views``: the classified rows (and what the queue stores): B or 2B.
+        views = (stack_views(batch, second) if self.classify_both_views and second is not None
+                 else batch)
+        z_views = self.norm_statistic(views.norm)
+        z = z_views[:size]
         q = (z + 1.0) / 2.0
-        low_quality = q < self.tau
-        gate = torch.sigmoid(self.gate_scale * (z + 2.0 * (0.5 - self.tau)))
+        pair_quality = q
+        if second is not None and self.split_by != "first":
+            z_second = (z_views[size:] if views is not batch
+                        else self.norm_statistic.normalise(second.norm))
+            pair_quality = SPLITS[self.split_by](q, (z_second + 1.0) / 2.0)
+        low_quality = pair_quality < self.tau
+        gate = torch.sigmoid(self.gate_scale * (z_views + 2.0 * (0.5 - self.tau)))
 
-        target = adaface_target(batch.target_cos, z, self.margin, self.eps)
+        target = adaface_target(views.target_cos, z_views, self.margin, self.eps)
         row_scale = self.scale * gate
-        logits = replace_target(batch.cos, batch.target_mask, target) * row_scale[:, None]
-        classification = reduced_cross_entropy(logits, target * row_scale, batch.reducer).mean()
+        logits = replace_target(views.cos, views.target_mask, target) * row_scale[:, None]
+        classification = reduced_cross_entropy(logits, target * row_scale, views.reducer).mean()
 
+        if self.training and self.enqueue_first:
+            self.enqueue_batch(views)
         # With the default start step 0 the (device) step counter need not be read at all.
-        active = second_view is not None and (
+        active = second is not None and (
             self.contrastive_start_step == 0 or int(self.step) >= self.contrastive_start_step
         )
-        contrastive = (
-            self.contrastive_loss(batch, second_view, low_quality)
-            if active
-            else batch.norm.new_zeros(())
-        )
+        if active:
+            queries, keys = batch.unit, second.unit
+            labels, rows_low = batch.labels, low_quality
+            if self.symmetric:
+                queries, keys = torch.cat([queries, keys]), torch.cat([keys, queries])
+                labels, rows_low = labels.repeat(2), low_quality.repeat(2)
+            contrastive = self.contrastive_loss(batch, queries, keys, labels, rows_low)
+        else:
+            contrastive = batch.norm.new_zeros(())
         loss = classification + self.contrastive_weight * contrastive
 
         if self.training:
-            proxies, _ = current_proxies(batch.labels, batch.weight, batch.class_ids,
-                                         batch.reducer)
-            self.enqueue((batch.unit * batch.norm[:, None]).detach(), batch.labels, proxies)
+            if not self.enqueue_first:
+                self.enqueue_batch(views)
             self.step.add_(1)
 
         metrics = self.base_metrics(batch)
@@ -243,8 +340,8 @@ class QGFace(CosineHead):
         )
         return HeadOutput(
             loss=loss,
-            logits=logits,
+            logits=logits[:size],
             quality=batch.norm.detach(),
             metrics=metrics,
-            extras={"norm": batch.norm.detach(), "z": z, "q": q, "gate": gate},
+            extras={"norm": batch.norm.detach(), "z": z, "q": q, "gate": gate[:size]},
         )

@@ -6,14 +6,16 @@ The exported graph is ``InferenceModule`` (backbone + quality estimator):
   says (``(pixel / 255 - mean) / std``, channel order as in ``input.channel_order``). Float
   input keeps the graph free of preprocessing choices (resizing, channel order) that differ
   between deployments; ``Model.preprocess`` shows the reference computation.
-- outputs ``embedding`` float32 (B, D) raw (unnormalised: its norm carries quality for
-  norm-based heads) and ``quality`` float32 (B,) raw.
+- outputs exactly what ``qualiface embed`` writes: ``embedding`` float32 (B, D) L2-normalised
+  (unit norm: cosine similarity = dot product), ``norm`` float32 (B,) the L2 norm of the raw
+  embedding (for norm-based heads it carries quality), and ``quality`` float32 (B,) raw.
 - the batch axis is dynamic.
 
 With ``fp16`` the weights and the computation are float16, but input and outputs stay float32
 (casts at both ends), so callers feed the same arrays. ``model.json`` is embedded in the ONNX
 metadata (key ``qualiface.model_json``) so the calibration and the quality meaning travel
-with the file.
+with the file, and the input and output conventions stand alone under ``qualiface.input.*`` /
+``qualiface.output.*`` keys (:func:`onnx_conventions`) for readers that parse nothing.
 
 The TorchScript-based exporter (``dynamo=False``) is the default: it is fast and reliable for
 these convolutional nets; ``exporter="dynamo"`` uses ``torch.export`` + onnxscript instead.
@@ -24,14 +26,14 @@ from __future__ import annotations
 import copy
 import json
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from qualiface.infer.model import Model
+from qualiface.infer.model import Model, normalise_embeddings
 
 EXPORTERS = ("torchscript", "dynamo")
 MODEL_JSON_KEY = "qualiface.model_json"
@@ -59,6 +61,39 @@ class _Float16Wrapper(nn.Module):
         return embedding.float(), quality.float()
 
 
+class _EmbedOutputs(nn.Module):
+    """(raw embedding, quality) -> ``embed``'s (unit-norm embedding, norm, quality)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor):
+        embedding, quality = self.inner(x)
+        normalised, norms = normalise_embeddings(embedding)
+        return normalised, norms, quality
+
+
+OUTPUT_NAMES = ("embedding", "norm", "quality")
+
+
+def onnx_conventions(model: Model) -> dict[str, str]:
+    """The input preprocessing and output meaning, as ONNX ``metadata_props`` (key -> text)."""
+    h, w = model.spec.input_size
+    return {
+        "qualiface.input.layout": f"float32 (B, 3, {h}, {w}) NCHW",
+        "qualiface.input.channel_order": model.spec.channel_order,
+        "qualiface.input.normalisation": "(pixel / 255 - mean) / std per channel, pixel uint8 0..255",
+        "qualiface.input.mean": json.dumps(list(model.spec.mean)),
+        "qualiface.input.std": json.dumps(list(model.spec.std)),
+        "qualiface.output.embedding": f"float32 (B, {model.spec.embedding_size}) L2-normalised (unit norm), "
+        "as 'qualiface embed' writes; cosine similarity = dot product",
+        "qualiface.output.norm": "float32 (B,) L2 norm of the raw embedding",
+        "qualiface.output.quality": f"float32 (B,) raw quality ({model.spec.quality.kind}): "
+        f"{model.spec.quality.meaning}",
+    }
+
+
 @dataclass
 class ExportReport:
     """What ``export_onnx`` wrote and how well onnxruntime reproduces PyTorch (fp32 reference)."""
@@ -71,20 +106,22 @@ class ExportReport:
     max_abs_diff_quality: float
     tolerance: float
     batch_sizes: tuple[int, ...]
+    max_abs_diff_norm: float = 0.0
+    metadata: dict[str, str] = field(default_factory=dict)  # the conventions stored in the file
 
     @property
     def passed(self) -> bool:
-        return max(self.max_abs_diff_embedding, self.max_abs_diff_quality) <= self.tolerance
+        return max(self.max_abs_diff_embedding, self.max_abs_diff_norm, self.max_abs_diff_quality) <= self.tolerance
 
 
 def _export(module: nn.Module, example: torch.Tensor, out: Path, opset: int, exporter: str) -> None:
-    names = dict(input_names=["input"], output_names=["embedding", "quality"])
+    names = dict(input_names=["input"], output_names=list(OUTPUT_NAMES))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer / deprecation chatter; verification is the real check
         if exporter == "torchscript":
             torch.onnx.export(
                 module, (example,), str(out), dynamo=False, opset_version=opset, do_constant_folding=True,
-                dynamic_axes={"input": {0: "batch"}, "embedding": {0: "batch"}, "quality": {0: "batch"}},
+                dynamic_axes={name: {0: "batch"} for name in ("input", *OUTPUT_NAMES)},
                 **names,
             )
         else:
@@ -102,18 +139,35 @@ def _attach_metadata(path: Path, model: Model, fp16: bool) -> None:
     proto = onnx.load(str(path))
     entry = proto.metadata_props.add()
     entry.key, entry.value = MODEL_JSON_KEY, json.dumps(model.spec.to_json())
+    for key, value in onnx_conventions(model).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
     h, w = model.spec.input_size
     proto.doc_string = (
         f"qualiface {model.spec.backbone_name} ({'fp16' if fp16 else 'fp32'} weights). input: float32 "
         f"(B, 3, {h}, {w}) {model.spec.channel_order}, (pixel/255 - mean)/std with mean={list(model.spec.mean)} "
-        f"std={list(model.spec.std)}; outputs: embedding (B, {model.spec.embedding_size}) raw, "
-        f"quality (B,) raw ({model.spec.quality.kind})."
+        f"std={list(model.spec.std)}; outputs: embedding (B, {model.spec.embedding_size}) unit-norm, "
+        f"norm (B,) of the raw embedding, quality (B,) raw ({model.spec.quality.kind})."
     )
     onnx.save(proto, str(path))
 
 
-def compare_with_onnxruntime(path: str | Path, model: Model, images: torch.Tensor) -> tuple[float, float]:
-    """Max |onnxruntime - PyTorch| over uint8 ``images`` (B, 3, H, W) for (embedding, quality).
+def _check_finite_outputs(module: nn.Module, example: torch.Tensor, model: Model, fp16: bool) -> None:
+    """Refuse, before anything is written, a network whose outputs on ordinary images are NaN/Inf.
+
+    Otherwise the .onnx is written first and the failure surfaces only as a confusing "nan"
+    difference against onnxruntime; with ``fp16`` this also catches float16 overflow.
+    """
+    with torch.no_grad():
+        outputs = module(example)
+    if not all(bool(torch.isfinite(t).all()) for t in outputs):
+        precision = "fp16" if fp16 else "fp32"
+        raise ExportError(f"{model.source}: the model produces non-finite outputs (NaN/Inf) on "
+                          f"random {precision} input images; refusing to export")
+
+
+def compare_with_onnxruntime(path: str | Path, model: Model, images: torch.Tensor) -> tuple[float, float, float]:
+    """Max |onnxruntime - PyTorch| over uint8 ``images`` (B, 3, H, W) for (embedding, norm, quality).
 
     ``model`` must be on the CPU (the PyTorch reference runs in float32 there).
     """
@@ -121,13 +175,10 @@ def compare_with_onnxruntime(path: str | Path, model: Model, images: torch.Tenso
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     x = model.preprocess(images).cpu()
-    embedding, quality = session.run(["embedding", "quality"], {"input": x.numpy()})
+    outputs = session.run(list(OUTPUT_NAMES), {"input": x.numpy()})
     with torch.no_grad():
-        ref_embedding, ref_quality = model.module(x)
-    return (
-        float(np.abs(embedding - ref_embedding.numpy()).max()),
-        float(np.abs(quality - ref_quality.numpy()).max()),
-    )
+        references = _EmbedOutputs(model.module)(x)
+    return tuple(float(np.abs(out - ref.numpy()).max()) for out, ref in zip(outputs, references))
 
 
 def export_onnx(
@@ -153,34 +204,37 @@ def export_onnx(
     original_device = model.device
     model.to("cpu")  # export and reference run on CPU, the same place onnxruntime runs here
     try:
-        module = _Float16Wrapper(model.module).eval() if fp16 else model.module
+        module = _EmbedOutputs(_Float16Wrapper(model.module) if fp16 else model.module).eval()
         h, w = model.spec.input_size
         generator = torch.Generator().manual_seed(seed)
         example = model.preprocess(torch.randint(0, 256, (2, 3, h, w), dtype=torch.uint8, generator=generator))
+        _check_finite_outputs(module, example, model, fp16)
         try:
             _export(module, example, out, opset, exporter)
         except Exception as exc:  # exporter internals raise anything; report it in one line
             raise ExportError(f"{exporter} ONNX export failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
         _attach_metadata(out, model, fp16)
-        diff_embedding = diff_quality = 0.0
+        diff_embedding = diff_norm = diff_quality = 0.0
         scale = 0.0
         for batch_size in verify_batch_sizes:
             images = torch.randint(0, 256, (batch_size, 3, h, w), dtype=torch.uint8, generator=generator)
-            d_e, d_q = compare_with_onnxruntime(out, model, images)
-            diff_embedding, diff_quality = max(diff_embedding, d_e), max(diff_quality, d_q)
+            d_e, d_n, d_q = compare_with_onnxruntime(out, model, images)
+            diff_embedding, diff_norm = max(diff_embedding, d_e), max(diff_norm, d_n)
+            diff_quality = max(diff_quality, d_q)
             with torch.no_grad():
-                e, q = model.module(model.preprocess(images))
-            scale = max(scale, float(e.abs().max()), float(q.abs().max()))
+                _, n, q = _EmbedOutputs(model.module)(model.preprocess(images))
+            scale = max(scale, float(n.abs().max()), float(q.abs().max()))
         if fp16:
             tolerance = FP16_RELATIVE_TOLERANCE * max(scale, 1.0)
         else:
             tolerance = FP32_TOLERANCE + FP32_RELATIVE_TOLERANCE * scale
     finally:
         model.to(original_device)
-    report = ExportReport(out, opset, fp16, exporter, diff_embedding, diff_quality, tolerance, tuple(verify_batch_sizes))
+    report = ExportReport(out, opset, fp16, exporter, diff_embedding, diff_quality, tolerance,
+                          tuple(verify_batch_sizes), diff_norm, onnx_conventions(model))
     if not report.passed:
         raise ExportError(
             f"{out}: onnxruntime disagrees with PyTorch (max abs diff embedding {diff_embedding:.3g}, "
-            f"quality {diff_quality:.3g} > tolerance {tolerance:.3g})"
+            f"norm {diff_norm:.3g}, quality {diff_quality:.3g} > tolerance {tolerance:.3g})"
         )
     return report

@@ -41,6 +41,10 @@ def list_images(inputs: str | Path | Iterable[str | Path]) -> list[Path]:
     return paths
 
 
+class ImageSizeError(ValueError):
+    """An image whose size is not the model's input size (the message gives both)."""
+
+
 def hwc_to_chw(image: np.ndarray) -> torch.Tensor:
     """uint8 ``(H, W, 3)`` array -> uint8 ``(3, H, W)`` tensor."""
     return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
@@ -52,7 +56,8 @@ def as_uint8_batch(images, size: Sequence[int] | None = None) -> torch.Tensor:
     ``images`` may be a uint8 tensor ``(B, 3, H, W)`` / ``(3, H, W)``, a uint8 numpy array
     ``(B, H, W, 3)`` / ``(H, W, 3)``, or a sequence of file paths / HWC arrays / CHW tensors.
     When ``size`` (H, W) is given every image must have it (faces must be aligned first; see
-    ``qualiface align``); a mismatch raises ``ValueError`` naming the offending item.
+    ``qualiface align``); a mismatch raises :class:`ImageSizeError` (a ``ValueError``) naming
+    the offending item.
     """
     if isinstance(images, torch.Tensor):
         batch = images.unsqueeze(0) if images.dim() == 3 else images
@@ -87,7 +92,7 @@ def as_uint8_batch(images, size: Sequence[int] | None = None) -> torch.Tensor:
         batch = torch.stack(items)
     if size is not None and tuple(batch.shape[2:]) != tuple(size):
         h, w = size
-        raise ValueError(
+        raise ImageSizeError(
             f"image size {batch.shape[3]}x{batch.shape[2]} (WxH), the model expects {w}x{h}; "
             "align faces first (qualiface align)"
         )
@@ -97,9 +102,10 @@ def as_uint8_batch(images, size: Sequence[int] | None = None) -> torch.Tensor:
 class ImageFileBatches(torch.utils.data.Dataset):
     """Decodes image files for a DataLoader (workers decode in parallel with the forward pass).
 
-    Item ``i`` is ``(image uint8 (3, H, W) or None, error message or "")``: a file that cannot
-    be decoded, or has the wrong size, is reported rather than raised, so one bad file never
-    stops a long embedding run. Use with ``collate_fn=ImageFileBatches.collate``.
+    Item ``i`` is ``(image uint8 (3, H, W) or None, (reason, message) or None)``: a file that
+    cannot be decoded (reason ``unreadable``) or has the wrong size (``wrong size``; the message
+    gives both sizes) is reported rather than raised, so one bad file never stops a long
+    embedding run. Use with ``collate_fn=ImageFileBatches.collate``.
     """
 
     def __init__(self, paths: Sequence[str | Path], size: Sequence[int] | None = None) -> None:
@@ -111,13 +117,15 @@ class ImageFileBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         try:
-            return as_uint8_batch(read_image(self.paths[index]), self.size)[0], ""
+            return as_uint8_batch(read_image(self.paths[index]), self.size)[0], None
+        except ImageSizeError as exc:
+            return None, ("wrong size", str(exc))
         except (ImageDecodeError, ValueError) as exc:
-            return None, str(exc)
+            return None, ("unreadable", str(exc))
 
     @staticmethod
     def collate(items):
-        """-> (stacked images of the good items or None, their positions, {position: error})."""
+        """-> (stacked images of the good items or None, their positions, {position: (reason, message)})."""
         good = [k for k, (image, _) in enumerate(items) if image is not None]
         errors = {k: error for k, (image, error) in enumerate(items) if image is None}
         images = torch.stack([items[k][0] for k in good]) if good else None

@@ -66,8 +66,64 @@ BACKBONE_KWARG_LIMITS: dict[str, float] = {
 }
 
 
+# Input normalisation bounds. Pixels are scaled to [0, 1] before ``(x - mean) / std``, so a mean
+# outside [0, 1] is a unit mistake (e.g. 127.5), and a std below 1e-3 (1/255 = 0.0039 is the
+# smallest in use) or denormal turns ordinary pixels into Inf; both give NaN or identical
+# embeddings rather than an error, so they are refused at load.
+MEAN_RANGE = (0.0, 1.0)
+STD_RANGE = (1e-3, 10.0)
+# Smallest normal float32: model.json numbers end up in float32 tensors, where anything
+# smaller in magnitude (but not 0) is denormal, slow, and a sign of a corrupt file.
+_FLOAT32_TINY = 1.1754943508222875e-38
+_MAX_JSON_INT = 2**64
+
+
+#: Largest ``model.json`` read (a description: a few KB in practice).
+MODEL_JSON_LIMIT = 4 * 2**20
+
+
 class ModelPackageError(ValueError):
     """A model package that cannot be read: missing files, bad JSON, wrong types or shapes."""
+
+
+class NonFiniteOutputError(ModelPackageError):
+    """The network produced NaN/Inf for an image: a broken package, never a result to write.
+
+    ``index`` is the image's position in the ``embed`` call; ``problem`` the message without
+    the image name, for callers that name the image themselves.
+    """
+
+    def __init__(self, what: str, index: int, problem: str) -> None:
+        super().__init__(f"{what}: {problem}")
+        self.index = index
+        self.problem = problem
+
+
+def _check_json_numbers(document: object, source: str) -> None:
+    """Refuse NaN, Infinity (``1e999`` parses to it), denormal and out-of-range numbers anywhere.
+
+    Python's ``json`` accepts ``NaN`` / ``Infinity``, and every number in ``model.json`` either
+    sizes the network, normalises its input or scales its quality; one non-finite value makes
+    every embedding NaN while the command still succeeds. Iterative, so a deep but parseable
+    document cannot exhaust the stack.
+    """
+    stack: list[tuple[str, object]] = [("", document)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend((f"{path}.{k}" if path else str(k), v) for k, v in value.items())
+        elif isinstance(value, list):
+            stack.extend((f"{path}[{i}]", v) for i, v in enumerate(value))
+        elif isinstance(value, bool):
+            continue
+        elif isinstance(value, float):
+            if value != value or value in (float("inf"), float("-inf")):
+                raise ModelPackageError(f"{source}: '{path}' must be a finite number, got {value}")
+            if 0.0 < abs(value) < _FLOAT32_TINY:
+                raise ModelPackageError(f"{source}: '{path}' is a denormal number ({value!r}); "
+                                        "the file is corrupt")
+        elif isinstance(value, int) and not -_MAX_JSON_INT < value < _MAX_JSON_INT:
+            raise ModelPackageError(f"{source}: '{path}' is out of range (more than 64 bits)")
 
 
 @dataclass
@@ -153,6 +209,7 @@ class ModelSpec:
 
         if not isinstance(data, dict):
             raise ModelPackageError(f"{source}: top level must be a JSON object")
+        _check_json_numbers(data, source)
         if data.get("format") != FORMAT_NAME:
             raise bad("format", f"must be '{FORMAT_NAME}', got {data.get('format')!r}")
         version = get(data, "format_version", int, "format_version")
@@ -187,8 +244,10 @@ class ModelSpec:
             if len(values) != 3 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
                 raise bad(f"input.{key}", f"must be 3 numbers, got {values}")
             stats[key] = tuple(float(v) for v in values)
-        if any(v <= 0 for v in stats["std"]):
-            raise bad("input.std", "must be positive")
+        for key, (low, high) in (("mean", MEAN_RANGE), ("std", STD_RANGE)):
+            if not all(low <= v <= high for v in stats[key]):
+                raise bad(f"input.{key}", f"must lie in [{low:g}, {high:g}] (pixels are scaled "
+                                          f"to [0, 1] first), got {list(stats[key])}")
         quality = get(data, "quality", dict, "quality")
         kind = get(quality, "kind", str, "quality.kind")
         config = get(quality, "config", dict, "quality.config")
@@ -196,6 +255,8 @@ class ModelSpec:
         value_range = get(quality, "range", list, "quality.range")
         if len(value_range) != 2 or not all(v is None or isinstance(v, (int, float)) for v in value_range):
             raise bad("quality.range", f"must be [low, high] numbers or null, got {value_range}")
+        if None not in value_range and value_range[0] > value_range[1]:
+            raise bad("quality.range", f"must have low <= high, got {value_range}")
         requires_features = get(quality, "requires_features", bool, "quality.requires_features")
         calibration = data.get("calibration")
         if calibration is not None:
@@ -246,6 +307,13 @@ class InferenceModule(nn.Module):
             embedding = self.backbone(x)
             quality = self.quality_estimator(embedding)
         return embedding, quality.reshape(-1)
+
+
+def normalise_embeddings(embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw (B, D) -> (L2-normalised (B, D), norms (B,)): what ``embed`` writes, and what the
+    exported ONNX graph outputs."""
+    norms = embeddings.norm(dim=1)
+    return embeddings / norms.clamp_min(1e-12).unsqueeze(1), norms
 
 
 @dataclass
@@ -343,11 +411,21 @@ def save_model_package(
 
 def read_model_spec(path: str | Path) -> ModelSpec:
     """Read and validate ``model.json`` of a package (``path``: the directory or the JSON file)."""
-    json_path = _package_dir(path) / MODEL_JSON
+    from qualiface.files import FileReadError, read_small_text
+
+    folder = _package_dir(path)
+    if folder.is_file():  # e.g. --model given weights.safetensors or a checkpoint
+        raise ModelPackageError(f"{folder}: is a file, not a model package folder (give the "
+                                f"folder holding {MODEL_JSON} and {WEIGHTS_FILE})")
+    json_path = folder / MODEL_JSON
     try:
-        data = json.loads(json_path.read_text(encoding="utf-8"))
+        data = json.loads(read_small_text(json_path, limit=MODEL_JSON_LIMIT, what=MODEL_JSON))
     except FileNotFoundError:
         raise ModelPackageError(f"{json_path}: missing (is {json_path.parent} a qualiface model package?)") from None
+    except FileReadError as exc:  # a device, a FIFO or a huge file: refused unread
+        raise ModelPackageError(str(exc)) from None
+    except OSError as exc:
+        raise ModelPackageError(f"{json_path}: cannot read ({exc.strerror or exc})") from None
     except json.JSONDecodeError as exc:
         raise ModelPackageError(f"{json_path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
     except UnicodeDecodeError as exc:
@@ -388,14 +466,48 @@ def _load_into(module: nn.Module, tensors: dict[str, torch.Tensor], prefix: str,
                 f"{source}: tensor '{prefix}{key}' has shape {tuple(given[key].shape)}, "
                 f"the architecture expects {tuple(value.shape)}"
             )
+    _check_dtypes(module, given, prefix, source)
     module.load_state_dict(given, strict=True)
+
+
+def _check_dtypes(module: nn.Module, given: dict[str, torch.Tensor], prefix: str, source: str) -> None:
+    """Each tensor's dtype must suit the architecture's: a float parameter needs float data.
+
+    ``load_state_dict`` silently casts, so float32 bytes relabelled I32 in the safetensors
+    header (same size, so the header still checks out) would load as huge integers and give
+    NaN or identical embeddings. Float widths may differ (a float16 package loads into float32);
+    integer buffers (BatchNorm's step counter) need integer data.
+    """
+    for key, value in module.state_dict().items():
+        tensor = given.get(key)
+        if tensor is None:
+            continue
+        if value.is_floating_point():
+            fits = tensor.is_floating_point()
+        else:
+            fits = tensor.dtype == value.dtype or (
+                not tensor.is_floating_point() and not tensor.is_complex()
+                and tensor.dtype != torch.bool and value.dtype != torch.bool)
+        if not fits:
+            raise ModelPackageError(f"{source}: tensor '{prefix}{key}' has dtype "
+                                    f"{str(tensor.dtype).removeprefix('torch.')}, the architecture "
+                                    f"expects {str(value.dtype).removeprefix('torch.')}")
+
+
+def _check_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse weights holding NaN/Inf (a flipped exponent bit, a diverged run), naming the tensor."""
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ModelPackageError(f"{source}: tensor '{key}' holds NaN or Inf values")
 
 
 class Model:
     """A loaded model package, ready to embed images (eval mode, no grad, batched)."""
 
-    def __init__(self, spec: ModelSpec, backbone: nn.Module, quality_estimator: nn.Module, device: str = "cpu"):
+    def __init__(self, spec: ModelSpec, backbone: nn.Module, quality_estimator: nn.Module, device: str = "cpu",
+                 source: str = "the model"):
         self.spec = spec
+        self.source = source  # the package folder, for errors about what it computes
         self.device = torch.device(device)
         self.module = InferenceModule(backbone, quality_estimator).to(self.device).eval()
         mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1)
@@ -441,6 +553,7 @@ class Model:
             raise ModelPackageError(f"{weights_path}: missing") from None
         except (SafetensorError, OSError) as exc:
             raise ModelPackageError(f"{weights_path}: not a readable safetensors file ({exc})") from None
+        _check_finite(tensors, str(weights_path))
         try:
             backbone = build_backbone(spec.backbone_name, **spec.backbone_kwargs)
         except (KeyError, TypeError, ValueError) as exc:
@@ -456,7 +569,8 @@ class Model:
             estimator = build_quality_estimator(spec.quality.config, state_dict=quality_state)
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise ModelPackageError(f"{weights_path}: cannot rebuild the '{spec.quality.kind}' quality estimator: {exc}") from None
-        return cls(spec, backbone, estimator, device=str(device))
+        _check_dtypes(estimator, quality_state, "quality.", str(weights_path))
+        return cls(spec, backbone, estimator, device=str(device), source=str(folder))
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, 3, H, W) RGB -> the float input the network was trained on (this device)."""
@@ -472,6 +586,8 @@ class Model:
 
         ``images``: uint8 tensor (B, 3, H, W) RGB, uint8 numpy (B, H, W, 3) RGB, or a list of
         file paths; H, W must equal the package's input size. Results are CPU tensors.
+        Raises :class:`NonFiniteOutputError` (naming the path, or the image's index) when the
+        network returns NaN/Inf, so no caller ever writes or compares NaN embeddings.
         """
         batch = as_uint8_batch(images, self.spec.input_size)
         if batch_size < 1:
@@ -479,8 +595,17 @@ class Model:
         embeddings, qualities = [], []
         for start in range(0, batch.shape[0], batch_size):
             embedding, quality = self.module(self.preprocess(batch[start : start + batch_size]))
-            embeddings.append(embedding.float().cpu())
-            qualities.append(quality.float().cpu())
+            embedding, quality = embedding.float().cpu(), quality.float().cpu()
+            finite = torch.isfinite(embedding).all(dim=1) & torch.isfinite(quality)
+            if not bool(finite.all()):
+                index = start + int((~finite).nonzero()[0, 0])
+                what = (str(images[index]) if isinstance(images, (list, tuple))
+                        else f"image {index}")
+                raise NonFiniteOutputError(what, index, (
+                    f"model {self.source} produced a non-finite embedding or quality (NaN/Inf); "
+                    "its weights or input.mean/std are broken"))
+            embeddings.append(embedding)
+            qualities.append(quality)
         return torch.cat(embeddings), torch.cat(qualities)
 
     def embed_full(self, images, batch_size: int = 64) -> EmbedResult:
@@ -490,8 +615,7 @@ class Model:
 
     def finish(self, embeddings: torch.Tensor, quality: torch.Tensor) -> EmbedResult:
         """Raw (embeddings, quality) -> :class:`EmbedResult` (normalise, calibrate)."""
-        norms = embeddings.norm(dim=1)
-        normalised = embeddings / norms.clamp_min(1e-12).unsqueeze(1)
+        normalised, norms = normalise_embeddings(embeddings)
         calibrated = None
         if self.spec.calibration is not None:
             calibrated = torch.from_numpy(self.spec.calibration.apply(quality))
@@ -500,17 +624,29 @@ class Model:
 
 
 def package_identity(path: str | Path) -> str:
-    """A content hash of a model package folder (every file, sorted by name): the key under
-    which evaluation caches a model's features."""
+    """A content hash of a model package (its two files, ``model.json`` and the weights): the
+    key under which evaluation caches a model's features.
+
+    Only the package's own files: anything else in the folder (notes, a symlink to a 50 GB
+    sparse file, a device) neither changes the key nor gets read. ``ModelPackageError`` when
+    either file is missing or is not a regular file.
+    """
     import hashlib
+
+    from qualiface.files import FileReadError, open_regular
 
     folder = _package_dir(path)
     digest = hashlib.sha256()
-    for item in sorted(p for p in folder.iterdir() if p.is_file()):
-        digest.update(item.name.encode())
-        with item.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
+    for name in (MODEL_JSON, WEIGHTS_FILE):
+        digest.update(name.encode())
+        try:
+            with open_regular(folder / name, what="model package file") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+        except FileReadError as exc:  # its message names the file and the problem
+            raise ModelPackageError(str(exc)) from None
+        except OSError as exc:
+            raise ModelPackageError(f"{folder / name}: cannot read ({exc.strerror or exc})") from None
     return digest.hexdigest()
 
 
@@ -522,6 +658,8 @@ def package_embed_fn(path: str | Path, device: str = "cpu"):
     def embed(images):
         try:
             return model.embed(images, batch_size=len(images))
+        except NonFiniteOutputError as exc:  # batch positions mean nothing to the eval user
+            raise ModelPackageError(exc.problem) from None
         except ValueError as exc:  # wrong image size or layout: one clear line, not a traceback
             raise ModelPackageError(f"{path}: cannot embed these images: {exc}") from None
 

@@ -8,15 +8,28 @@ product is the cosine similarity) and answers top-k queries. Backends:
 - ``ivf``: faiss ``IndexIVFFlat`` (inner product) with ``nlist`` cells, ``nprobe`` cells visited
   per query; approximate, exact when ``nprobe == nlist``. For large galleries.
 
-On disk a gallery is a folder: ``gallery.json`` (format, backend, parameters), ``gallery.npz``
-(ids, optional template quality, and the embeddings for ``exact``) and ``index.faiss`` for the
-faiss backends. No pickle anywhere.
+On disk a gallery is a folder: ``gallery.json`` (format, backend, parameters), an arrays file
+(ids, optional template quality, and the embeddings for ``exact``) and a faiss index file for
+the faiss backends. No pickle anywhere.
+
+Writes never lose or tear a gallery. Each save writes its data files under fresh names
+(``gallery-<token>.npz``, ``index-<token>.faiss``), then atomically replaces ``gallery.json``,
+which names them: a reader sees the old gallery or the new one, never a mix, and a crash leaves
+the old one intact. Writers hold an exclusive ``flock`` on ``.lock`` in the folder for the whole
+read-modify-write of :func:`enrol` (so concurrent enrolments serialise instead of one silently
+replacing the other), readers a shared one (so a writer does not delete the files they are
+reading). Format version 1 folders (fixed names ``gallery.npz`` / ``index.faiss``) still load.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
+import os
+import secrets
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +37,13 @@ import numpy as np
 import torch
 
 GALLERY_FORMAT = "qualiface-gallery"
-GALLERY_VERSION = 1
+GALLERY_VERSION = 2
+GALLERY_JSON = "gallery.json"
+LOCK_FILE = ".lock"
+#: A gallery.json holds parameters and metadata only; anything larger is not one.
+GALLERY_JSON_LIMIT = 4 * 2**20
+# Version 1 galleries stored their data under these fixed names.
+_V1_FILES = {"arrays": "gallery.npz", "index": "index.faiss"}
 BACKENDS = ("exact", "flat", "ivf")
 AUTO_EXACT_LIMIT = 100_000  # above this many templates "auto" picks IVF
 
@@ -45,6 +64,33 @@ class SearchResult:
     scores: np.ndarray
     indices: np.ndarray
     ids: np.ndarray
+
+
+def rank_rates(result: SearchResult, labels, enrolled_ids, ranks=(1, 5)) -> tuple[dict[int, float], int]:
+    """Closed-set rank-k of labelled probes -> ``({k: rate}, number of probes counted)``.
+
+    Counted are the probes whose label is an enrolled template id; the rate for ``k`` is the
+    share of them whose own id is among their first ``k`` results. ``result`` must hold at least
+    ``max(ranks)`` columns (or the whole gallery) for the rates to be exact. No counted probe:
+    ``({}, 0)``.
+    """
+    from qualiface.eval.identification import SearchResult as Ranked
+    from qualiface.eval.identification import rank_accuracy
+
+    labels = np.asarray(labels).astype(str)
+    if labels.shape != (result.ids.shape[0],):
+        raise GalleryError(f"{labels.size} labels for {result.ids.shape[0]} probes")
+    mated = np.isin(labels, np.asarray(enrolled_ids).astype(str))
+    if not mated.any():
+        return {}, 0
+    hit = result.ids == labels[:, None]
+    found, position = hit.any(axis=1), hit.argmax(axis=1)
+    # the rank of the probe's own id: past the last result when not returned, 0 (a probe
+    # without a mate, not counted) when not enrolled
+    rank = np.where(found, position + 1, result.ids.shape[1] + 1) * mated
+    mated_scores = np.where(found, result.scores[np.arange(len(labels)), position], -np.inf)
+    ranked = Ranked(rank, mated_scores, result.scores[:, 0])
+    return rank_accuracy(ranked, ranks), int(mated.sum())
 
 
 def _normalise(embeddings, what: str) -> np.ndarray:
@@ -207,40 +253,62 @@ class Gallery:
             "metadata": self.metadata,
         }
 
+    def vectors(self) -> np.ndarray:
+        """All (N, D) normalised template vectors (from the faiss index for faiss backends)."""
+        if self.embeddings is not None:
+            return self.embeddings
+        if self.backend == "ivf":
+            self.index.make_direct_map()  # IVF lists are not addressable by row without it
+        return np.asarray(self.index.reconstruct_n(0, self.index.ntotal), dtype=np.float32)
+
     def save(self, folder: str | Path) -> Path:
-        """Persist to ``folder`` (gallery.json + gallery.npz [+ index.faiss])."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
+        """Persist to ``folder`` atomically (see the module docstring); takes the folder lock.
+
+        :func:`enrol` holds the lock around its whole read-modify-write; saving directly
+        replaces whatever gallery the folder held.
+        """
+        with gallery_lock(folder, exclusive=True):
+            return self._save_locked(Path(folder))
+
+    def _save_locked(self, folder: Path) -> Path:
+        from qualiface.train.checkpoint import CheckpointError, atomic_write
+
+        token = secrets.token_hex(8)
+        files = {"arrays": f"gallery-{token}.npz"}
         arrays = {"ids": self.ids}
         if self.quality is not None:
             arrays["quality"] = self.quality
         if self.backend == "exact":
             arrays["embeddings"] = self.embeddings
-        else:
-            _require_faiss().write_index(self.index, str(folder / "index.faiss"))
-        np.savez(folder / "gallery.npz", **arrays)
-        (folder / "gallery.json").write_text(json.dumps(self.info(), indent=2) + "\n")
+        info = self.info()
+        try:
+            if self.backend != "exact":
+                files["index"] = f"index-{token}.faiss"
+                blob = _require_faiss().serialize_index(self.index)
+                atomic_write(folder / files["index"], lambda handle: handle.write(blob.tobytes()))
+            atomic_write(folder / files["arrays"], lambda handle: np.savez(handle, **arrays))
+            text = json.dumps({**info, "files": files}, indent=2) + "\n"
+            # The commit point: until this rename the folder still describes the old gallery.
+            atomic_write(folder / GALLERY_JSON, lambda handle: handle.write(text.encode()))
+        except CheckpointError as exc:  # the message names the file and says "disk full"
+            for name in files.values():
+                (folder / name).unlink(missing_ok=True)
+            raise GalleryError(str(exc)) from None
+        _remove_stale_files(folder, keep=set(files.values()))
         return folder
 
     @classmethod
     def load(cls, folder: str | Path) -> Gallery:
         """Reload a saved gallery; :class:`GalleryError` names the file and the problem."""
-        folder = Path(folder)
-        json_path = folder / "gallery.json"
-        try:
-            info = json.loads(json_path.read_text())
-        except FileNotFoundError:
-            raise GalleryError(f"{json_path}: missing (is {folder} a gallery made by 'qualiface search enrol'?)") from None
-        except json.JSONDecodeError as exc:
-            raise GalleryError(f"{json_path}: invalid JSON ({exc.msg}, line {exc.lineno})") from None
-        if not isinstance(info, dict) or info.get("format") != GALLERY_FORMAT:
-            raise GalleryError(f"{json_path}: 'format' must be '{GALLERY_FORMAT}'")
-        if not isinstance(info.get("format_version"), int) or info["format_version"] > GALLERY_VERSION:
-            raise GalleryError(f"{json_path}: unsupported 'format_version' {info.get('format_version')!r}")
-        backend = info.get("backend")
-        if backend not in BACKENDS:
-            raise GalleryError(f"{json_path}: 'backend' must be one of {BACKENDS}, got {backend!r}")
-        npz_path = folder / "gallery.npz"
+        with gallery_lock(folder, exclusive=False):
+            return cls._load_locked(Path(folder))
+
+    @classmethod
+    def _load_locked(cls, folder: Path) -> Gallery:
+        info = read_gallery_info(folder)
+        json_path = folder / GALLERY_JSON
+        backend = info["backend"]
+        npz_path = folder / info["files"]["arrays"]
         try:
             with np.load(npz_path, allow_pickle=False) as archive:
                 arrays = {name: archive[name] for name in archive.files}
@@ -259,7 +327,7 @@ class Gallery:
             embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
         else:
             faiss = _require_faiss()
-            index_path = folder / "index.faiss"
+            index_path = folder / info["files"].get("index", _V1_FILES["index"])
             if not index_path.exists():
                 raise GalleryError(f"{index_path}: missing")
             try:
@@ -269,9 +337,161 @@ class Gallery:
             if index.ntotal != ids.shape[0]:
                 raise GalleryError(f"{index_path}: holds {index.ntotal} vectors but {npz_path} has {ids.shape[0]} ids")
         gallery = cls(
-            ids, embeddings, backend, index=index, nlist=info.get("nlist"),
-            quality=arrays.get("quality"), metadata=info.get("metadata") or {},
+            ids, embeddings, backend, index=index, nlist=info["nlist"],
+            quality=arrays.get("quality"), metadata=info["metadata"],
         )
         if backend == "ivf":
-            gallery.set_nprobe(int(info.get("nprobe") or 1))
+            if info["nlist"] is None:
+                raise GalleryError(f"{json_path}: 'nlist' is required for the ivf backend")
+            gallery.set_nprobe(info["nprobe"] or 1)
         return gallery
+
+
+def _field(info: dict, key: str, types: tuple[type, ...], json_path: Path, expected: str):
+    """``info[key]`` (None when absent) if of ``types``; else a GalleryError naming the field."""
+    value = info.get(key)
+    if value is None or (isinstance(value, types) and not isinstance(value, bool)):
+        return value
+    raise GalleryError(f"{json_path}: '{key}' must be {expected}, got {type(value).__name__} "
+                       f"{json.dumps(value)[:40]}")
+
+
+def read_gallery_info(folder: str | Path) -> dict:
+    """``gallery.json`` of ``folder``, every field type-checked (``GalleryError`` names the field).
+
+    Returns the parsed document with ``files`` (data file names), ``nlist``, ``nprobe`` and
+    ``metadata`` filled in. Read with a size cap, regular files only (see ``qualiface.files``).
+    """
+    from qualiface.files import FileReadError, read_small_text
+
+    folder = Path(folder)
+    json_path = folder / GALLERY_JSON
+    try:
+        info = json.loads(read_small_text(json_path, limit=GALLERY_JSON_LIMIT, what="gallery.json"))
+    except FileNotFoundError:
+        raise GalleryError(f"{json_path}: missing (is {folder} a gallery made by 'qualiface search enrol'?)") from None
+    except json.JSONDecodeError as exc:
+        raise GalleryError(f"{json_path}: invalid JSON ({exc.msg}, line {exc.lineno})") from None
+    except UnicodeDecodeError as exc:
+        raise GalleryError(f"{json_path}: not UTF-8 text (byte {exc.start})") from None
+    except RecursionError:
+        raise GalleryError(f"{json_path}: JSON nested too deeply to be a gallery description") from None
+    except FileReadError as exc:  # a device, a FIFO, a huge file: the message names the file
+        raise GalleryError(str(exc)) from None
+    except OSError as exc:
+        raise GalleryError(f"{json_path}: cannot read ({exc.strerror or exc})") from None
+    if not isinstance(info, dict) or info.get("format") != GALLERY_FORMAT:
+        raise GalleryError(f"{json_path}: 'format' must be '{GALLERY_FORMAT}'")
+    version = _field(info, "format_version", (int,), json_path, "an integer")
+    if version is None or not 1 <= version <= GALLERY_VERSION:
+        raise GalleryError(f"{json_path}: unsupported 'format_version' {info.get('format_version')!r}")
+    backend = info.get("backend")
+    if backend not in BACKENDS:
+        raise GalleryError(f"{json_path}: 'backend' must be one of {BACKENDS}, got {backend!r}")
+    for key in ("nlist", "nprobe"):
+        value = _field(info, key, (int,), json_path, "an integer")
+        if value is not None and value < 1:
+            raise GalleryError(f"{json_path}: '{key}' must be >= 1, got {value}")
+        info[key] = value
+    info["metadata"] = _field(info, "metadata", (dict,), json_path, "an object") or {}
+    files = _field(info, "files", (dict,), json_path, "an object")
+    if version >= 2 and files is None:
+        raise GalleryError(f"{json_path}: 'files' is missing")
+    files = dict(_V1_FILES if files is None else files)
+    for role, name in files.items():
+        # Names only, never paths: a hostile gallery.json must not point outside its folder.
+        if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", ".."):
+            raise GalleryError(f"{json_path}: 'files.{role}' must be a file name in the gallery "
+                               f"folder, got {json.dumps(name)[:60]}")
+    if "arrays" not in files:
+        raise GalleryError(f"{json_path}: 'files.arrays' is missing")
+    info["files"] = files
+    return info
+
+
+def _remove_stale_files(folder: Path, keep: set[str]) -> None:
+    """Delete data files of earlier saves (caller holds the exclusive lock)."""
+    for pattern in ("gallery-*.npz", "index-*.faiss", *_V1_FILES.values()):
+        for path in folder.glob(pattern):
+            if path.name not in keep:
+                path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def gallery_lock(folder: str | Path, *, exclusive: bool) -> Iterator[None]:
+    """Hold ``flock`` on ``folder/.lock``: exclusive for writers, shared for readers.
+
+    Writers create the folder and the lock file. A reader opens the lock file read-only (so
+    read-only media work) and reads unlocked where there is none (no folder, a version 1
+    gallery): no writer of this version has been there.
+    """
+    folder = Path(folder)
+    if exclusive:
+        folder.mkdir(parents=True, exist_ok=True)
+    # Readers never create the lock file: a folder without one has had no writer of this format.
+    flags = (os.O_RDWR | os.O_CREAT if exclusive else os.O_RDONLY) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(folder / LOCK_FILE, flags, 0o666)
+    except OSError as exc:
+        if exclusive:
+            raise GalleryError(f"{folder / LOCK_FILE}: cannot create the gallery lock ({exc.strerror or exc})") from None
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def enrol(folder: str | Path, ids, embeddings, *, replace: bool = False, backend: str = "auto",
+          nlist: int | None = None, nprobe: int = 8, quality=None,
+          metadata: dict | None = None) -> tuple[Gallery, int]:
+    """Add templates to the gallery in ``folder`` (creating it) -> ``(gallery, templates before)``.
+
+    Holds the exclusive lock from reading the current gallery to committing the new one, so
+    two processes enrolling into one folder at once both land. An existing gallery is extended:
+    its templates are kept, the new ones appended (``backend="auto"`` keeps its backend); a
+    template id that is already enrolled, a different dimension or quality present on one side
+    only is refused (the message says to pass ``replace=True`` to start a new gallery instead).
+    """
+    folder = Path(folder)
+    with gallery_lock(folder, exclusive=True):
+        existing = None
+        if not replace and (folder / GALLERY_JSON).exists():
+            existing = Gallery._load_locked(folder)
+        if existing is None:
+            gallery = Gallery.build(ids, embeddings, backend=backend, nlist=nlist, nprobe=nprobe,
+                                    quality=quality, metadata=metadata)
+            gallery._save_locked(folder)
+            return gallery, 0
+        new = Gallery.build(ids, embeddings, backend="exact", quality=quality)  # validates input
+        where = f"{folder}: cannot add to the existing gallery"
+        if new.dim != existing.dim:
+            raise GalleryError(f"{where}: it holds {existing.dim}-d templates, the new ones are "
+                               f"{new.dim}-d (pass --replace to start a new gallery)")
+        again = np.intersect1d(existing.ids, new.ids)
+        if again.size:
+            shown = ", ".join(map(str, again[:5])) + (" ..." if again.size > 5 else "")
+            raise GalleryError(f"{where}: {again.size} template id(s) already enrolled: {shown} "
+                               "(pass --replace to rebuild the gallery from this input alone)")
+        if (existing.quality is None) != (new.quality is None):
+            has = "has" if existing.quality is not None else "has no"
+            raise GalleryError(f"{where}: it {has} template quality and the new input does "
+                               "not match (pass --replace to start a new gallery)")
+        earlier = existing.metadata.get("enrolments")
+        if not isinstance(earlier, list):  # the existing gallery came from one enrolment
+            earlier = [{k: v for k, v in existing.metadata.items() if k != "enrolments"}]
+        enrolments = [*earlier, metadata or {}]
+        merged_quality = (None if new.quality is None
+                          else np.concatenate([existing.quality, new.quality]))
+        gallery = Gallery.build(
+            np.concatenate([existing.ids, new.ids]),
+            np.concatenate([existing.vectors(), new.embeddings]),
+            backend=existing.backend if backend == "auto" else backend, nlist=nlist,
+            nprobe=nprobe,
+            quality=merged_quality,
+            metadata={**(metadata or {}), "enrolments": enrolments},
+        )
+        gallery._save_locked(folder)
+        return gallery, existing.size

@@ -9,15 +9,25 @@ Writing is atomic: the bytes go to a temporary file in the same folder, are fsyn
 file is renamed over the old checkpoint (``os.replace`` is atomic on POSIX within one file
 system). A crash or an exception while writing leaves the previous checkpoint untouched, and a write
 that fails in the OS (a full disk) is reported as such, not as torch's "unexpected pos".
+
+Integrity. torch does not check its zip CRCs, so a flipped bit on disk would resume silently with
+a wrong weight or counter. Every checkpoint's sha256 is recorded in ``<name>.sha256`` (the
+``sha256sum`` format: ``<hex>  <file name>`` lines) and checked before the file is read. The
+checkpoint it replaces is kept as ``<stem>.previous<suffix>`` (``checkpoint.previous.pt``), so
+``load_for_resume`` can fall back to it, with a warning, when the latest one is corrupt or missing.
+The digest file is written first, allowing the old and the new content for each name, and
+narrowed after the renames, so a crash at any point leaves every file that exists verifiable.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import random
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +36,17 @@ import torch
 
 CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT_VERSION = 1
+PREVIOUS_TAG = ".previous"
+DIGEST_SUFFIX = ".sha256"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be written or read (the message names the file)."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """The file is not the checkpoint that was written (digest mismatch, unreadable, torn):
+    ``load_for_resume`` falls back to the previous checkpoint for these, and only these."""
 
 
 # --------------------------------------------------------------------------- atomic files
@@ -78,12 +95,15 @@ def describe_os_error(exc: OSError) -> str:
     return str(exc)
 
 
-def atomic_write(path: str | Path, write: Callable[[Any], None]) -> None:
+def atomic_write(path: str | Path, write: Callable[[Any], None], *,
+                 before_replace: Callable[[Path], None] | None = None) -> None:
     """Call ``write(file_object)`` on a temp file next to ``path``, fsync, then rename over it.
 
     An ``OSError`` (also one that ``write`` caught and replaced by its own error) becomes a
     ``CheckpointError`` naming ``path`` and the OS error; the temp file is removed and any
     previous ``path`` is left as it was. Other exceptions from ``write`` propagate unchanged.
+    ``before_replace(temp_path)`` runs once the bytes are durable and before the rename (the
+    checkpoint uses it to record the digest and keep the file it replaces).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -101,6 +121,8 @@ def atomic_write(path: str | Path, write: Callable[[Any], None]) -> None:
                 raise recorder.first_error
             handle.flush()
             os.fsync(handle.fileno())
+        if before_replace is not None:
+            before_replace(Path(tmp_name))
         os.replace(tmp_name, path)
     except BaseException as exc:
         try:
@@ -113,29 +135,332 @@ def atomic_write(path: str | Path, write: Callable[[Any], None]) -> None:
     _fsync_dir(path.parent)
 
 
-def save_checkpoint(path: str | Path, state: dict) -> None:
-    """Write ``state`` atomically to ``path`` (the previous file survives any failure)."""
-    state = {"format_version": FORMAT_VERSION, **state}
+# --------------------------------------------------------------------------- digests
+
+
+def previous_path(path: str | Path) -> Path:
+    """Where the checkpoint that ``path`` replaced is kept: ``checkpoint.pt`` ->
+    ``checkpoint.previous.pt``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}{PREVIOUS_TAG}{path.suffix}")
+
+
+def digest_path(path: str | Path) -> Path:
+    """The digest file that vouches for ``path`` and for its previous version."""
+    path = Path(path)
+    if path.stem.endswith(PREVIOUS_TAG):
+        path = path.with_name(path.stem[: -len(PREVIOUS_TAG)] + path.suffix)
+    return path.with_name(path.name + DIGEST_SUFFIX)
+
+
+def file_digest(path: str | Path, chunk_size: int = 1 << 20) -> str:
+    """sha256 of a file as hex, read in chunks (a checkpoint may be gigabytes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _read_digests(path: Path) -> dict[str, set[str]]:
+    """``{file name: digests accepted for it}`` from ``digest_path(path)``; {} when absent.
+
+    A line that is not ``<64 hex>  <name>`` vouches for nothing (the file it was meant for then
+    fails verification instead of passing it).
+    """
     try:
-        atomic_write(path, lambda handle: torch.save(state, handle))
+        text = digest_path(path).read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise CheckpointError(f"{digest_path(path)}: cannot read ({describe_os_error(exc)})") from None
+    recorded: dict[str, set[str]] = {}
+    for line in text.splitlines()[:16]:  # two names, at most two digests each when intact
+        digest, sep, name = line.partition("  ")
+        if sep and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest):
+            recorded.setdefault(name, set()).add(digest)
+    return recorded
+
+
+def _write_digests(path: Path, recorded: dict[str, set[str]]) -> None:
+    text = "".join(f"{digest}  {name}\n" for name in sorted(recorded)
+                   for digest in sorted(recorded[name]))
+    atomic_write(digest_path(path), lambda handle: handle.write(text.encode("utf-8")))
+
+
+def verify_digest(path: str | Path) -> bool:
+    """Check ``path`` against its recorded sha256: True when it matches, False when no digest
+    was recorded (an older qualiface, or the file was copied without its ``.sha256``).
+
+    Raises ``CorruptCheckpointError`` naming the file when the content differs from what was
+    written.
+    """
+    path = Path(path)
+    accepted = _read_digests(path).get(path.name)
+    if not accepted:
+        return False
+    try:
+        actual = file_digest(path)
+    except OSError as exc:
+        raise CorruptCheckpointError(f"{path}: cannot read ({describe_os_error(exc)})") from None
+    if actual not in accepted:
+        raise CorruptCheckpointError(
+            f"{path}: sha256 {actual[:16]}... does not match the digest recorded when it was "
+            f"written ({digest_path(path).name}); the file is corrupt (a flipped bit, a torn or "
+            f"partial copy)")
+    return True
+
+
+def save_checkpoint(path: str | Path, state: dict, *, keep_previous: bool = True) -> None:
+    """Write ``state`` atomically to ``path`` (the previous file survives any failure).
+
+    The sha256 of the new file is recorded in ``digest_path(path)``; with ``keep_previous`` the
+    file it replaces becomes ``previous_path(path)`` (the resume fallback).
+    """
+    path = Path(path)
+    state = {"format_version": FORMAT_VERSION, **state}
+    previous = previous_path(path)
+    recorded = _read_digests(path)
+
+    def publish(temp: Path) -> None:
+        new = file_digest(temp)
+        old_current = recorded.get(path.name, set())
+        rotate = keep_previous and path.is_file()
+        # While the renames below are in flight, each name may hold its old or its new content.
+        during = {path.name: {*old_current, new}}
+        if rotate:
+            during[previous.name] = {*recorded.get(previous.name, set()), *old_current}
+        elif previous.is_file() and previous.name in recorded:
+            during[previous.name] = recorded[previous.name]
+        _write_digests(path, during)
+        if rotate:
+            os.replace(path, previous)
+        final = {path.name: {new}}
+        if previous.name in during:
+            final[previous.name] = old_current if rotate else during[previous.name]
+        recorded.clear()
+        recorded.update(final)
+
+    try:
+        atomic_write(path, lambda handle: torch.save(state, handle), before_replace=publish)
     except CheckpointError:
         raise  # already names the file and the OS error
     except (RuntimeError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: could not write checkpoint: {exc}") from exc
+    _write_digests(path, {name: digests for name, digests in recorded.items() if digests})
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Read a checkpoint with ``weights_only=True``; clear errors for missing/corrupt files."""
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", *,
+                    verify: bool = True) -> dict:
+    """Read a checkpoint with ``weights_only=True``; clear errors for missing/corrupt files.
+
+    The file is checked against its recorded sha256 first (``verify_digest``; ``verify=False``
+    when the caller just did); a mismatch or an unreadable file raises
+    ``CorruptCheckpointError``.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no checkpoint there")
+    if verify:
+        verify_digest(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises several types for truncated / foreign files
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+        raise CorruptCheckpointError(f"{path}: not a readable checkpoint ({_load_failure(exc)})") from None
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: not a qualiface checkpoint (format_version missing or unknown)")
     return state
+
+
+def _load_failure(exc: Exception) -> str:
+    """torch's load error in one line: its weights-only refusals span a dozen lines of advice
+    (including "load with weights_only=False", which is exactly what must not be done here)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in lines:
+        if line.startswith("WeightsUnpickler error:"):
+            return f"{type(exc).__name__}: {line.split('. Please')[0]}"
+    first = lines[0] if lines else ""
+    return f"{type(exc).__name__}: {first[:300]}" if first else type(exc).__name__
+
+
+def has_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` or its kept previous version exists (what ``load_for_resume`` needs)."""
+    return Path(path).is_file() or previous_path(path).is_file()
+
+
+@dataclass
+class ResumePoint:
+    """The checkpoint a resume starts from: its ``state``, the file it came from, and warnings
+    (a fallback to the previous checkpoint, a file without a recorded digest) to show the user."""
+
+    state: dict
+    path: Path
+    warnings: list[str] = field(default_factory=list)
+
+
+def load_for_resume(path: str | Path, map_location: str | torch.device = "cpu") -> ResumePoint:
+    """The latest verified checkpoint: ``path``, else (corrupt or missing) its previous version.
+
+    Only corruption falls back: a checkpoint that reads fine but does not fit the run is the
+    caller's error to report. Raises ``CheckpointError`` naming every file tried when neither
+    is usable.
+    """
+    path = Path(path)
+    problems: list[str] = []
+    for candidate in (path, previous_path(path)):
+        if not candidate.is_file():
+            problems.append(f"{candidate}: missing")
+            continue
+        try:
+            verified = verify_digest(candidate)
+            state = load_checkpoint(candidate, map_location, verify=False)
+        except CorruptCheckpointError as exc:
+            problems.append(str(exc))
+            continue
+        notes = [f"{problem}; resuming from {candidate} instead" for problem in problems]
+        if not verified:
+            notes.append(f"{candidate}: no sha256 recorded in {digest_path(candidate).name}; "
+                         "its integrity was not verified")
+        return ResumePoint(state, candidate, notes)
+    raise CheckpointError("no usable checkpoint: " + "; ".join(problems))
+
+
+def require_keys(state: dict, keys: tuple[str, ...], path: str | Path) -> None:
+    """``CheckpointError`` naming the first of ``keys`` that ``state`` lacks (a checkpoint from
+    another tool or version would otherwise fail with a bare ``KeyError`` deep in the resume)."""
+    for key in keys:
+        if key not in state:
+            raise CheckpointError(f"{path}: missing key '{key}' (not a complete qualiface "
+                                  f"training checkpoint)")
+
+
+def load_module_state(module: torch.nn.Module, state: Any, *, what: str, path: str | Path) -> None:
+    """``module.load_state_dict(state)`` with one clear line when the tensors do not fit (another
+    architecture or size) instead of torch's multi-line list of every mismatching key."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: '{what}' is a {type(state).__name__}, not a state dict")
+    expected = module.state_dict()
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    reshaped = [key for key in expected if key in state and isinstance(state[key], torch.Tensor)
+                and tuple(state[key].shape) != tuple(expected[key].shape)]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing (first '{missing[0]}')")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected (first '{unexpected[0]}')")
+    if reshaped:
+        key = reshaped[0]
+        problems.append(f"{len(reshaped)} of another shape (first '{key}': "
+                        f"{tuple(state[key].shape)} saved, {tuple(expected[key].shape)} here)")
+    if problems:
+        raise CheckpointError(f"{path}: the {what} weights are from another architecture: "
+                              + "; ".join(problems))
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, TypeError, KeyError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: cannot load the {what} weights ({first_line})") from None
+
+
+#: What a training run leaves in its output folder that a new run would overwrite or mix with
+#: (``metrics.jsonl`` is appended to, so two runs would interleave in one curve).
+RUN_FILES = (CHECKPOINT_NAME, previous_path(CHECKPOINT_NAME).name, "metrics.jsonl",
+             "weights.safetensors", "final.safetensors")
+
+
+def existing_run_files(out_dir: str | Path) -> list[Path]:
+    """The ``RUN_FILES`` and per-rank checkpoints already in ``out_dir`` (a previous run)."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return []
+    found = [out_dir / name for name in RUN_FILES if (out_dir / name).is_file()]
+    return found + sorted(out_dir.glob("checkpoint-rank*.pt"))
+
+
+def remove_run_files(out_dir: str | Path) -> list[Path]:
+    """Delete a previous run's files (``existing_run_files`` plus checkpoint digests) so a fresh
+    run neither mixes its metrics with the old ones nor leaves an old checkpoint to resume.
+
+    Only those named files go: never folders, never anything else the user keeps there.
+    """
+    out_dir = Path(out_dir)
+    doomed = existing_run_files(out_dir)
+    if out_dir.is_dir():
+        doomed += sorted(out_dir.glob(f"checkpoint*.pt{DIGEST_SUFFIX}"))
+    for path in doomed:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise CheckpointError(f"{path}: cannot remove ({describe_os_error(exc)})") from None
+    return doomed
+
+
+#: Top-level keys ``Trainer.load_checkpoint`` reads from the main checkpoint.
+RESUME_KEYS = ("phase_index", "phase_step", "global_step", "nonfinite_streak", "world_size",
+               "backbone", "head", "optimizer", "scaler", "rng", "data", "config")
+
+# Config keys that may differ between the run that wrote a checkpoint and the one resuming it:
+# where output goes, how often to log/evaluate/checkpoint, workers, and the validation set.
+# Everything else changes what is trained, so a resume across such a change is refused.
+RESUME_MAY_CHANGE = ("train.resume", "train.output_dir", "train.progress", "train.log_every",
+                     "train.eval_every", "train.checkpoint_every", "train.device",
+                     "train.max_nonfinite_steps", "train.compile", "data.num_workers",
+                     "data.cache", "data.cache_max_gb", "distributed.backend",
+                     "distributed.timeout_s", "val")
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; an empty mapping contributes no keys, so a
+    parameter added to an empty ``model.params`` is reported by its own name."""
+    if isinstance(value, dict):
+        flat: dict[str, Any] = {}
+        for key, item in value.items():
+            flat.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+        return flat
+    return {prefix: value}
+
+
+class _Absent:
+    def __repr__(self) -> str:
+        return "absent"
+
+
+ABSENT = _Absent()
+
+
+def config_differences(saved: dict, current: dict) -> list[tuple[str, Any, Any]]:
+    """``(dotted key, saved value, current value)`` for every key that differs, except
+    ``RESUME_MAY_CHANGE`` (a key or a whole section); ``ABSENT`` stands for a missing key."""
+    old, new = _flatten(saved), _flatten(current)
+
+    def may_change(key: str) -> bool:
+        return any(key == allowed or key.startswith(allowed + ".") for allowed in RESUME_MAY_CHANGE)
+
+    keys = list(old) + [key for key in new if key not in old]
+    return [(key, old.get(key, ABSENT), new.get(key, ABSENT)) for key in keys
+            if not may_change(key) and old.get(key, ABSENT) != new.get(key, ABSENT)]
+
+
+def check_resume_config(path: str | Path, saved: Any, current: dict) -> None:
+    """Refuse to resume ``path`` under a config that differs in a key that changes training.
+
+    The message names the first differing key with both values (model keys first: a backbone
+    change is the likeliest), and how many more differ.
+    """
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{path}: missing key 'config' (cannot tell which run wrote it)")
+    differences = config_differences(saved, current)
+    if not differences:
+        return
+    differences.sort(key=lambda item: not item[0].startswith("model."))
+    key, old, new = differences[0]
+    more = f" (and {len(differences) - 1} more key(s))" if len(differences) > 1 else ""
+    what = "architecture" if key.startswith("model.") else "config"
+    raise CheckpointError(f"{path}: written with another {what}: {key} is {old!r} in the "
+                          f"checkpoint, {new!r} now{more}; resume with the run's config "
+                          f"(config.yaml next to it) or start a new run (--overwrite or another "
+                          f"train.output_dir)")
 
 
 def export_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:

@@ -20,10 +20,12 @@ from qualiface.progress import console, make_progress
 log = logging.getLogger("qualiface.train")
 
 
-def training_progress(enabled: bool = True) -> Progress:
-    """The training bar: loss, accuracy, mean feature norm and images/s next to the ETA."""
+def training_progress(enabled: bool = True, every: int | None = None) -> Progress:
+    """The training bar: loss, accuracy, mean feature norm and images/s next to the ETA (a
+    plain line every ``every`` steps when stderr is not a terminal)."""
     return make_progress(
         enabled=enabled,
+        every=every,
         unit=None,  # the bar counts optimizer steps; images/s is one of the fields
         extra="loss {task.fields[loss]} acc {task.fields[acc]} norm {task.fields[norm]} {task.fields[ips]} img/s",
     )

@@ -46,6 +46,7 @@ from torch import nn
 
 from qualiface.config import ConfigError, TrainingConfig, save_config, to_dict
 from qualiface.data.transforms import to_model_input
+from qualiface.threads import available_cpus, data_workers
 from qualiface.train import checkpoint as ckpt
 from qualiface.train.data import BatchPlan, BatchSource, DataError, cached_size_bytes, decode_all, random_flip
 from qualiface.train.logging import MetricsLogger, console, training_progress
@@ -147,8 +148,9 @@ class Trainer:
     """Holds the run's state; ``run()`` executes every phase (resuming when asked)."""
 
     def __init__(self, cfg: TrainingConfig, *, out_dir: str | Path | None = None) -> None:
-        from qualiface.backbones import build_backbone
+        from qualiface.backbones import BackboneSizeError, build_backbone
         from qualiface.data import build_dataset
+        from qualiface.data.robust import require_image_size
         from qualiface.train.distributed import init_distributed
 
         self.cfg = cfg
@@ -166,8 +168,12 @@ class Trainer:
         try:
             self.dataset = build_dataset(cfg.data.name, **cfg.data.params)
             self.backbone = build_backbone(cfg.model.backbone, **cfg.model.params)
-        except TypeError as exc:  # a bad keyword in data.params / model.params
+        except (TypeError, BackboneSizeError) as exc:  # a bad keyword or size in the params
             raise ConfigError(f"{exc}") from None
+        if getattr(self.backbone, "input_size", None) is not None:
+            # A wrong-size image is skipped and reported, not a torch.stack traceback later.
+            side = int(self.backbone.input_size)
+            self.dataset = require_image_size(self.dataset, (side, side))
         self.num_classes = int(self.dataset.num_classes)
         self.backbone.to(self.device)
         if t.channels_last:
@@ -179,6 +185,7 @@ class Trainer:
         # checkpointed explicitly; per rank, so ranks augment differently.
         self.augment_generator = torch.Generator().manual_seed(t.seed * 7919 + self.dist.rank + 1)
         self.indices = torch.arange(len(self.dataset))
+        self.num_workers = data_workers(cfg.data.num_workers)  # at most one per available CPU
         self.cache = self._build_cache()
         self.scaler = make_scaler(self.device, self.precision)
         self.logger = MetricsLogger(self.out_dir, enabled=self.is_main)
@@ -229,7 +236,7 @@ class Trainer:
         size = cached_size_bytes(self.dataset)
         if d.cache == "auto" and size > d.cache_max_gb * 2**30:
             return None
-        images, labels = decode_all(self.dataset, num_workers=d.num_workers if len(self.dataset) > 2048 else 0,
+        images, labels = decode_all(self.dataset, num_workers=self.num_workers if len(self.dataset) > 2048 else 0,
                                     progress=self.cfg.train.progress and self.is_main)
         if self.device.type == "cuda":
             free, _total = torch.cuda.mem_get_info(self.device)
@@ -306,13 +313,26 @@ class Trainer:
             ckpt.save_checkpoint(self.out_dir / f"checkpoint-rank{self.dist.rank}.pt", rank_state)
         self._barrier()
 
-    def load_checkpoint(self) -> None:
-        """Restore model, head, counters and data position; optimizer/RNG on phase entry."""
-        state = ckpt.load_checkpoint(self.checkpoint_path)
+    def load_checkpoint(self) -> Path:
+        """Restore model, head, counters and data position; optimizer/RNG on phase entry.
+
+        Returns the file resumed from: the latest checkpoint, or the previous one when the
+        latest is corrupt or missing (``ckpt.load_for_resume``; a warning says so). A checkpoint
+        of another config or architecture, or with keys missing, is refused in one line.
+        """
+        point = ckpt.load_for_resume(self.checkpoint_path)
+        state, source = point.state, point.path
+        ckpt.require_keys(state, ckpt.RESUME_KEYS, source)
+        for warning in point.warnings:
+            self.logger.note(0, f"warning: {warning}")
+        ckpt.check_resume_config(source, state["config"], to_dict(self.cfg))
         if self.dist.rank > 0 and state["world_size"] == self.dist.world_size:
             # Per-rank files exist only for the world size that wrote them; on another world
             # size the head re-shards and the optimizer moments are reset below.
-            rank_state = ckpt.load_checkpoint(self.out_dir / f"checkpoint-rank{self.dist.rank}.pt")
+            rank_path = self.out_dir / f"checkpoint-rank{self.dist.rank}.pt"
+            if source != self.checkpoint_path:  # fell back: the ranks' files fall back too
+                rank_path = ckpt.previous_path(rank_path)
+            rank_state = ckpt.load_checkpoint(rank_path)
             if rank_state["global_step"] != state["global_step"]:
                 raise ckpt.CheckpointError(
                     f"{self.out_dir}: rank {self.dist.rank}'s checkpoint is from step "
@@ -324,8 +344,11 @@ class Trainer:
             state["optimizer"] = {}
             self.logger.note(state["global_step"], f"world size changed {state['world_size']} -> "
                              f"{self.dist.world_size}: optimizer moments reset")
-        self.backbone.load_state_dict(state["backbone"])
-        self._load_head_state(state["head"])
+        ckpt.load_module_state(self.backbone, state["backbone"], what="backbone", path=source)
+        if getattr(self.head, "load_full_state_dict", None) is None:
+            ckpt.load_module_state(self.head, state["head"], what="head", path=source)
+        else:
+            self._load_head_state(state["head"])
         if hasattr(self.head, "step"):
             self.head.step = int(state.get("sampling_step", 0))
         self.scaler.load_state_dict(state["scaler"])
@@ -335,6 +358,7 @@ class Trainer:
         self.nonfinite_streak = int(state["nonfinite_streak"])
         self.indices = state["data"]["indices"]
         self._resume_state = state
+        return source
 
     # ------------------------------------------------------------------ distributed helpers
 
@@ -516,7 +540,7 @@ class Trainer:
         schedule = build_schedule(self.cfg.schedule, base_lr=phase.lr, total_steps=total,
                                   steps_per_epoch=steps_per_epoch)
         source = BatchSource(self.dataset, plan, rank=self.dist.rank, cache=self.cache, device=self.device,
-                             num_workers=self.cfg.data.num_workers)
+                             num_workers=self.num_workers)
         t = self.cfg.train
         progress.update(task, description=phase.name, total=total, completed=self.phase_step)
         window_start, window_images = time.perf_counter(), 0
@@ -622,6 +646,47 @@ class Trainer:
 
     # ------------------------------------------------------------------ the run
 
+    def summary(self) -> list[tuple[str, str]]:
+        """What this run is about to do, epochs and warm-ups converted to optimizer steps, as
+        ``(label, text)`` rows (``print_summary`` shows them before training starts)."""
+        cfg, t, plan = self.cfg, self.cfg.train, self.plan()
+        per_epoch = plan.steps_per_epoch
+        source = ("decoded once into memory" if self.cache is not None
+                  else f"read per step by {self.num_workers} data workers")
+        workers = f"{self.num_workers} data workers"
+        if self.num_workers != cfg.data.num_workers:
+            workers += f" (data.num_workers={cfg.data.num_workers}; {available_cpus()} CPUs available)"
+        rows = [
+            ("model", f"{cfg.model.backbone}, head {cfg.head.name}, pipeline {cfg.pipeline.name}"),
+            ("data", f"{cfg.data.name}: {len(self.indices):,} images, {self.num_classes:,} classes, {source}"),
+            ("steps/epoch", f"{per_epoch:,} of {plan.step_size:,} images (batch_size {t.batch_size} x "
+                            f"grad_accum {t.grad_accum} x {self.dist.world_size} process(es))"),
+        ]
+        total = 0
+        phases = self.pipeline.phases()
+        for number, phase in enumerate(phases, 1):
+            steps = phase.total_steps(per_epoch)
+            total += steps
+            warmup = build_schedule(cfg.schedule, base_lr=phase.lr, total_steps=steps,
+                                    steps_per_epoch=per_epoch).warmup_steps
+            length = f"{steps:,} steps" + (f" ({phase.epochs:g} epochs)" if phase.steps <= 0 else "")
+            notes = [length, f"lr {phase.lr:g}", f"lr warm-up {warmup:,} steps",
+                     *self.pipeline.describe(phase, per_epoch, steps)]
+            rows.append((f"phase {number}/{len(phases)}", f"{phase.name}: " + ", ".join(notes)))
+        rows += [
+            ("total steps", f"{total:,}"),
+            ("threads", f"{torch.get_num_threads()} torch intra-op, {workers}"),
+            ("device", f"{self.device}, precision {self.precision}"),
+            ("output", str(self.out_dir)),
+        ]
+        return rows
+
+    def print_summary(self) -> None:
+        """Print ``summary()`` on stderr (``run()`` does, on rank 0, before the first step)."""
+        console.print("[bold]training run[/]")
+        for label, text in self.summary():
+            console.print(f"  {label:<13} {text}", markup=False, highlight=False)
+
     def _install_signal_handlers(self):
         def handler(signum, _frame):
             self._stop_signal = signum
@@ -638,18 +703,19 @@ class Trainer:
         """Run (or resume) every phase, then write final weights and the model package."""
         t = self.cfg.train
         if t.resume:
-            if self.checkpoint_path.is_file():
-                self.load_checkpoint()
-                console.print(f"resuming from {self.checkpoint_path} at step {self.global_step}")
+            if ckpt.has_checkpoint(self.checkpoint_path):
+                source = self.load_checkpoint()
+                console.print(f"resuming from {source} at step {self.global_step}")
             else:
                 console.print(f"[yellow]resume=true but no checkpoint in {self.out_dir}; starting fresh[/]")
         if self.is_main:
+            self.print_summary()
             self.out_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, self.out_dir / "config.yaml")
         phases = self.pipeline.phases()
         previous = self._install_signal_handlers()
         try:
-            with training_progress(enabled=t.progress and self.is_main) as progress:
+            with training_progress(enabled=t.progress and self.is_main, every=t.log_every) as progress:
                 task = progress.add_task("train", total=None, loss="-", acc="-", norm="-", ips="-")
                 while self.phase_index < len(phases):
                     phase = phases[self.phase_index]

@@ -103,6 +103,10 @@ class Pipeline:
     def after_phase(self, phase: Phase, trainer) -> None:
         """Called once a phase has finished (not on resume into a later phase)."""
 
+    def describe(self, phase: Phase, steps_per_epoch: int, total_steps: int) -> list[str]:
+        """What the pipeline switches during ``phase``, in steps, for the start-up summary."""
+        return []
+
     def second_view(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """A degraded uint8 copy of ``images`` (B, 3, H, W) for heads that need two views.
 
@@ -142,11 +146,19 @@ class QCFacePipeline(Pipeline):
         super().__init__(cfg)
         self._warmup_steps: int | None = None
 
+    def warmup(self, steps_per_epoch: int, total_steps: int) -> int:
+        """The norm warm-up in optimizer steps for a phase of ``total_steps``."""
+        q = self.cfg.pipeline.qcface
+        return warmup_length(q.warmup_steps, q.warmup_fraction, q.warmup_epochs,
+                             steps_per_epoch, total_steps)
+
+    def describe(self, phase: Phase, steps_per_epoch: int, total_steps: int) -> list[str]:
+        return [f"norm warm-up {self.warmup(steps_per_epoch, total_steps):,} steps"]
+
     def resolve(self, steps_per_epoch: int, total_steps: int) -> None:
         """Fix the warm-up in steps for a phase of ``total_steps``; refuse one that never ends."""
         q = self.cfg.pipeline.qcface
-        self._warmup_steps = warmup_length(q.warmup_steps, q.warmup_fraction, q.warmup_epochs,
-                                           steps_per_epoch, total_steps)
+        self._warmup_steps = self.warmup(steps_per_epoch, total_steps)
         if self._warmup_steps >= total_steps:
             raise PipelineError(
                 f"QCFace's norm regulariser would never switch on: the warm-up "

@@ -1,0 +1,225 @@
+"""Reliability round 2, training side: checkpoint digests with a fallback to the previous
+checkpoint, one-line refusals for checkpoints that do not fit the run, no silent overwrite of a
+previous run, and one-line config errors from the CLI. Tiny stand-in models on CPU."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from qualiface.cli import app
+from qualiface.config import from_dict
+from qualiface.train import checkpoint as ckpt
+from qualiface.train.loop import Trainer
+from stand_ins import Blobs, LinearBackbone  # noqa: F401  (registers test-linear / test-blobs)
+
+runner = CliRunner()
+
+
+def settings(out, **train) -> dict:
+    values = {"steps": 4, "batch_size": 16, "device": "cpu", "output_dir": str(out),
+              "log_every": 1, "checkpoint_every": 2, "progress": False, "seed": 3}
+    values.update(train)
+    return {
+        "model": {"backbone": "test-linear", "params": {}},
+        "head": {"name": "arcface", "params": {}},
+        "data": {"name": "test-blobs", "params": {}, "flip": False, "num_workers": 0},
+        "optim": {"lr": 0.5},
+        "schedule": {"kind": "constant"},
+        "train": values,
+    }
+
+
+def flip_one_bit(path, position: float = 0.5) -> None:
+    data = bytearray(path.read_bytes())
+    data[int(len(data) * position)] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+# ----------------------------------------------------------------------------- digests
+
+
+def test_each_checkpoint_records_its_sha256_and_keeps_the_previous_one(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    ckpt.save_checkpoint(path, {"step": 1, "w": torch.ones(64)})
+    ckpt.save_checkpoint(path, {"step": 2, "w": torch.zeros(64)})
+    previous = tmp_path / "checkpoint.previous.pt"
+    recorded = dict(reversed(line.split("  ")) for line in
+                    (tmp_path / "checkpoint.pt.sha256").read_text().splitlines())
+    assert recorded == {"checkpoint.pt": ckpt.file_digest(path),
+                        "checkpoint.previous.pt": ckpt.file_digest(previous)}
+    assert ckpt.load_checkpoint(path)["step"] == 2 and ckpt.load_checkpoint(previous)["step"] == 1
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_flipped_bit_is_an_error_naming_the_file_and_resume_falls_back(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    ckpt.save_checkpoint(path, {"step": 1, "w": torch.ones(4096)})
+    ckpt.save_checkpoint(path, {"step": 2, "w": torch.zeros(4096)})
+    flip_one_bit(path)
+    with pytest.raises(ckpt.CorruptCheckpointError, match=r"checkpoint\.pt: sha256 .* does not "
+                                                          r"match .* corrupt"):
+        ckpt.load_checkpoint(path)
+    point = ckpt.load_for_resume(path)
+    assert point.path == tmp_path / "checkpoint.previous.pt" and point.state["step"] == 1
+    assert len(point.warnings) == 1 and "checkpoint.pt: sha256" in point.warnings[0]
+    assert "resuming from" in point.warnings[0]
+    flip_one_bit(point.path, 0.7)  # both bad: one error naming both files
+    with pytest.raises(ckpt.CheckpointError, match=r"checkpoint\.pt: .*checkpoint\.previous\.pt"):
+        ckpt.load_for_resume(path)
+
+
+def test_crash_between_the_renames_resumes_from_the_kept_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    ckpt.save_checkpoint(path, {"step": 1, "w": torch.ones(8)})
+    real_replace = ckpt.os.replace
+
+    def crash_before_the_new_file_lands(src, dst):
+        if str(src).endswith(".tmp") and str(dst) == str(path):
+            raise KeyboardInterrupt  # the process dies here: old file already moved aside
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "replace", crash_before_the_new_file_lands)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint(path, {"step": 2, "w": torch.zeros(8)})
+    monkeypatch.undo()
+    assert not path.exists() and ckpt.has_checkpoint(path)
+    point = ckpt.load_for_resume(path)
+    assert point.state["step"] == 1 and "missing" in point.warnings[0]
+
+
+def test_trainer_resumes_from_the_previous_checkpoint_bitwise_when_the_latest_is_corrupt(
+        tmp_path):
+    out = tmp_path / "run"
+    Trainer(from_dict(settings(out))).run()  # checkpoints at step 2 and (final) step 4
+    expected = load_file(out / "final.safetensors")
+    assert ckpt.load_checkpoint(out / "checkpoint.previous.pt")["global_step"] == 2
+    flip_one_bit(out / "checkpoint.pt")
+    trainer = Trainer(from_dict(settings(out, resume=True)))
+    result = trainer.run()
+    assert result.global_step == 4
+    resumed = load_file(out / "final.safetensors")
+    assert expected.keys() == resumed.keys()
+    assert all(torch.equal(expected[k], resumed[k]) for k in expected)  # steps 3-4 redone exactly
+    notes = [json.loads(line).get("message", "") for line in
+             (out / "metrics.jsonl").read_text().splitlines()]
+    assert any(n.startswith("warning:") and "checkpoint.pt: sha256" in n and
+               "checkpoint.previous.pt" in n for n in notes), notes
+
+
+# ----------------------------------------------------------------------------- fit to the run
+
+
+def _saved_run(tmp_path):
+    out = tmp_path / "run"
+    Trainer(from_dict(settings(out, steps=2))).run()
+    return out
+
+
+def test_checkpoint_with_a_missing_key_is_one_clear_line(tmp_path):
+    out = _saved_run(tmp_path)
+    state = ckpt.load_checkpoint(out / "checkpoint.pt")
+    del state["optimizer"], state["format_version"]
+    ckpt.save_checkpoint(out / "checkpoint.pt", state, keep_previous=False)
+    (out / "checkpoint.previous.pt").unlink(missing_ok=True)
+    with pytest.raises(ckpt.CheckpointError, match=r"checkpoint\.pt: missing key 'optimizer'"):
+        Trainer(from_dict(settings(out, steps=2, resume=True))).load_checkpoint()
+
+
+def test_checkpoint_from_another_architecture_names_the_key_and_the_tensor(tmp_path):
+    out = _saved_run(tmp_path)
+    with pytest.raises(ckpt.CheckpointError, match=r"another architecture: "
+                                                   r"model\.params\.embedding_size is absent in "
+                                                   r"the checkpoint, 16 now"):
+        Trainer(from_dict(settings(out, steps=2, resume=True) | {
+            "model": {"backbone": "test-linear", "params": {"embedding_size": 16}}})).run()
+    # Same config recorded, other tensors (e.g. a checkpoint edited or from another tool).
+    state = ckpt.load_checkpoint(out / "checkpoint.pt")
+    state["backbone"]["fc.weight"] = torch.zeros(16, 192)
+    ckpt.save_checkpoint(out / "checkpoint.pt", state)
+    with pytest.raises(ckpt.CheckpointError, match=r"backbone weights are from another "
+                                                   r"architecture: 1 of another shape \(first "
+                                                   r"'fc\.weight': \(16, 192\) saved, \(8, 192\)"):
+        Trainer(from_dict(settings(out, steps=2, resume=True))).load_checkpoint()
+
+
+def test_resume_after_a_config_change_says_which_key_differs(tmp_path):
+    out = _saved_run(tmp_path)
+    changed = settings(out, steps=2, resume=True, log_every=5)  # log_every may change
+    changed["optim"]["lr"] = 0.25
+    with pytest.raises(ckpt.CheckpointError, match=r"optim\.lr is 0\.5 in the checkpoint, "
+                                                   r"0\.25 now"):
+        Trainer(from_dict(changed)).run()
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _config_file(tmp_path, out, **train):
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(settings(out, **train)))
+    return path
+
+
+def _one_line_error(result, *needles):
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_train_refuses_an_output_dir_holding_a_run_unless_overwrite_or_resume(tmp_path):
+    out = tmp_path / "run"
+    config = _config_file(tmp_path, out, steps=2)
+    assert runner.invoke(app, ["train", str(config)]).exit_code == 0
+    first = (out / "metrics.jsonl").read_text()
+    again = runner.invoke(app, ["train", str(config)])
+    _one_line_error(again, str(out), "checkpoint.pt", "metrics.jsonl", "resume=true",
+                    "--overwrite")
+    assert (out / "metrics.jsonl").read_text() == first  # untouched
+    resumed = runner.invoke(app, ["train", str(config), "resume=true"])
+    assert resumed.exit_code == 0, resumed.output
+    fresh = runner.invoke(app, ["train", str(config), "--overwrite"])
+    assert fresh.exit_code == 0, fresh.output
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "train"]
+    assert steps == [1, 2]  # one run's curve, not two interleaved
+
+
+@pytest.mark.parametrize("override, key", [
+    ("optim.lr=.nan", "optim.lr"), ("optim.lr=.inf", "optim.lr"), ("optim.lr=nan", "optim.lr"),
+    ("epochs=.nan", "train.epochs"), ("seed=2**70", "train.seed"),
+    (f"seed={2**70}", "train.seed"), ("output_dir=/dev/null", "train.output_dir"),
+])
+def test_bad_numbers_and_paths_are_one_line_errors_naming_the_key(tmp_path, override, key):
+    result = runner.invoke(app, ["train", str(_config_file(tmp_path, tmp_path / "run")),
+                                 override])
+    _one_line_error(result, "train.yaml", key)
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("model.params.input_size=8", "multiple of 16"), ("model.params.input_size=0", "0 does not fit"),
+    ("model.params.embedding_size=0", "must be positive"),
+])
+def test_backbone_params_it_cannot_take_are_one_line(tmp_path, override, needle):
+    data = settings(tmp_path / "run")
+    data["model"] = {"backbone": "iresnet-nano", "params": {"input_size": 16}}
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump(data))
+    result = runner.invoke(app, ["train", str(config), override])
+    _one_line_error(result, "train.yaml", override.partition("=")[0], needle)
+
+
+def test_exponent_learning_rate_trains(tmp_path):
+    result = runner.invoke(app, ["train", str(_config_file(tmp_path, tmp_path / "run", steps=1)),
+                                 "optim.lr=1e-3"])
+    assert result.exit_code == 0, result.output
+    assert ckpt.load_checkpoint(tmp_path / "run" / "checkpoint.pt")["config"]["optim"]["lr"] == 1e-3

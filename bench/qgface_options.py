@@ -10,7 +10,7 @@ correlation of the model quality (the feature norm) with each image's recorded s
 (negative = quality falls as degradation grows, the wanted direction).
 
 Variants: ``old`` (every option at its earlier value), ``new`` (the defaults), and ``new`` with
-one option set back to its earlier value (``new, enqueue after`` ...), plus the authors'
+one option set back to its earlier value (``new-enqueue-after`` ...), plus the authors'
 zero-initialised norm statistics. A difference between two rows is the effect of that option
 at this scale; with one seed and ~2000 pairs the accuracy's noise is about +-1 point.
 
@@ -35,17 +35,17 @@ import common  # noqa: E402
 #: The earlier structure of the head (before issue 12).
 OLD = {"enqueue_first": False, "classify_both_views": False, "split_by": "first",
        "symmetric": False}
-#: name -> head params. "new" is the head's defaults; the others change one thing.
+#: name -> (head params, what it is). "new" is the head's defaults; the others change one thing.
 VARIANTS = {
-    "old": OLD,
-    "new": {},
-    "new, enqueue after loss": {"enqueue_first": False},
-    "new, classify first view only": {"classify_both_views": False},
-    "new, split by first view": {"split_by": "first"},
-    "new, one-way contrastive": {"symmetric": False},
-    "new, zero-initialised statistics": {"initial_statistics": "zero"},
+    "old": (OLD, "every option at its earlier value"),
+    "new": ({}, "the defaults (the authors' structure)"),
+    "new-enqueue-after": ({"enqueue_first": False}, "new, but enqueue after the loss"),
+    "new-classify-first": ({"classify_both_views": False}, "new, but classify the first view only"),
+    "new-split-first": ({"split_by": "first"}, "new, but LQ/HQ by the first view's quality"),
+    "new-one-way": ({"symmetric": False}, "new, but the contrastive loss one way only"),
+    "new-zero-stats": ({"initial_statistics": "zero"},
+                       "new, statistics from 0 (the authors' buffers)"),
 }
-
 
 def variant_config(params: dict, args):
     """The demo's nano config turned into a short QGFace run at ``args.input`` px."""
@@ -76,7 +76,7 @@ def run_variant(name: str, params: dict, held_out, args, work: Path) -> dict:
     cfg = variant_config(params, args)
     num_pairs, pair_seed = cfg.val.num_pairs, cfg.val.seed
     cfg.val.kind = "none"
-    out_dir = work / name.replace(", ", "_").replace(" ", "-")
+    out_dir = work / name
     cfg.train.output_dir = str(out_dir)
     start = time.perf_counter()
     result = train(cfg, out_dir=out_dir)
@@ -88,6 +88,7 @@ def run_variant(name: str, params: dict, held_out, args, work: Path) -> dict:
     last = result.last_metrics
     row = {
         "variant": name,
+        "meaning": VARIANTS[name][1],
         "head_params": cfg.head.params,
         "accuracy": verification.get("accuracy"),
         "auc": verification["auc"],
@@ -103,9 +104,9 @@ def run_variant(name: str, params: dict, held_out, args, work: Path) -> dict:
 
 
 def table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
-    header = ["variant", "accuracy %", "AUC", "Spearman(quality, severity)", "final loss",
+    header = ["variant", "meaning", "accuracy %", "AUC", "Spearman(quality, severity)", "final loss",
               "LQ fraction (last step)"]
-    body = [[r["variant"], common.fmt(r["accuracy"], percent=True), common.fmt(r["auc"]),
+    body = [[r["variant"], r["meaning"], common.fmt(r["accuracy"], percent=True), common.fmt(r["auc"]),
              common.fmt(r["spearman_quality_vs_severity"]), common.fmt(r["final_loss"]),
              common.fmt(r["fraction_low_quality"], 2)] for r in rows]
     return header, body
@@ -146,7 +147,7 @@ def main(argv=None) -> dict:
     rows = []
     with tempfile.TemporaryDirectory(prefix="qgface_options_") as work:
         for name in args.variant_names:
-            rows.append(run_variant(name, VARIANTS[name], held_out, args, Path(work)))
+            rows.append(run_variant(name, VARIANTS[name][0], held_out, args, Path(work)))
     header, body = table(rows)
     payload = {
         "benchmark": "qgface_options",

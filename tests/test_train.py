@@ -170,7 +170,7 @@ def test_run_writes_config_metrics_and_weights(tmp_path):
     weights = load_file(result.final_weights)
     assert "backbone.fc.weight" in weights and "head.weight" in weights
     html = (tmp_path / "report" / "report.html").read_text()
-    assert "training_loss" in html and (tmp_path / "report" / "training_loss.png").is_file()
+    assert 'alt="training loss"' in html and (tmp_path / "report" / "training_loss.png").is_file()
 
 
 def test_training_plots_follow_the_logged_records():

@@ -323,8 +323,9 @@ class Trainer:
         point = ckpt.load_for_resume(self.checkpoint_path)
         state, source = point.state, point.path
         ckpt.require_keys(state, ckpt.RESUME_KEYS, source)
+        step = state["global_step"] if isinstance(state["global_step"], int) else 0
         for warning in point.warnings:
-            self.logger.note(0, f"warning: {warning}")
+            self.logger.note(step, f"warning: {warning}")
         ckpt.check_resume_config(source, state["config"], to_dict(self.cfg))
         if self.dist.rank > 0 and state["world_size"] == self.dist.world_size:
             # Per-rank files exist only for the world size that wrote them; on another world

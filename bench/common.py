@@ -19,6 +19,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from qualiface.errors import QualifaceError
+from qualiface.files import write_text_atomic
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "bench" / "results"
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -115,13 +118,9 @@ def _json_safe(value):
 
 
 def write_json(path: str | os.PathLike, payload: dict) -> Path:
-    """Write ``payload`` as strict, indented JSON atomically (temp file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.tmp")
-    temp.write_text(json.dumps(_json_safe(payload), indent=2, allow_nan=False) + "\n")
-    os.replace(temp, path)
-    return path
+    """Write ``payload`` as strict, indented JSON atomically (``qualiface.files``)."""
+    text = json.dumps(_json_safe(payload), indent=2, allow_nan=False) + "\n"
+    return write_text_atomic(path, text)
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -168,20 +167,12 @@ def parse_list(text: str, cast=str, *, what: str) -> list:
 
 
 def run_main(main, argv: Sequence[str] | None = None) -> int:
-    """Run ``main(argv)``; a ``BenchError`` (or a qualiface config/data/eval error) becomes one
-    ``error: ...`` line on stderr and exit status 2 instead of a traceback."""
-    from qualiface.config import ConfigError
-    from qualiface.data.decode import DataError
-    from qualiface.eval import EvaluationError
-    from qualiface.train.data import DataError as TrainDataError
-    from qualiface.train.pipelines import PipelineError
-    from qualiface.train.precision import PrecisionError
-
-    expected = (BenchError, ConfigError, DataError, EvaluationError, TrainDataError, PipelineError,
-                PrecisionError)
+    """Run ``main(argv)``; a ``BenchError`` or any qualiface error (``QualifaceError``: config,
+    data, evaluation, training...) becomes one ``error: ...`` line on stderr and exit status 2
+    instead of a traceback."""
     try:
         main(argv)
-    except expected as exc:
+    except (BenchError, QualifaceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

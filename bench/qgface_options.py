@@ -11,10 +11,10 @@ correlation of the model quality (the feature norm) with each image's recorded s
 
 Variants: ``old`` (every option at its earlier value), ``new`` (the defaults), and ``new`` with
 one option set back to its earlier value (``new-enqueue-after`` ...), plus the authors'
-zero-initialised norm statistics. A difference between two rows is the effect of that option
-at this scale; with one seed and ~2000 pairs the accuracy's noise is about +-1 point.
+zero-initialised norm statistics, and ArcFace trained the same way as a reference. A difference
+between two rows is the effect of that option at this scale, for one seed and 4,000 pairs.
 
-    python bench/qgface_options.py            # ~8 minutes on one thread
+    python bench/qgface_options.py            # ~9 minutes on one thread
     python bench/qgface_options.py --steps 20 --variants old,new   # a quick check
 
 Writes ``bench/results/qgface_options.json`` and prints the table (docs/BENCHMARKS.md).
@@ -36,11 +36,14 @@ import common  # noqa: E402
 OLD = {"enqueue_first": False, "classify_both_views": False, "split_by": "first",
        "symmetric": False}
 #: name -> (head params, what it is). "new" is the head's defaults; the others change one thing.
+#: ``None``: the reference row, ArcFace with the same run (no second view, no queue).
 VARIANTS = {
+    "arcface": (None, "reference: ArcFace, same run"),
     "old": (OLD, "every option at its earlier value"),
     "new": ({}, "the defaults (the authors' structure)"),
     "new-enqueue-after": ({"enqueue_first": False}, "new, but enqueue after the loss"),
-    "new-classify-first": ({"classify_both_views": False}, "new, but classify the first view only"),
+    "new-classify-first": ({"classify_both_views": False},
+                           "new, but classify the first view only"),
     "new-split-first": ({"split_by": "first"}, "new, but LQ/HQ by the first view's quality"),
     "new-one-way": ({"symmetric": False}, "new, but the contrastive loss one way only"),
     "new-zero-stats": ({"initial_statistics": "zero"},
@@ -48,14 +51,17 @@ VARIANTS = {
 }
 
 def variant_config(params: dict, args):
-    """The demo's nano config turned into a short QGFace run at ``args.input`` px."""
+    """The demo's nano config turned into a short QGFace (``params``) run at ``args.input`` px."""
     from qualiface.config import load_config
     from qualiface.demo import DEFAULT_CONFIG
 
     cfg = load_config(DEFAULT_CONFIG, [])
     cfg.model.params.update(input_size=args.input, learnable_embedding_scale=False)
-    cfg.head.name, cfg.head.params = "qgface", {"queue_size": args.queue_size, **params}
-    cfg.pipeline.name = "qgface"
+    if params is None:
+        cfg.head.name, cfg.head.params, cfg.pipeline.name = "arcface", {}, "none"
+    else:
+        cfg.head.name, cfg.head.params = "qgface", {"queue_size": args.queue_size, **params}
+        cfg.pipeline.name = "qgface"
     for section in (cfg.data.params, cfg.val.params):
         section.update(image_size=args.input, seed=args.seed)
     cfg.data.params.update(num_identities=args.identities)
@@ -104,17 +110,18 @@ def run_variant(name: str, params: dict, held_out, args, work: Path) -> dict:
 
 
 def table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
-    header = ["variant", "meaning", "accuracy %", "AUC", "Spearman(quality, severity)", "final loss",
-              "LQ fraction (last step)"]
-    body = [[r["variant"], r["meaning"], common.fmt(r["accuracy"], percent=True), common.fmt(r["auc"]),
-             common.fmt(r["spearman_quality_vs_severity"]), common.fmt(r["final_loss"]),
-             common.fmt(r["fraction_low_quality"], 2)] for r in rows]
+    header = ["variant", "meaning", "accuracy %", "AUC", "Spearman(quality, severity)",
+              "final loss", "LQ fraction (last step)"]
+    body = [[r["variant"], r["meaning"], common.fmt(r["accuracy"], percent=True),
+             common.fmt(r["auc"]), common.fmt(r["spearman_quality_vs_severity"]),
+             common.fmt(r["final_loss"]), common.fmt(r["fraction_low_quality"], 2)]
+            for r in rows]
     return header, body
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--input", type=int, default=32, help="face and model input size (px)")
     parser.add_argument("--identities", type=int, default=60, help="training identities")

@@ -143,7 +143,7 @@ def test_lfw_degraded_levels_add_accuracy_per_severity_and_rank_correlation(tmp_
     expected = spearmanr(np.concatenate(quality), severity).statistic
     assert degraded["rank_correlation"]["model quality"]["spearman"] == pytest.approx(expected, abs=1e-6)
     assert (out / "model_quality_by_severity.png").is_file()
-    assert "model_quality_by_severity" in (out / "report.html").read_text()
+    assert 'alt="model quality by severity"' in (out / "report.html").read_text()
     assert "Spearman(quality, severity)" in result.output
 
 

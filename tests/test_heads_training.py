@@ -61,7 +61,7 @@ def train(head_name: str, steps: int = STEPS, seed: int = 0):
         params = {"queue_size": 256}
     head = build_head(head_name, EMBED, IDENTITIES, **params).train()
     optimiser = torch.optim.Adam([*backbone.parameters(), *head.parameters()], lr=3e-3)
-    losses = []
+    losses, accuracies = [], []
 
     def step(x, y, second):
         embeddings, features = backbone(x)
@@ -70,6 +70,7 @@ def train(head_name: str, steps: int = STEPS, seed: int = 0):
         optimiser.zero_grad()
         out.loss.backward()
         optimiser.step()
+        accuracies.append(float(out.metrics["accuracy"]))
         return float(out.loss.detach())
 
     for _ in range(steps):
@@ -88,15 +89,22 @@ def train(head_name: str, steps: int = STEPS, seed: int = 0):
     with torch.no_grad():
         embeddings, features = backbone(x)
         quality = head.quality_estimator()(embeddings, features)
-    return losses, quality, severity
+    return losses, accuracies, quality, severity
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", HEADS)
 def test_short_training_lowers_loss_and_quality_tracks_severity(name):
-    losses, quality, severity = train(name)
-    start, end = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
-    assert end < 0.7 * start, (start, end)
+    losses, accuracies, quality, severity = train(name)
+    if name == "qgface":
+        # QGFace's total loss need not fall: its gate moves rows between the classification
+        # and the contrastive term as the norm statistics move (measured 10.1 -> 9.3 while the
+        # training accuracy rose from 5 % to 92 %), so identity learning is checked directly.
+        start, end = sum(accuracies[:20]) / 20, sum(accuracies[-20:]) / 20
+        assert end > 0.8 and end > start + 0.5, (start, end)
+    else:
+        start, end = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
+        assert end < 0.7 * start, (start, end)
     if name in QUALITY_HEADS:
         rho = spearmanr(quality.numpy(), severity.numpy()).statistic
         assert rho < -0.2, rho

@@ -13,6 +13,7 @@ import yaml
 from test_eval_cli import _fake_embed, _write_lfw
 from typer.testing import CliRunner
 
+from qualiface import files
 from qualiface.cli import app
 from qualiface.data.decode import encode_jpeg
 
@@ -63,18 +64,18 @@ def test_eval_lfw_with_a_fold_the_protocol_lacks(tmp_path, fake_model):
 def test_disk_full_while_writing_the_report(tmp_path, fake_model, monkeypatch):
     data = tmp_path / "lfw"
     _write_lfw(data)
-    original = pathlib.Path.write_text
+    original = files.create_temp  # every report file is written through qualiface.files
 
-    def write_text(self, *args, **kwargs):
-        if self.name == "metrics.json":
+    def create_temp(path):
+        if pathlib.Path(path).name == "metrics.json":
             raise OSError(errno.ENOSPC, "No space left on device")
-        return original(self, *args, **kwargs)
+        return original(path)
 
-    monkeypatch.setattr(pathlib.Path, "write_text", write_text)
+    monkeypatch.setattr(files, "create_temp", create_temp)
     out = tmp_path / "out"
     result = CliRunner().invoke(app, ["eval", "lfw", "--model", str(fake_model), "--data",
                                       str(data), "--out", str(out)])
-    _one_line_error(result, f"{out}: cannot write the report: disk full")
+    _one_line_error(result, f"{out / 'metrics.json'}: cannot write the report: disk full")
 
 
 def test_a_wrong_size_image_in_a_training_folder_is_skipped_and_reported(tmp_path, caplog):

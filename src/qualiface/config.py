@@ -35,8 +35,10 @@ from typing import Any
 
 import yaml
 
+from qualiface.errors import QualifaceError
 
-class ConfigError(ValueError):
+
+class ConfigError(QualifaceError, ValueError):
     """A config file or override that cannot be used (unknown key, wrong type, bad value)."""
 
 

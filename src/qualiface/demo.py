@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qualiface.errors import QualifaceError
 from qualiface.threads import torch_threads
 from qualiface.train.report import LOSS_PLOT_TITLE  # noqa: F401  (the report's plot title)
 
@@ -57,7 +58,7 @@ QCFACE_NOTE = ("QCFace quality p is a monotone function of the feature norm, so 
                "and rank correlations coincide with the norm's")
 
 
-class DemoError(ValueError):
+class DemoError(QualifaceError, ValueError):
     """A demo that cannot run as asked (bad data folder, too few identities, bad options)."""
 
 

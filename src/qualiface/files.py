@@ -1,4 +1,7 @@
-"""Bounded reads of files named by users: small files with a size cap, regular files only.
+"""Bounded reads of files named by users, and the one atomic write all qualiface files go through.
+
+Reading
+-------
 
 Descriptions and lists (``model.json``, ``gallery.json``, a YAML config, a list or pairs file)
 are read whole. Reading ``/dev/zero``, a FIFO or a mistaken 50 GB file that way never ends or
@@ -14,20 +17,42 @@ Refusals raise :class:`FileReadError`, an ``OSError`` whose ``str`` is ``"<file>
 so callers that already turn ``OSError`` into their own one-line error need no new branch.
 Missing files and permission errors propagate as the usual ``OSError`` subclasses; bytes that
 are not UTF-8 raise ``UnicodeDecodeError`` from ``read_small_text``, as ``Path.read_text`` does.
+
+Writing
+-------
+Every file qualiface writes (checkpoints and their digests, weights, ``model.json``, the
+gallery, evaluation reports and feature caches, record files, ``.bin`` pair sets, benchmark
+results) is written with :func:`atomic_write` or its two shorthands :func:`write_bytes_atomic`
+and :func:`write_text_atomic`:
+
+* the bytes go to a temporary file in the same folder (``.<name>.<random>.tmp``, created with
+  the usual umask permissions, like ``open(path, "w")``), are flushed and fsync'ed, and the file
+  is renamed over ``path`` (``os.replace`` is atomic on POSIX within one file system), then the
+  folder is fsync'ed. A reader sees the old file or the new one, never a torn one; a crash or an
+  error while writing leaves any previous ``path`` as it was and no temporary file behind.
+* an ``OSError`` on the way (a full disk, a read-only folder) becomes a :class:`FileWriteError`
+  (an ``OSError``) whose ``str`` is ``"<file>: could not write: <problem>"``, with ``disk full``
+  spelled out for ``ENOSPC``/``EDQUOT``. Writers that catch the OS error themselves and raise
+  their own (torch's zip writer reports only "unexpected pos") still surface the OS error.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import secrets
 import stat
-from typing import BinaryIO
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from qualiface.errors import QualifaceError
 
 #: Default cap for a description file (JSON/YAML): far above any real one, far below harm.
 SMALL_FILE_LIMIT = 16 * 2**20
 
 
-class FileReadError(OSError):
+class FileReadError(QualifaceError, OSError):
     """A file refused before or while reading it (not regular, or larger than allowed)."""
 
     def __init__(self, path: str | os.PathLike, problem: str, code: int = errno.EINVAL) -> None:
@@ -88,3 +113,143 @@ def read_small_text(path: str | os.PathLike, *, limit: int = SMALL_FILE_LIMIT,
     """``read_small_bytes`` decoded (``UnicodeDecodeError`` as ``Path.read_text`` raises it)."""
     return read_small_bytes(path, limit=limit, what=what).decode(encoding)
 
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+class FileWriteError(QualifaceError, OSError):
+    """A file that could not be written; ``str`` is ``"<file>: could not write: <problem>"``.
+
+    ``errno`` is the OS error's, ``path`` the file meant, ``problem`` the OS error as text (with
+    "disk full" spelled out, see :func:`describe_os_error`).
+    """
+
+    def __init__(self, path: str | os.PathLike, error: OSError) -> None:
+        super().__init__(error.errno, describe_os_error(error), str(path))
+        self.path = str(path)
+        self.problem = describe_os_error(error)
+
+    def __str__(self) -> str:
+        return f"{self.path}: could not write: {self.problem}"
+
+
+def describe_os_error(exc: OSError) -> str:
+    """``exc`` as text, prefixed with "disk full" for ENOSPC / EDQUOT (what the user must fix)."""
+    if isinstance(exc, FileWriteError):
+        return exc.problem
+    if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return f"disk full ({exc})"
+    return str(exc)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # some platforms cannot open directories; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class _WriteErrorRecorder:
+    """A file object that remembers the first ``OSError`` raised by ``write()``.
+
+    torch's zip writer catches the error of a failed write and reports only "unexpected pos",
+    which hides the cause (typically a full disk); ``atomic_write`` re-raises the recorded one.
+    """
+
+    def __init__(self, handle: Any) -> None:
+        self._handle = handle
+        self.first_error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self._handle.write(data)
+        except OSError as exc:
+            if self.first_error is None:
+                self.first_error = exc
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._handle, name)
+
+
+def create_temp(path: str | os.PathLike) -> tuple[int, Path]:
+    """A new, empty ``.<name>.<random>.tmp`` next to ``path``: ``(fd open for writing, path)``.
+
+    ``O_EXCL`` with mode 0o666 lets the umask set the permissions, as for any new file (the
+    ``tempfile.mkstemp`` default of 0o600 would make datasets and models private). Used by
+    :func:`atomic_write`, and by writers that stream into temp files and rename several of
+    them together (``RecordIOWriter``); those remove the temp file on failure themselves.
+    """
+    path = Path(path)
+    flags = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+             | getattr(os, "O_BINARY", 0))
+    while True:
+        temp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            return os.open(temp, flags, 0o666), temp
+        except FileExistsError:  # pragma: no cover - 48 random bits collided
+            continue
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], *,
+                 before_replace: Callable[[Path], None] | None = None) -> Path:
+    """Call ``write(file_object)`` on a temp file next to ``path``, fsync, then rename over it.
+
+    ``write`` gets a binary file object. The parent folder is created when missing. An
+    ``OSError`` (also one that ``write`` caught and replaced by its own error) becomes a
+    :class:`FileWriteError` naming ``path``; the temp file is removed and any previous ``path``
+    is left as it was. Other exceptions from ``write`` propagate unchanged (the temp file is
+    removed too). ``before_replace(temp_path)`` runs once the bytes are durable and before the
+    rename (the checkpoint uses it to record the digest and keep the file it replaces); an
+    ``OSError`` it raises is reported the same way. Returns ``path`` as a ``Path``.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, temp = create_temp(path)
+    except OSError as exc:
+        raise FileWriteError(path, exc) from exc
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            recorder = _WriteErrorRecorder(handle)
+            try:
+                write(recorder)
+            except Exception:
+                if recorder.first_error is not None:
+                    raise recorder.first_error from None
+                raise
+            if recorder.first_error is not None:  # swallowed without any error at all
+                raise recorder.first_error
+            handle.flush()
+            os.fsync(handle.fileno())
+        if before_replace is not None:
+            before_replace(temp)
+        os.replace(temp, path)
+    except BaseException as exc:
+        try:
+            os.unlink(temp)
+        except OSError:
+            pass
+        if isinstance(exc, OSError) and not isinstance(exc, FileWriteError):
+            raise FileWriteError(path, exc) from exc
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_write`); returns ``path``."""
+    return atomic_write(path, lambda handle: handle.write(data))
+
+
+def write_text_atomic(path: str | os.PathLike, text: str, *, encoding: str = "utf-8") -> Path:
+    """Write ``text`` to ``path`` atomically (``\\n`` line ends on every platform); returns
+    ``path``."""
+    return write_bytes_atomic(path, text.encode(encoding))

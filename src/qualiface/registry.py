@@ -10,10 +10,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
+from qualiface.errors import QualifaceError
+
 T = TypeVar("T")
 
 
-class RegistryError(KeyError):
+class RegistryError(QualifaceError, KeyError):
     """An unknown or duplicate name in a registry."""
 
     def __str__(self) -> str:  # KeyError quotes its message; we want it plain

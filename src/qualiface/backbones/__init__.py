@@ -15,6 +15,7 @@ every standard face backbone (iresnet200: 119M parameters, 49M activations per 1
 
 from __future__ import annotations
 
+from qualiface.errors import QualifaceError
 from qualiface.registry import Registry
 
 BACKBONES: Registry = Registry("backbone")
@@ -25,7 +26,7 @@ MAX_PARAMETERS = 1 << 28
 MAX_ACTIVATIONS = 1 << 28
 
 
-class BackboneSizeError(ValueError):
+class BackboneSizeError(QualifaceError, ValueError):
     """A backbone whose parameters or activations exceed the limits (before it is built)."""
 
 

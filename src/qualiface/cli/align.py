@@ -16,6 +16,7 @@ from pathlib import Path
 import typer
 
 from qualiface.cli.common import console, fail
+from qualiface.errors import QualifaceError
 
 
 def command(
@@ -32,14 +33,8 @@ def command(
     """Detect faces and landmarks and warp them to the 112x112 five-point template."""
     import cv2
 
-    from qualiface.infer.align import (
-        AlignReport,
-        DetectorUnavailableError,
-        LandmarkFileError,
-        iter_align,
-        make_detector,
-        read_landmark_file,
-    )
+    from qualiface.files import write_text_atomic
+    from qualiface.infer.align import AlignReport, iter_align, make_detector, read_landmark_file
     from qualiface.infer.images import list_images
     from qualiface.progress import make_progress
 
@@ -48,7 +43,7 @@ def command(
     try:
         faces = read_landmark_file(landmarks) if landmarks is not None else None
         detector = None if faces is not None else make_detector(detector_name, points=points)
-    except (LandmarkFileError, DetectorUnavailableError, ValueError) as exc:
+    except (QualifaceError, ValueError) as exc:
         raise fail(str(exc)) from None
     total = len(faces) if faces is not None else len(list_images(src))
     report = AlignReport()
@@ -65,7 +60,7 @@ def command(
                     raise fail(f"{target}: cannot write (unsupported extension or disk full?)")
             progress.advance(task)
     dst.mkdir(parents=True, exist_ok=True)
-    (dst / "align_report.json").write_text(json.dumps(report.__dict__, indent=2) + "\n")
+    write_text_atomic(dst / "align_report.json", json.dumps(report.__dict__, indent=2) + "\n")
     console.print(
         f"aligned {len(report.aligned)} of {total} images into {dst}: {len(report.missed)} without a face, "
         f"{len(report.multiple)} with several faces (best kept), {len(report.unreadable)} unreadable; "

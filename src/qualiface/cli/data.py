@@ -19,6 +19,7 @@ from typing import Annotated
 import typer
 
 from qualiface.cli.common import fail
+from qualiface.errors import QualifaceError
 
 app = typer.Typer(
     help="Data tools: pack an image folder into InsightFace RecordIO, unpack it, inspect "
@@ -58,13 +59,13 @@ def pack(
     overwrite: Annotated[bool, typer.Option(help="Replace existing output files.")] = False,
 ) -> None:
     """Pack an image folder (<identity>/<image>) into InsightFace RecordIO (.rec/.idx/property)."""
-    from qualiface.data.decode import DataError, decode_image, encode_jpeg, probe_image
+    from qualiface.data.decode import decode_image, encode_jpeg, probe_image
     from qualiface.data.folder import ImageFolderDataset
     from qualiface.data.recordio import RecordIOWriter, identity_name_problem
 
     try:
         dataset = ImageFolderDataset(src_folder)
-    except DataError as exc:
+    except QualifaceError as exc:
         raise fail(str(exc)) from None
     # Checked before any work: the writer would refuse the name only at the very end.
     for name in dataset.identities:
@@ -89,7 +90,7 @@ def pack(
                     reencoded += 1
                 writer.add(data, label)
                 progress.advance(task)
-    except (DataError, OSError) as exc:
+    except (QualifaceError, OSError) as exc:
         raise fail(f"{exc} (nothing was written)") from None
     elapsed = time.perf_counter() - started
     _print_table(f"packed {src_folder} -> {writer.rec_path}", [
@@ -122,13 +123,13 @@ def unpack(
     overwrite: Annotated[bool, typer.Option(help="Replace OUT_FOLDER if it exists.")] = False,
 ) -> None:
     """Unpack a RecordIO dataset into <identity>/<record>.<ext> (names from identities.txt)."""
-    from qualiface.data.decode import DataError, probe_image
+    from qualiface.data.decode import probe_image
     from qualiface.data.recordio import RecordIODataset, read_identity_names
 
     try:
         dataset = RecordIODataset(rec)
         names = read_identity_names(dataset.rec_path.parent)
-    except DataError as exc:
+    except QualifaceError as exc:
         raise fail(str(exc)) from None
     if names is not None and len(names) != dataset.num_classes:
         names = None  # identities.txt belongs to another pack: fall back to label numbers
@@ -151,7 +152,7 @@ def unpack(
         if out_folder.exists():
             shutil.rmtree(out_folder)
         staging.rename(out_folder)
-    except (DataError, OSError) as exc:
+    except (QualifaceError, OSError) as exc:
         shutil.rmtree(staging, ignore_errors=True)
         raise fail(str(exc)) from None
     except BaseException:
@@ -194,14 +195,12 @@ def info(
                                                          "that every image exists.")] = None,
 ) -> None:
     """Recognise a dataset (folder, list, .rec, .bin, pairs.txt) and print its counts."""
-    from qualiface.data.decode import DataError
-
     if not path.exists():
         raise fail(f"{path}: no such file or folder")
     try:
         kind = _detect(path)
         rows = _INFO[kind](path, image_root)
-    except (DataError, ValueError, OSError) as exc:
+    except (QualifaceError, ValueError, OSError) as exc:
         raise fail(str(exc)) from None
     _print_table(f"{path} ({kind})", rows)
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from qualiface.cli.common import fail
+from qualiface.errors import QualifaceError
 
 
 def command(
@@ -34,19 +35,8 @@ def command(
     the quality score (EDC, pAUC, Spearman against the recorded degradation severity) on
     held-out identities, and writes runs/demo/report.html.
     """
-    from qualiface.config import ConfigError
-    from qualiface.data.decode import DataError
-    from qualiface.data.synthetic import SyntheticDataError
-    from qualiface.demo import DemoError, DemoOptions, run_demo
-    from qualiface.eval import EvaluationError
-    from qualiface.infer.model import ModelPackageError
-    from qualiface.registry import RegistryError
-    from qualiface.train.data import DataError as TrainingDataError
-    from qualiface.train.loop import TrainingError
+    from qualiface.demo import DemoOptions, run_demo
 
-    errors: tuple[type[BaseException], ...] = (
-        DemoError, ConfigError, DataError, TrainingDataError, TrainingError, EvaluationError,
-        RegistryError, SyntheticDataError, ModelPackageError, FileNotFoundError)
     for arg in overrides or []:
         if "=" not in arg:
             raise fail(f"--set '{arg}': overrides must look like key=value")
@@ -55,5 +45,5 @@ def command(
                           num_pairs=num_pairs, progress=progress)
     try:
         run_demo(options)
-    except errors as exc:
+    except (QualifaceError, FileNotFoundError) as exc:
         raise fail(str(exc)) from None

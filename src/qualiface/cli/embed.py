@@ -16,6 +16,7 @@ from pathlib import Path
 import typer
 
 from qualiface.cli.common import console, fail, tsv_field
+from qualiface.errors import QualifaceError
 
 
 def command(
@@ -38,14 +39,15 @@ def command(
     import numpy as np
     import torch
 
+    from qualiface.files import write_text_atomic
     from qualiface.infer.images import ImageFileBatches, list_images
-    from qualiface.infer.io import TableError, write_table
-    from qualiface.infer.model import Model, ModelPackageError, NonFiniteOutputError
+    from qualiface.infer.io import write_table
+    from qualiface.infer.model import Model, NonFiniteOutputError
     from qualiface.progress import make_progress
 
     try:
         loaded = Model.load(model, device=device)
-    except ModelPackageError as exc:
+    except QualifaceError as exc:
         raise fail(str(exc)) from None
     if calibrated and loaded.calibration is None:
         raise fail(f"{model}: --calibrated given but the package has no calibration (run 'qualiface export calibrate')")
@@ -102,12 +104,12 @@ def command(
         table["quality_calibrated"] = result.calibrated_quality.numpy()[keep]
     try:
         write_table(out, table)
-    except (TableError, OSError) as exc:
+    except (QualifaceError, OSError) as exc:
         raise fail(f"{out}: cannot write ({exc})") from None
     console.print(f"wrote {int(keep.sum())} embeddings (D={loaded.embedding_size}) to {out}")
     if rejected:
         log = out.with_name(out.name.rstrip("/") + ".rejected.tsv")
-        log.write_text("".join("\t".join(map(tsv_field, row)) + "\n" for row in rejected))
+        write_text_atomic(log, "".join("\t".join(map(tsv_field, row)) + "\n" for row in rejected))
         count = {reason: sum(1 for r in rejected if r[1] == reason) for reason in ("unreadable", "wrong size")}
         console.print(
             f"rejected {len(rejected)} of {len(paths)} images: {len(rejected) - sum(count.values())} below the "

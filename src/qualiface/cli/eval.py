@@ -14,6 +14,7 @@ from pathlib import Path
 import typer
 
 from qualiface.cli.common import console, fail
+from qualiface.errors import QualifaceError
 
 app = typer.Typer(help="Evaluate recognition (LFW, .bin sets, IJB-B/C, TinyFace) and quality "
                        "(EDC), write reports.", no_args_is_help=True)
@@ -173,7 +174,7 @@ def _finish_pairs(bench, features, out: Path, qmagface_file: Path | None,
 def _write_report(report, out: Path) -> None:
     """``write_report``, with a failing write (a full disk) as one line naming ``out``."""
     from qualiface.eval.report import write_report
-    from qualiface.train.checkpoint import describe_os_error
+    from qualiface.files import describe_os_error
 
     try:
         write_report(report, out)
@@ -206,19 +207,8 @@ def _summary(metrics: dict, out: Path) -> None:
     console.print(f"report: {out / 'report.html'}")
 
 
-def _errors():
-    """The exception types that become one clean error line."""
-    from qualiface.data.decode import DataError
-    from qualiface.eval import EvaluationError
-
-    errors = [DataError, EvaluationError, FileNotFoundError]
-    try:
-        from qualiface.infer.model import ModelPackageError
-
-        errors.append(ModelPackageError)
-    except ImportError:  # pragma: no cover - model package module not present
-        pass
-    return tuple(errors)
+#: The exception types that become one clean error line.
+_ERRORS = (QualifaceError, FileNotFoundError)
 
 
 @app.command("lfw")
@@ -250,7 +240,7 @@ def lfw(
         degraded = (_degraded(out, bench, features, model, device, flip, batch_size, severities,
                               degrade_seed) if severities else None)
         _finish_pairs(bench, features, out, qmagface, fit_qmagface, degraded)
-    except _errors() as exc:
+    except _ERRORS as exc:
         raise fail(str(exc)) from None
 
 
@@ -281,7 +271,7 @@ def bin_(
         degraded = (_degraded(out, bench, features, model, device, flip, batch_size, severities,
                               degrade_seed) if severities else None)
         _finish_pairs(bench, features, out, qmagface, None, degraded)
-    except _errors() as exc:
+    except _ERRORS as exc:
         raise fail(str(exc)) from None
 
 
@@ -328,7 +318,7 @@ def ijb(
                              arrays=[protocol.landmarks])
         _finish_ijb(protocol, features, out, aggregation, quality_threshold, detector_score,
                     device)
-    except _errors() as exc:
+    except _ERRORS as exc:
         raise fail(str(exc)) from None
 
 
@@ -353,7 +343,7 @@ def tinyface(
         features = _features(out, "tinyface", model, device, tinyface_images(protocol),
                              protocol.all_paths, flip, batch_size, workers)
         _finish_tinyface(protocol, features, out)
-    except _errors() as exc:
+    except _ERRORS as exc:
         raise fail(str(exc)) from None
 
 
@@ -402,7 +392,7 @@ def features_(
             _finish_tinyface(load_tinyface(source), features, out)
         else:
             raise fail(f"unknown --protocol {protocol!r}; use lfw, bin, ijb or tinyface")
-    except _errors() as exc:
+    except _ERRORS as exc:
         raise fail(str(exc)) from None
 
 
@@ -416,6 +406,6 @@ def compare(
 
     try:
         compare_runs(runs, out)
-    except _errors() as exc:
+    except _ERRORS as exc:
         raise fail(str(exc)) from None
     console.print(f"comparison: {out / 'report.html'}")

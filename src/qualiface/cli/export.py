@@ -16,6 +16,7 @@ from pathlib import Path
 import typer
 
 from qualiface.cli.common import console, fail
+from qualiface.errors import QualifaceError
 
 app = typer.Typer(
     help="Export a model package to ONNX (dynamic batch, embedding + quality), or calibrate its quality.",
@@ -32,12 +33,12 @@ def onnx_command(
     exporter: str = typer.Option("torchscript", "--exporter", help="torchscript (default) or dynamo."),
 ) -> None:
     """Export to ONNX and verify with onnxruntime against PyTorch on random inputs."""
-    from qualiface.infer.export import ExportError, export_onnx
-    from qualiface.infer.model import Model, ModelPackageError
+    from qualiface.infer.export import export_onnx
+    from qualiface.infer.model import Model
 
     try:
         report = export_onnx(Model.load(model), out, fp16=fp16, opset=opset, exporter=exporter)
-    except (ModelPackageError, ExportError) as exc:
+    except QualifaceError as exc:
         raise fail(str(exc)) from None
     console.print(
         f"wrote {report.path} ({'fp16' if fp16 else 'fp32'}, opset {report.opset}, {report.exporter}); "
@@ -96,11 +97,10 @@ def calibrate_command(
 
     import numpy as np
 
-    from qualiface.data.decode import DataError
     from qualiface.data.lfw import read_pairs
     from qualiface.eval.similarity import cosine_scores
     from qualiface.infer.calibrate import CalibrationError, calibrate_from_pairs, rejection_threshold_for_fnmr
-    from qualiface.infer.model import MODEL_JSON, WEIGHTS_FILE, Model, ModelPackageError, write_model_spec
+    from qualiface.infer.model import MODEL_JSON, WEIGHTS_FILE, Model, write_model_spec
 
     try:
         loaded = Model.load(model, device=device)
@@ -120,7 +120,7 @@ def calibrate_command(
         calibration = calibrate_from_pairs(*gather(fit_set), fmr=fmr, method=method)
         e1, e2, q1, q2, issame = gather(report_set)
         scores = cosine_scores(e1, e2)
-    except (ModelPackageError, DataError, CalibrationError, ValueError) as exc:
+    except (QualifaceError, ValueError) as exc:
         raise fail(str(exc)) from None
 
     target = Path(out) if out else Path(model)

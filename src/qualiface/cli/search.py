@@ -24,6 +24,7 @@ from pathlib import Path
 import typer
 
 from qualiface.cli.common import console, fail
+from qualiface.errors import QualifaceError
 
 app = typer.Typer(help="1:N gallery search: enrol templates, query top-k (exact or faiss).", no_args_is_help=True)
 
@@ -60,9 +61,8 @@ def enrol_command(
     """Enrol templates from an embedding table into a gallery (added to an existing one)."""
     import numpy as np
 
-    from qualiface.eval import EvaluationError
     from qualiface.eval.aggregation import aggregate_templates
-    from qualiface.infer.io import TableError, read_table
+    from qualiface.infer.io import read_table
     from qualiface.infer.search import GalleryError, enrol
 
     try:
@@ -82,7 +82,7 @@ def enrol_command(
             nprobe=nprobe, quality=template_quality,
             metadata={"source": str(embeddings), "identity": identity, "mode": mode, "images": int(len(names))},
         )
-    except (TableError, GalleryError, EvaluationError) as exc:
+    except QualifaceError as exc:
         raise fail(str(exc)) from None
     added = f" (added to {before}: {result.size} in all)" if before else ""
     console.print(
@@ -106,8 +106,8 @@ def query_command(
     ),
 ) -> None:
     """Top-k gallery templates for every probe embedding, with cosine scores (and rank-1/5)."""
-    from qualiface.infer.io import TableError, read_table, write_table
-    from qualiface.infer.search import Gallery, GalleryError, SearchResult, rank_rates
+    from qualiface.infer.io import read_table, write_table
+    from qualiface.infer.search import Gallery, SearchResult, rank_rates
 
     try:
         probes = read_table(embeddings, required=("ids", "embeddings"))
@@ -128,7 +128,7 @@ def query_command(
         result = SearchResult(ranked.scores[:, :k], ranked.indices[:, :k], ranked.ids[:, :k])
         if out is not None:
             write_table(out, {"ids": probes["ids"], "match_ids": result.ids, "scores": result.scores})
-    except (TableError, GalleryError) as exc:
+    except QualifaceError as exc:
         raise fail(str(exc)) from None
     for row in range(min(show, len(probes["ids"]))):
         matches = ", ".join(f"{i} ({s:.3f})" for i, s in zip(result.ids[row], result.scores[row]) if i)
@@ -145,11 +145,11 @@ def query_command(
 @app.command("info")
 def info_command(gallery: Path = typer.Option(..., "--gallery", "-g", help="Gallery folder.")) -> None:
     """Print what a gallery holds (backend, size, dimension, parameters)."""
-    from qualiface.infer.search import Gallery, GalleryError
+    from qualiface.infer.search import Gallery
 
     try:
         loaded = Gallery.load(gallery)
-    except GalleryError as exc:
+    except QualifaceError as exc:
         raise fail(str(exc)) from None
     typer.echo(json.dumps(loaded.info(), indent=2))
 
@@ -166,7 +166,6 @@ def aggregate_command(
     """Video templates: one per track, streaming (progressive) or whole-video (QWFA/QWFAF)."""
     import numpy as np
 
-    from qualiface.eval import EvaluationError
     from qualiface.infer.io import TableError, read_table, write_table
     from qualiface.infer.stream import aggregate_tracks
 
@@ -189,7 +188,7 @@ def aggregate_command(
                 "frames_used": np.array([t.frames_used for t in templates]),
             },
         )
-    except (TableError, EvaluationError, ValueError) as exc:
+    except (QualifaceError, ValueError) as exc:
         raise fail(str(exc)) from None
     tracks = len(np.unique(table[track_column]))
     console.print(f"wrote {len(templates)} templates ({mode}) for {tracks} tracks to {out}")

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from qualiface.cli.common import console, fail
+from qualiface.errors import QualifaceError
 
 
 def command(
@@ -25,16 +26,10 @@ def command(
     same command; the classifier is then sharded across processes. An output folder that holds
     a previous run is refused unless `resume=true` continues it or `--overwrite` replaces it.
     """
-    from qualiface.config import ConfigError, check_data_paths, load_config, validate_components
-    from qualiface.data.decode import DataError as DatasetFileError
-    from qualiface.registry import RegistryError
+    from qualiface.config import check_data_paths, load_config, validate_components
     from qualiface.threads import thread_option
-    from qualiface.train.checkpoint import CheckpointError, existing_run_files, remove_run_files
-    from qualiface.train.data import DataError
-    from qualiface.train.distributed import DistributedError
-    from qualiface.train.sharded import ShardingError
-    from qualiface.train.loop import TrainingError, TrainingInterrupted, train
-    from qualiface.train.pipelines import PipelineError
+    from qualiface.train.checkpoint import existing_run_files, remove_run_files
+    from qualiface.train.loop import TrainingInterrupted, train
 
     overrides = [_expand_shortcut(arg) for arg in ctx.args]
     for arg in overrides:
@@ -56,10 +51,7 @@ def command(
     except TrainingInterrupted as exc:
         console.print(f"[yellow]{exc}[/]")
         raise typer.Exit(128 + int(exc.signum)) from None
-    # DatasetFileError: unreadable or hostile dataset files (DecodeError, RecordIOError,
-    # TooManyBadSamplesError...); DataError: the training data pipeline's own errors.
-    except (ConfigError, RegistryError, CheckpointError, DataError, DatasetFileError,
-            TrainingError, PipelineError, DistributedError, ShardingError) as exc:
+    except QualifaceError as exc:  # config, data, checkpoint, training, export: the message says it
         raise fail(str(exc)) from None
     console.print(f"[bold green]done[/]: {result.global_step} steps; weights {result.final_weights}"
                   + (f"; model package {result.model_package}" if result.model_package else ""))

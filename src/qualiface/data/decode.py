@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qualiface.errors import DataError  # the one data error; importable from here as before
+
 #: Default decompression-bomb limit: 64 Mpixel (a 8192 x 8192 image). Face crops are ~0.01 Mpx.
 DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
 
@@ -41,10 +43,6 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _JPEG_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 # Markers with no length field: TEM and the restart markers RST0-7 (SOI/EOI handled apart).
 _JPEG_STANDALONE_MARKERS = frozenset({0x01, *range(0xD0, 0xD8)})
-
-
-class DataError(ValueError):
-    """Base class of every data-format error raised by ``qualiface.data`` (a ``ValueError``)."""
 
 
 class DecodeError(DataError):

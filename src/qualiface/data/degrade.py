@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from qualiface.errors import QualifaceError
 from qualiface.registry import Registry
 
 # Every degradation maps (float32 images (B, 3, H, W) in [0, 255], severities (B,) in (0, 1],
@@ -65,7 +66,7 @@ DEFAULT_KINDS: tuple[str, ...] = (
 )
 
 
-class DegradationError(ValueError):
+class DegradationError(QualifaceError, ValueError):
     """Invalid input to a degradation (bad severity, image dtype/shape, or config)."""
 
 

@@ -33,7 +33,6 @@ import math
 import mmap
 import os
 import struct
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +42,7 @@ import torch
 
 from qualiface.data import DATASETS
 from qualiface.data.decode import DEFAULT_MAX_PIXELS, DataError, decode_image, probe_image
+from qualiface.files import create_temp, write_text_atomic
 
 MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", MAGIC)
@@ -286,32 +286,13 @@ def _check_offsets_distinct(idx_path: Path, keys: np.ndarray, offsets: np.ndarra
     raise RecordIOError(idx_path, None, reason)
 
 
-def _default_file_mode() -> int:
-    # mkstemp creates 0600 files; a finished dataset should get the usual umask permissions.
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.chmod(temp, _default_file_mode())
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="\n") as out:
-            out.write(text)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-
-
 def rebuild_index(rec_path: str | os.PathLike, idx_path: str | os.PathLike | None = None
                   ) -> Path:
     """Scan a ``.rec`` and write its ``.idx`` (keys = record order, as mxnet writes them)."""
     rec_path = Path(rec_path)
     idx_path = Path(idx_path) if idx_path is not None else rec_path.with_suffix(".idx")
     lines = [f"{key}\t{offset}\n" for key, (offset, _) in enumerate(iter_records(rec_path))]
-    _atomic_write_text(idx_path, "".join(lines))
+    write_text_atomic(idx_path, "".join(lines))
     return idx_path
 
 
@@ -646,10 +627,8 @@ class RecordIOWriter:
                 prefix.parent / PROPERTY_FILE, prefix.parent / IDENTITIES_FILE)
 
     def _open_temp(self, final: Path, mode: str):
-        handle, temp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.",
-                                        suffix=".tmp")
-        self._temps.append(Path(temp))
-        os.chmod(temp, _default_file_mode())
+        handle, temp = create_temp(final)
+        self._temps.append(temp)
         return os.fdopen(handle, mode, **({} if "b" in mode else {"encoding": "utf-8"}))
 
     def _write(self, payload: bytes, key: int) -> None:

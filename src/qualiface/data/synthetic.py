@@ -35,6 +35,7 @@ import torch
 from qualiface.data import DATASETS
 from qualiface.data.alignment import TEMPLATE_112, TEMPLATE_SIZE
 from qualiface.data.degrade import DEFAULT_KINDS, CompositeConfig, CompositeDegradation
+from qualiface.errors import QualifaceError
 
 TEST_IDENTITY_OFFSET = 1_000_000
 SPLITS = ("train", "test")
@@ -55,7 +56,7 @@ _IRIS_COLOURS = np.array(
 _SAMPLE_DRAWS = 16
 
 
-class SyntheticDataError(ValueError):
+class SyntheticDataError(QualifaceError, ValueError):
     """Invalid configuration or index for the synthetic dataset."""
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 from qualiface.data import DATASETS
 from qualiface.data.decode import DEFAULT_MAX_PIXELS, DataError, decode_image, encode_jpeg
 from qualiface.data.safe_pickle import safe_load
+from qualiface.files import atomic_write
 
 
 class VerificationBinError(DataError):
@@ -109,7 +109,8 @@ def write_verification_bin(path: str | os.PathLike,
                            images: Sequence[bytes] | torch.Tensor,
                            issame: Sequence[bool] | torch.Tensor, *, quality: int = 95) -> Path:
     """Write a ``.bin``: ``images`` as 2N encoded blobs or a (2N, 3, H, W) uint8 tensor
-    (JPEG-encoded at ``quality``), ``issame`` N booleans. Written atomically (temp + rename).
+    (JPEG-encoded at ``quality``), ``issame`` N booleans. Written atomically
+    (``qualiface.files.atomic_write``).
     """
     path = Path(path)
     if isinstance(images, torch.Tensor):
@@ -123,16 +124,7 @@ def write_verification_bin(path: str | os.PathLike,
                                      else issame)]
     if len(blobs) != 2 * len(flags):
         raise ValueError(f"{len(blobs)} images for {len(flags)} pairs (need two per pair)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as out:
-            pickle.dump((blobs, flags), out, protocol=4)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda out: pickle.dump((blobs, flags), out, protocol=4))
 
 
 @DATASETS.register("verification_bin", "bin")

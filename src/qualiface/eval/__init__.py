@@ -17,9 +17,6 @@ importing ``qualiface.eval`` itself loads only numpy-free definitions.
 
 from __future__ import annotations
 
+from qualiface.errors import EvaluationError
 
-class EvaluationError(ValueError):
-    """Inputs an evaluation cannot use (mismatched lengths, no genuine pairs, bad file, ...).
-
-    The message names the offending input (and the file, when one is involved).
-    """
+__all__ = ["EvaluationError"]

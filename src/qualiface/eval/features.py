@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from qualiface.eval import EvaluationError
+from qualiface.files import write_bytes_atomic
 from qualiface.progress import make_progress
 
 FLIP_MODES = ("none", "sum", "norm")
@@ -79,16 +80,12 @@ class FeatureSet:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write as safetensors (atomically); ids and meta go in the header metadata."""
-        from safetensors.numpy import save_file
+        from safetensors.numpy import save
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temp = path.with_name(f".{path.name}.tmp")
-        save_file({"features": self.features, "quality": self.quality}, str(temp),
-                  metadata={"format": _FORMAT, "ids": json.dumps(self.ids),
-                            "meta": json.dumps(self.meta)})
-        os.replace(temp, path)
-        return path
+        payload = save({"features": self.features, "quality": self.quality},
+                       metadata={"format": _FORMAT, "ids": json.dumps(self.ids),
+                                 "meta": json.dumps(self.meta)})
+        return write_bytes_atomic(path, payload)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> FeatureSet:

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from qualiface.eval import EvaluationError
+from qualiface.files import write_text_atomic
 
 
 @dataclass
@@ -642,7 +643,7 @@ def _write_documents(out: Path, title: str, rows, header, figures: list[Figure],
         md += [f"## {figure.heading}", "", f"![{figure.heading}]({figure.path.name})", ""]
         md += [figure.caption, ""] if figure.caption else []
     md += ["## All metrics", "", _table_markdown(rows, header)]
-    (out / "report.md").write_text("\n".join(md) + "\n")
+    write_text_atomic(out / "report.md", "\n".join(md) + "\n")
 
     parts = [f"<h1>{html.escape(title)}</h1>"]
     if summary_rows:
@@ -663,7 +664,8 @@ def _write_documents(out: Path, title: str, rows, header, figures: list[Figure],
     opened = " open" if table_open or not (summary_rows or figures) else ""
     parts.append(f"<details{opened}><summary>All metrics ({len(rows)} rows)</summary>"
                  f"{_table_html(rows, header, 'all')}</details>")
-    (out / "report.html").write_text(
+    write_text_atomic(
+        out / "report.html",
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
         f"<style>{_STYLE}</style></head><body>{''.join(parts)}</body></html>\n")
 
@@ -687,7 +689,7 @@ def write_report(report: EvalReport, out_dir: str | os.PathLike) -> Path:
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(_clean(report.metrics), indent=2) + "\n")
+    write_text_atomic(out / "metrics.json", json.dumps(_clean(report.metrics), indent=2) + "\n")
     aucs = {label: area_under_curve(roc) for label, roc in report.rocs.items()}
     rocs = {label: roc.downsample() for label, roc in report.rocs.items()}
     curves = {
@@ -697,7 +699,7 @@ def write_report(report: EvalReport, out_dir: str | os.PathLike) -> Path:
         "edc": {label: {"discard": c.discard_fractions, "fnmr": c.errors}
                 for label, c in report.edcs.items()},
     }
-    (out / "curves.json").write_text(json.dumps(_clean(curves)) + "\n")
+    write_text_atomic(out / "curves.json", json.dumps(_clean(curves)) + "\n")
     same = identical_scores(report.metrics)
     edcs = merge_identical_edcs({k: (c.discard_fractions, c.errors)
                                  for k, c in report.edcs.items()}, same)
@@ -765,7 +767,7 @@ def compare_runs(run_dirs: list[str | os.PathLike], out_dir: str | os.PathLike) 
         (_plot_rocs(rocs, out / "roc.png", "ROC comparison"), "ROC", ROC_CAPTION),
         (_plot_edcs(edcs, out / "edc.png", "EDC comparison"), "Error-versus-discard (EDC)",
          EDC_CAPTION)) if path is not None]
-    (out / "metrics.json").write_text(json.dumps(
+    write_text_atomic(out / "metrics.json", json.dumps(
         {"runs": {n: {k: v for k, v in f.items()} for n, f in zip(names, flats)}}, indent=2) + "\n")
     _write_documents(out, "Comparison", rows, ["metric", *names], figures, table_open=True)
     return out

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from qualiface.eval import EvaluationError
+from qualiface.files import write_text_atomic
 
 _EPS = 1e-12
 
@@ -264,7 +265,7 @@ class QMagFace:
 
     def save(self, path: str | Path) -> None:
         """Write the fitted parameters (and fit details) as JSON."""
-        Path(path).write_text(json.dumps({"method": "qmagface", **asdict(self)}, indent=2) + "\n")
+        write_text_atomic(path, json.dumps({"method": "qmagface", **asdict(self)}, indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> QMagFace:

@@ -22,8 +22,10 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from qualiface.errors import QualifaceError
 
-class QualityConfigError(ValueError):
+
+class QualityConfigError(QualifaceError, ValueError):
     """A quality-estimator config that cannot be rebuilt (unknown kind, bad constants)."""
 
 

@@ -39,6 +39,7 @@ from qualiface.data.alignment import (  # noqa: F401  (re-exported: the align AP
     transform_points,
     warp_to_template,
 )
+from qualiface.errors import QualifaceError
 from qualiface.infer.images import ImageDecodeError, list_images, read_image
 
 # Targets for dlib's 5-point model (eye centres + nose *base*, which sits below the tip). The
@@ -47,11 +48,11 @@ from qualiface.infer.images import ImageDecodeError, list_images, read_image
 DLIB5_TEMPLATE_112 = np.array([TEMPLATE_112[0], TEMPLATE_112[1], [56.0252, 79.78]], dtype=np.float64)
 
 
-class LandmarkFileError(ValueError):
+class LandmarkFileError(QualifaceError, ValueError):
     """A malformed landmark file (the message names the file and line)."""
 
 
-class DetectorUnavailableError(RuntimeError):
+class DetectorUnavailableError(QualifaceError, RuntimeError):
     """A detector's package or model file is not installed (the message says what to install)."""
 
 

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from qualiface.errors import QualifaceError
 from qualiface.eval import EvaluationError
 from qualiface.eval.quality import threshold_at_fmr
 from qualiface.eval.similarity import cosine_scores
@@ -32,7 +33,7 @@ from qualiface.eval.similarity import cosine_scores
 CALIBRATION_METHODS = ("isotonic", "logistic")
 
 
-class CalibrationError(ValueError):
+class CalibrationError(QualifaceError, ValueError):
     """Invalid calibration data (bad shapes, a single class, malformed stored calibration)."""
 
 

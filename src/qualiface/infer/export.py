@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from qualiface.errors import QualifaceError
 from qualiface.infer.model import Model, normalise_embeddings
 
 EXPORTERS = ("torchscript", "dynamo")
@@ -45,7 +46,7 @@ FP32_RELATIVE_TOLERANCE = 1e-5
 FP16_RELATIVE_TOLERANCE = 1e-2  # fp16 keeps ~3 significant digits
 
 
-class ExportError(RuntimeError):
+class ExportError(QualifaceError, RuntimeError):
     """Export failed or the exported graph disagrees with PyTorch beyond the tolerance."""
 
 

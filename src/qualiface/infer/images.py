@@ -15,6 +15,7 @@ import torch
 
 from qualiface.data.decode import DecodeError as ImageDecodeError
 from qualiface.data.decode import read_image  # noqa: F401  (re-exported: the infer image API)
+from qualiface.errors import QualifaceError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -41,7 +42,7 @@ def list_images(inputs: str | Path | Iterable[str | Path]) -> list[Path]:
     return paths
 
 
-class ImageSizeError(ValueError):
+class ImageSizeError(QualifaceError, ValueError):
     """An image whose size is not the model's input size (the message gives both)."""
 
 

@@ -15,8 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
+from qualiface.errors import QualifaceError
+from qualiface.files import atomic_write
 
-class TableError(ValueError):
+
+class TableError(QualifaceError, ValueError):
     """A table file that is missing, unreadable, or lacks / mis-shapes a required column."""
 
 
@@ -48,7 +51,7 @@ def write_table(path: str | Path, arrays: dict[str, np.ndarray]) -> Path:
     fmt = table_format(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "npz":
-        np.savez(path, **arrays)
+        atomic_write(path, lambda handle: np.savez(handle, **arrays))
     elif fmt == "parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -62,11 +65,13 @@ def write_table(path: str | Path, arrays: dict[str, np.ndarray]) -> Path:
                 columns[name] = pa.FixedSizeListArray.from_arrays(flat, array.shape[1])
             else:
                 raise TableError(f"{path}: column '{name}' has {array.ndim} dimensions (1 or 2 allowed)")
-        pq.write_table(pa.table(columns), path)
+        table = pa.table(columns)
+        atomic_write(path, lambda handle: pq.write_table(table, handle))
     else:
         path.mkdir(parents=True, exist_ok=True)
         for name, array in arrays.items():
-            np.save(path / f"{name}.npy", array, allow_pickle=False)
+            atomic_write(path / f"{name}.npy",
+                         lambda handle, array=array: np.save(handle, array, allow_pickle=False))
     return path
 
 

@@ -29,6 +29,8 @@ import torch
 from torch import nn
 
 from qualiface.data.transforms import IMAGE_SIZE, INPUT_MEAN, INPUT_STD
+from qualiface.errors import QualifaceError
+from qualiface.files import write_bytes_atomic, write_text_atomic
 from qualiface.infer.calibrate import CalibrationError, QualityCalibration
 from qualiface.infer.images import as_uint8_batch
 
@@ -82,7 +84,7 @@ _MAX_JSON_INT = 2**64
 MODEL_JSON_LIMIT = 4 * 2**20
 
 
-class ModelPackageError(ValueError):
+class ModelPackageError(QualifaceError, ValueError):
     """A model package that cannot be read: missing files, bad JSON, wrong types or shapes."""
 
 
@@ -375,7 +377,7 @@ def save_model_package(
     input the weights were trained on (the project convention is RGB, 0.5, 0.5).
     ``input_size`` (H, W) defaults to the backbone's ``input_size`` kwarg, else 112x112.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     from qualiface import __version__
 
@@ -403,9 +405,9 @@ def save_model_package(
     text = json.dumps(document, indent=2, allow_nan=False)  # strict JSON: a NaN would not reload elsewhere
     ModelSpec.from_json(json.loads(text), source=str(out_dir / MODEL_JSON))  # never write what we cannot read
     tensors = {**_state_tensors(backbone, "backbone."), **_state_tensors(quality_estimator, "quality.")}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out_dir / WEIGHTS_FILE), metadata={"format": FORMAT_NAME})
-    (out_dir / MODEL_JSON).write_text(text + "\n")
+    # Weights first: model.json, written last, is what makes the folder a package.
+    write_bytes_atomic(out_dir / WEIGHTS_FILE, save(tensors, metadata={"format": FORMAT_NAME}))
+    write_text_atomic(out_dir / MODEL_JSON, text + "\n")
     return out_dir
 
 
@@ -439,7 +441,7 @@ def read_model_spec(path: str | Path) -> ModelSpec:
 def write_model_spec(path: str | Path, spec: ModelSpec) -> None:
     """Rewrite ``model.json`` of an existing package (e.g. after fitting a calibration)."""
     json_path = _package_dir(path) / MODEL_JSON
-    json_path.write_text(json.dumps(spec.to_json(), indent=2, allow_nan=False) + "\n")
+    write_text_atomic(json_path, json.dumps(spec.to_json(), indent=2, allow_nan=False) + "\n")
 
 
 def _package_dir(path: str | Path) -> Path:

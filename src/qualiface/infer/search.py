@@ -36,6 +36,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qualiface.errors import QualifaceError
+from qualiface.files import (
+    FileReadError,
+    FileWriteError,
+    atomic_write,
+    read_small_text,
+    write_bytes_atomic,
+    write_text_atomic,
+)
+
 GALLERY_FORMAT = "qualiface-gallery"
 GALLERY_VERSION = 2
 GALLERY_JSON = "gallery.json"
@@ -48,7 +58,7 @@ BACKENDS = ("exact", "flat", "ivf")
 AUTO_EXACT_LIMIT = 100_000  # above this many templates "auto" picks IVF
 
 
-class GalleryError(ValueError):
+class GalleryError(QualifaceError, ValueError):
     """Bad gallery input or a gallery folder that cannot be loaded."""
 
 
@@ -271,8 +281,6 @@ class Gallery:
             return self._save_locked(Path(folder))
 
     def _save_locked(self, folder: Path) -> Path:
-        from qualiface.train.checkpoint import CheckpointError, atomic_write
-
         token = secrets.token_hex(8)
         files = {"arrays": f"gallery-{token}.npz"}
         arrays = {"ids": self.ids}
@@ -285,12 +293,12 @@ class Gallery:
             if self.backend != "exact":
                 files["index"] = f"index-{token}.faiss"
                 blob = _require_faiss().serialize_index(self.index)
-                atomic_write(folder / files["index"], lambda handle: handle.write(blob.tobytes()))
+                write_bytes_atomic(folder / files["index"], blob.tobytes())
             atomic_write(folder / files["arrays"], lambda handle: np.savez(handle, **arrays))
             text = json.dumps({**info, "files": files}, indent=2) + "\n"
             # The commit point: until this rename the folder still describes the old gallery.
-            atomic_write(folder / GALLERY_JSON, lambda handle: handle.write(text.encode()))
-        except CheckpointError as exc:  # the message names the file and says "disk full"
+            write_text_atomic(folder / GALLERY_JSON, text)
+        except FileWriteError as exc:  # the message names the file and says "disk full"
             for name in files.values():
                 (folder / name).unlink(missing_ok=True)
             raise GalleryError(str(exc)) from None
@@ -362,8 +370,6 @@ def read_gallery_info(folder: str | Path) -> dict:
     Returns the parsed document with ``files`` (data file names), ``nlist``, ``nprobe`` and
     ``metadata`` filled in. Read with a size cap, regular files only (see ``qualiface.files``).
     """
-    from qualiface.files import FileReadError, read_small_text
-
     folder = Path(folder)
     json_path = folder / GALLERY_JSON
     try:

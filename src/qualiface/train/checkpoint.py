@@ -5,10 +5,10 @@ dicts, so it loads with ``torch.load(weights_only=True)`` and never unpickles co
 states are stored as tensors: torch CPU/CUDA as their byte tensors, numpy's MT19937 key as an
 int64 tensor, Python's ``random`` state as an int64 tensor plus its two scalars.
 
-Writing is atomic: the bytes go to a temporary file in the same folder, are fsync'ed, and the
-file is renamed over the old checkpoint (``os.replace`` is atomic on POSIX within one file
-system). A crash or an exception while writing leaves the previous checkpoint untouched, and a write
-that fails in the OS (a full disk) is reported as such, not as torch's "unexpected pos".
+Writing is atomic (:func:`qualiface.files.atomic_write`): the bytes go to a temporary file in the
+same folder, are fsync'ed, and the file is renamed over the old checkpoint. A crash or an
+exception while writing leaves the previous checkpoint untouched, and a write that fails in the
+OS (a full disk) is reported as such (a ``CheckpointError``), not as torch's "unexpected pos".
 
 Integrity. torch does not check its zip CRCs, so a flipped bit on disk would resume silently with
 a wrong weight or counter. Every checkpoint's sha256 is recorded in ``<name>.sha256`` (the
@@ -21,11 +21,9 @@ narrowed after the renames, so a crash at any point leaves every file that exist
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 import random
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,13 +32,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from qualiface.errors import QualifaceError
+from qualiface.files import FileWriteError, atomic_write, describe_os_error
+
 CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT_VERSION = 1
 PREVIOUS_TAG = ".previous"
 DIGEST_SUFFIX = ".sha256"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(QualifaceError, RuntimeError):
     """A checkpoint that cannot be written or read (the message names the file)."""
 
 
@@ -52,87 +53,14 @@ class CorruptCheckpointError(CheckpointError):
 # --------------------------------------------------------------------------- atomic files
 
 
-def _fsync_dir(folder: Path) -> None:
+def _write_atomic(path: str | Path, write: Callable[[Any], None], *,
+                  before_replace: Callable[[Path], None] | None = None) -> None:
+    """:func:`qualiface.files.atomic_write`, its ``FileWriteError`` raised as a
+    ``CheckpointError`` with the same message (the file, then the OS error or "disk full")."""
     try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # some platforms cannot open directories; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-class _WriteErrorRecorder:
-    """A file object that remembers the first ``OSError`` raised by ``write()``.
-
-    torch's zip writer catches the error of a failed write and reports only "unexpected pos",
-    which hides the cause (typically a full disk); ``atomic_write`` re-raises the recorded one.
-    """
-
-    def __init__(self, handle: Any) -> None:
-        self._handle = handle
-        self.first_error: OSError | None = None
-
-    def write(self, data: Any) -> int:
-        try:
-            return self._handle.write(data)
-        except OSError as exc:
-            if self.first_error is None:
-                self.first_error = exc
-            raise
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._handle, name)
-
-
-def describe_os_error(exc: OSError) -> str:
-    """``exc`` as text, prefixed with "disk full" for ENOSPC / EDQUOT (what the user must fix)."""
-    if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
-        return f"disk full ({exc})"
-    return str(exc)
-
-
-def atomic_write(path: str | Path, write: Callable[[Any], None], *,
-                 before_replace: Callable[[Path], None] | None = None) -> None:
-    """Call ``write(file_object)`` on a temp file next to ``path``, fsync, then rename over it.
-
-    An ``OSError`` (also one that ``write`` caught and replaced by its own error) becomes a
-    ``CheckpointError`` naming ``path`` and the OS error; the temp file is removed and any
-    previous ``path`` is left as it was. Other exceptions from ``write`` propagate unchanged.
-    ``before_replace(temp_path)`` runs once the bytes are durable and before the rename (the
-    checkpoint uses it to record the digest and keep the file it replaces).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            recorder = _WriteErrorRecorder(handle)
-            try:
-                write(recorder)
-            except Exception:
-                if recorder.first_error is not None:
-                    raise recorder.first_error from None
-                raise
-            if recorder.first_error is not None:  # swallowed without any error at all
-                raise recorder.first_error
-            handle.flush()
-            os.fsync(handle.fileno())
-        if before_replace is not None:
-            before_replace(Path(tmp_name))
-        os.replace(tmp_name, path)
-    except BaseException as exc:
-        try:
-            os.unlink(tmp_name)
-        except OSError:
-            pass
-        if isinstance(exc, OSError):
-            raise CheckpointError(f"{path}: could not write: {describe_os_error(exc)}") from exc
-        raise
-    _fsync_dir(path.parent)
+        atomic_write(path, write, before_replace=before_replace)
+    except FileWriteError as exc:
+        raise CheckpointError(str(exc)) from exc
 
 
 # --------------------------------------------------------------------------- digests
@@ -185,7 +113,7 @@ def _read_digests(path: Path) -> dict[str, set[str]]:
 def _write_digests(path: Path, recorded: dict[str, set[str]]) -> None:
     text = "".join(f"{digest}  {name}\n" for name in sorted(recorded)
                    for digest in sorted(recorded[name]))
-    atomic_write(digest_path(path), lambda handle: handle.write(text.encode("utf-8")))
+    _write_atomic(digest_path(path), lambda handle: handle.write(text.encode("utf-8")))
 
 
 def verify_digest(path: str | Path) -> bool:
@@ -242,7 +170,7 @@ def save_checkpoint(path: str | Path, state: dict, *, keep_previous: bool = True
         recorded.update(final)
 
     try:
-        atomic_write(path, lambda handle: torch.save(state, handle), before_replace=publish)
+        _write_atomic(path, lambda handle: torch.save(state, handle), before_replace=publish)
     except CheckpointError:
         raise  # already names the file and the OS error
     except (RuntimeError, TypeError, ValueError) as exc:
@@ -470,7 +398,7 @@ def export_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metad
     flat = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     payload = save(flat, metadata=meta)
-    atomic_write(path, lambda handle: handle.write(payload))
+    _write_atomic(path, lambda handle: handle.write(payload))
 
 
 def prefixed(prefix: str, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

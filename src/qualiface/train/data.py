@@ -19,11 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
+from qualiface.errors import DataError  # the one data error; importable from here as before
+
 SEED_STRIDE = 1_000_003  # keeps (seed, epoch) pairs from colliding for any realistic epoch count
-
-
-class DataError(RuntimeError):
-    """Training data that cannot be used (empty, too small for one step, bad samples)."""
 
 
 @dataclass(frozen=True)

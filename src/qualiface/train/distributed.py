@@ -35,6 +35,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
+from qualiface.errors import QualifaceError
 from qualiface.heads.base import ClassReducer
 
 _T = TypeVar("_T")
@@ -46,7 +47,7 @@ DEFAULT_TIMEOUT_S = 1800.0
 _REQUIRED_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
-class DistributedError(RuntimeError):
+class DistributedError(QualifaceError, RuntimeError):
     """A process group could not be started, or a collective failed (peer died or timed out)."""
 
 

@@ -46,6 +46,7 @@ from torch import nn
 
 from qualiface.config import ConfigError, TrainingConfig, save_config, to_dict
 from qualiface.data.transforms import to_model_input
+from qualiface.errors import QualifaceError
 from qualiface.threads import available_cpus, data_workers
 from qualiface.train import checkpoint as ckpt
 from qualiface.train.data import BatchPlan, BatchSource, DataError, cached_size_bytes, decode_all, random_flip
@@ -56,7 +57,7 @@ from qualiface.train.precision import autocast, configure_kernels, make_scaler, 
 from qualiface.train.schedule import build_schedule
 
 
-class TrainingError(RuntimeError):
+class TrainingError(QualifaceError, RuntimeError):
     """Training cannot go on (diverged, bad setup); the message says why and what to do."""
 
 

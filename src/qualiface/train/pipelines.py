@@ -32,8 +32,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from qualiface.errors import QualifaceError
 
-class PipelineError(ValueError):
+
+class PipelineError(QualifaceError, ValueError):
     """A pipeline that does not fit the chosen head (e.g. ``eqface`` with an ArcFace head)."""
 
 

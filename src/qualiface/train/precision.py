@@ -11,8 +11,10 @@ import contextlib
 
 import torch
 
+from qualiface.errors import QualifaceError
 
-class PrecisionError(ValueError):
+
+class PrecisionError(QualifaceError, ValueError):
     """A precision that the device cannot run."""
 
 

@@ -44,6 +44,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from qualiface.errors import QualifaceError
 from qualiface.heads import build_head
 from qualiface.heads.base import LOCAL, HeadOutput
 from qualiface.heads.common import map_to_rows
@@ -60,7 +61,7 @@ from qualiface.train.distributed import (
 DEFAULT_PER_CLASS_KEYS = ("weight",)
 
 
-class ShardingError(ValueError):
+class ShardingError(QualifaceError, ValueError):
     """Inconsistent sharding: bad ranks, a state dict of the wrong shape, unequal batches."""
 
 

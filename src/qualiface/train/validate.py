@@ -21,10 +21,11 @@ import numpy as np
 import torch
 
 from qualiface.data.transforms import to_model_input
+from qualiface.errors import QualifaceError
 from qualiface.train.precision import autocast
 
 
-class ValidationError(ValueError):
+class ValidationError(QualifaceError, ValueError):
     """A validation set that cannot be built (missing pairs file, images, ...)."""
 
 

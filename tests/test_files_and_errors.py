@@ -1,0 +1,118 @@
+"""The one atomic write (``qualiface.files``) and the one error root (``qualiface.errors``)."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+
+from qualiface import files
+from qualiface.errors import DataError, EvaluationError, QualifaceError
+
+
+def test_text_and_bytes_are_written_whole_and_replace_the_old_file(tmp_path):
+    path = tmp_path / "sub" / "a.json"  # the folder is created
+    assert files.write_text_atomic(path, "first\n") == path
+    files.write_bytes_atomic(path, b"second\n")
+    assert path.read_bytes() == b"second\n"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["a.json"]  # no temp file left
+
+
+def test_new_files_get_the_umask_permissions_not_private_ones(tmp_path):
+    mask = os.umask(0o022)
+    try:
+        path = files.write_text_atomic(tmp_path / "model.json", "{}\n")
+    finally:
+        os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_a_full_disk_names_the_file_and_keeps_the_previous_content(tmp_path):
+    path = files.write_text_atomic(tmp_path / "gallery.json", "old\n")
+
+    def fill(handle):
+        handle.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(files.FileWriteError) as caught:
+        files.atomic_write(path, fill)
+    assert str(caught.value).startswith(f"{path}: could not write: disk full")
+    assert isinstance(caught.value, OSError) and isinstance(caught.value, QualifaceError)
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(path)
+    assert path.read_text() == "old\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gallery.json"]
+
+
+def test_a_swallowed_write_error_is_still_reported(tmp_path, monkeypatch):
+    """A writer that catches the OS error and raises its own (torch's "unexpected pos")."""
+    real_fdopen = os.fdopen
+
+    class Full:
+        def __init__(self, handle):
+            self._handle = handle
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self._handle, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self._handle.close()
+
+    def hide(handle):
+        try:
+            handle.write(b"x")
+        except OSError:
+            raise RuntimeError("unexpected pos") from None
+
+    monkeypatch.setattr(os, "fdopen",
+                        lambda fd, *args, **kwargs: Full(real_fdopen(fd, *args, **kwargs)))
+    with pytest.raises(files.FileWriteError, match="disk full"):
+        files.atomic_write(tmp_path / "checkpoint.pt", hide)
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_other_errors_propagate_unchanged_and_leave_no_temp_file(tmp_path):
+    def broken(handle):
+        handle.write(b"half")
+        raise ValueError("not JSON-able")
+
+    with pytest.raises(ValueError, match="not JSON-able"):
+        files.atomic_write(tmp_path / "x.json", broken)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_one_data_error_under_one_root():
+    from qualiface.data.decode import DataError as data_error
+    from qualiface.data.recordio import RecordIOError
+    from qualiface.eval import EvaluationError as eval_error
+    from qualiface.train.data import DataError as train_error
+
+    assert data_error is train_error is DataError
+    assert eval_error is EvaluationError
+    assert issubclass(RecordIOError, DataError) and issubclass(DataError, ValueError)
+
+
+@pytest.mark.parametrize("where, name, builtin", [
+    ("qualiface.config", "ConfigError", ValueError),
+    ("qualiface.registry", "RegistryError", KeyError),
+    ("qualiface.infer.model", "ModelPackageError", ValueError),
+    ("qualiface.infer.search", "GalleryError", ValueError),
+    ("qualiface.train.checkpoint", "CheckpointError", RuntimeError),
+    ("qualiface.train.loop", "TrainingError", RuntimeError),
+    ("qualiface.train.pipelines", "PipelineError", ValueError),
+    ("qualiface.train.precision", "PrecisionError", ValueError),
+    ("qualiface.data.recordio", "RecordIOError", ValueError),
+    ("qualiface.files", "FileReadError", OSError),
+])
+def test_family_errors_derive_from_the_root_and_keep_their_builtin(where, name, builtin):
+    import importlib
+
+    error = getattr(importlib.import_module(where), name)
+    assert issubclass(error, QualifaceError) and issubclass(error, builtin)

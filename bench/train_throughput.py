@@ -80,7 +80,7 @@ DEFAULT_HEADS = ("arcface", "adaface", "qcface", "eqface", "qgface")
 DEFAULT_BACKBONES = ("iresnet50", "iresnet100")
 GLINT360K_CLASSES = 93_431  # MS1MV3's identity count, the usual single-GPU benchmark size
 BENCH_DATASET = "bench-random-faces"
-STEADY_STATE_STEP = 10**9  # passed to pipeline.before_step: past every warm-up switch
+STEADY_STATE_STEP = 10**9  # passed to method.before_step: past every warm-up switch
 
 
 @dataclass
@@ -290,9 +290,9 @@ def measure_synthetic(cfg: ThroughputConfig, backbone_name: str, head_name: str,
         tcfg = trainer_config(cfg, backbone_name, head_name, tmp, data=data, steps=1, log_every=1)
         trainer = Trainer(tcfg, out_dir=tmp)
         device = trainer.device
-        phase = trainer.pipeline.phases()[-1]
+        phase = trainer.method.phases()[-1]
         trainer.prepare_phase(phase, steps_per_epoch=1)
-        trainer.pipeline.before_step(phase, STEADY_STATE_STEP, trainer.head)
+        trainer.method.before_step(phase, STEADY_STATE_STEP, trainer.head)
         set_lr(trainer.optimizer, phase.lr)
 
         generator = torch.Generator(device=device).manual_seed(0)
@@ -305,8 +305,7 @@ def measure_synthetic(cfg: ThroughputConfig, backbone_name: str, head_name: str,
         def step():
             return trainer.train_step(batch)
 
-        head = trainer.head
-        views = 2 if getattr(head, "requires_second_view", False) else 1
+        views = 2 if trainer.method.second_view(images[:1], torch.Generator()) is not None else 1
         forward_flops = count_forward_flops(trainer.backbone, cfg.input_size, device)
         head_flops = 2.0 * trainer.backbone.embedding_size * cfg.classes
         train_flops = TRAIN_FLOPS_FACTOR * (views * forward_flops + head_flops)
@@ -345,7 +344,7 @@ def measure_synthetic(cfg: ThroughputConfig, backbone_name: str, head_name: str,
             augment = torch.Generator().manual_seed(1)
             _synchronize(device)
             t0 = time.perf_counter()
-            trainer.pipeline.second_view(images, augment)
+            trainer.method.second_view(images, augment)
             _synchronize(device)
             result["second_view_ms"] = 1000 * (time.perf_counter() - t0)
         if cfg.profile:

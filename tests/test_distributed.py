@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from qualiface.train import distributed as qd
-from qualiface.train.distributed import DistributedError, DistributedReducer, launch_local
+from qualiface.train.distributed import DistributedError, DistributedReducer
+from qualiface.train.local_launch import launch_local
 
 WORLD = 2
 ROWS, DIM = 3, 4
@@ -230,3 +231,13 @@ def test_clip_grad_norm_in_one_process_is_torchs(no_dist_env):
     torch.testing.assert_close(norm, expected)
     for a, b in zip(mine, theirs):
         torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_the_launcher_is_still_importable_from_its_old_module():
+    import qualiface.train.distributed as distributed
+    import qualiface.train.local_launch as local_launch
+
+    for name in ("launch_local", "RankOutcome", "find_free_port"):
+        assert getattr(distributed, name) is getattr(local_launch, name)
+    with pytest.raises(AttributeError):
+        distributed.no_such_name  # noqa: B018

@@ -92,21 +92,21 @@ def test_eqface_three_steps_with_qwdf(tmp_path):
     trainer = Trainer(cfg)
     backbone_before_branch = {}
 
-    original = trainer.pipeline.after_phase
+    original = trainer.method.after_phase
 
-    def spy(phase, tr):
+    def spy(phase, ctx):
         if phase.stage == 1:
-            backbone_before_branch.update({k: v.clone() for k, v in tr.backbone.state_dict().items()})
+            backbone_before_branch.update({k: v.clone() for k, v in trainer.backbone.state_dict().items()})
         if phase.stage == 2:  # step 2 trained only the branch: the backbone is untouched
-            for k, v in tr.backbone.state_dict().items():
+            for k, v in trainer.backbone.state_dict().items():
                 assert torch.equal(v, backbone_before_branch[k]), k
         # make the QWDF threshold drop a known share: the median quality of the training set
         if phase.stage == 2:
-            _, quality = tr.score_training_set()
-            tr.cfg.pipeline.eqface.s_th = float(quality.median())
-        original(phase, tr)
+            _, quality = ctx.score_samples()
+            trainer.method.options.s_th = float(quality.median())
+        original(phase, ctx)
 
-    trainer.pipeline.after_phase = spy
+    trainer.method.after_phase = spy
     result = trainer.run()
     assert result.global_step == 20
     assert inner_head(trainer.head).stage == 3

@@ -49,7 +49,7 @@ ALWAYS_REFUSED = {
 SAFE_YAML_LOADERS = {"SafeLoader", "CSafeLoader"}
 
 #: Reviewed exceptions: (file relative to src/qualiface, call text) -> why it is safe.
-#: Empty: train/distributed.py now reads its ranks' results with weights_only=True as well.
+#: Empty: train/local_launch.py now reads its ranks' results with weights_only=True as well.
 ALLOWED: dict[tuple[str, str], str] = {}
 
 

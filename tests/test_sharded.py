@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from qualiface.heads import build_head
-from qualiface.train.distributed import DistInfo, clip_grad_norm_, launch_local
+from qualiface.train.distributed import DistInfo, clip_grad_norm_
+from qualiface.train.local_launch import launch_local
 from qualiface.train.sharded import ShardedHead, ShardingError, shard_range
 from stand_ins import LinearBackbone  # noqa: F401  (registers test-linear / test-blobs)
 

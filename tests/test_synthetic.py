@@ -12,6 +12,7 @@ from scipy.stats import spearmanr
 
 from qualiface.data import DATASETS
 from qualiface.data.degrade import psnr
+from qualiface.data.pairs import PairsError
 from qualiface.data.synthetic import (
     TEMPLATE,
     SyntheticConfig,
@@ -181,9 +182,9 @@ def test_make_pairs_on_a_generic_dataset_and_bad_inputs():
     idx1, idx2, issame = make_pairs(generic, 40, seed=0)
     labels = np.array([label for _, label in generic])
     np.testing.assert_array_equal(labels[idx1] == labels[idx2], issame)
-    with pytest.raises(SyntheticDataError, match="two identities"):
+    with pytest.raises(PairsError, match="two identities"):
         make_pairs([(None, 0), (None, 0)], 4)
-    with pytest.raises(SyntheticDataError, match="at least two samples"):
+    with pytest.raises(PairsError, match="at least two samples"):
         make_pairs([(None, 0), (None, 1)], 4)
 
 

@@ -229,7 +229,7 @@ def test_train_step_reads_the_device_once(tmp_path, monkeypatch, head):
     cfg = tiny_config(tmp_path, grad_accum=2, batch_size=8)
     cfg.head.name = head
     trainer = Trainer(cfg)
-    phase = trainer.pipeline.phases()[-1]
+    phase = trainer.method.phases()[-1]
     trainer.prepare_phase(phase)
     # The label checks read the host on CPU tensors only (free there); take the accelerator
     # path to see what a GPU step pays.

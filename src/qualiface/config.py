@@ -36,6 +36,7 @@ from typing import Any
 import yaml
 
 from qualiface.errors import QualifaceError
+from qualiface.methods import PipelineError, build_method, method_options
 
 
 class ConfigError(QualifaceError, ValueError):
@@ -154,55 +155,57 @@ class TrainConfig:
     deterministic: bool = False
 
 
-@dataclass
-class EQFacePipelineConfig:
-    """EQFace's three steps. Step 1 uses ``train.epochs``/``train.steps``; steps 2 and 3 have
-    their own lengths and learning rates. ``s_th > 0`` turns on QWDF: after step 2, training
-    samples with quality below ``s_th`` are dropped for step 3.
-
-    ``collapse_below``: after step 2 the branch scores (a sample of) the training set; a mean
-    quality below this stops the run with a clear error, because s_i ~ 0 scales every logit
-    to ~0 and step 3 then learns nothing (its loss sits at ln C). 0 disables the check.
+class PipelineConfig:
+    """Method schedule and options: ``name`` is ``none`` (one plain phase) or the method whose
+    own schedule runs (``qcface``, ``eqface``, ``qgface``: it must be the method of
+    ``head.name``); one section per method with options, read into that method's ``Config``
+    dataclass (``qualiface.methods``, one file per method), e.g. ``pipeline.qcface.warmup_epochs``.
+    A section left out takes the method's defaults; ``to_dict`` writes every section.
     """
 
-    branch_epochs: float = 1.0
-    branch_steps: int = 0
-    branch_lr: float = 0.01
-    finetune_epochs: float = 1.0
-    finetune_steps: int = 0
-    finetune_lr: float = 0.01
-    s_th: float = 0.0
-    collapse_below: float = 0.01
+    def __init__(self, name: str = "none", **sections: Any) -> None:
+        options = method_options()
+        unknown = sorted(set(sections) - set(options))
+        if unknown:
+            known = ", ".join(["name", *options])
+            raise ConfigError(f"unknown key 'pipeline.{unknown[0]}' (known in this section: {known})")
+        self.name = name
+        for section, cls in options.items():
+            setattr(self, section, sections.get(section) or cls())
 
+    @classmethod
+    def from_mapping(cls, data: Any, where: str) -> PipelineConfig:
+        """Build from the YAML mapping ``{name: ..., <method>: {...}}`` (``where``: its key)."""
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {data!r}")
+        options = method_options()
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            path = f"{where}.{key}"
+            if key == "name":
+                kwargs[key] = _coerce(value, str, path)
+            elif key in options:
+                kwargs[key] = _build(options[key], value, path)
+            else:
+                known = ", ".join(sorted(["name", *options]))
+                raise ConfigError(f"unknown key '{path}' (known in this section: {known})")
+        return cls(**kwargs)
 
-@dataclass
-class QGFacePipelineConfig:
-    """QGFace joint training: the low-quality view comes from the degradation preset
-    ``lq_preset`` (see ``qualiface.data.degrade``)."""
+    def sections(self) -> dict[str, Any]:
+        """``{method name: its options}``."""
+        return {section: getattr(self, section) for section in method_options() if hasattr(self, section)}
 
-    lq_preset: str = "qgface"
+    def to_dict(self) -> dict:
+        return {"name": self.name, **{k: dataclasses.asdict(v) for k, v in self.sections().items()}}
 
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, PipelineConfig) and self.to_dict() == other.to_dict()
 
-@dataclass
-class QCFacePipelineConfig:
-    """QCFace warm-up: plain margin training, then the norm regulariser (``head.norm_phase``)
-    is switched on. The length is ``warmup_steps`` when > 0, else ``warmup_fraction`` of the
-    run's steps when > 0, else ``warmup_epochs``. A warm-up as long as the run would leave the
-    regulariser (QCFace's defining term) off throughout: the trainer refuses it."""
-
-    warmup_epochs: float = 0.0
-    warmup_steps: int = 0
-    warmup_fraction: float = 0.0
-
-
-@dataclass
-class PipelineConfig:
-    """Method pipeline: ``none`` | ``eqface`` | ``qgface`` | ``qcface``."""
-
-    name: str = "none"
-    eqface: EQFacePipelineConfig = field(default_factory=EQFacePipelineConfig)
-    qgface: QGFacePipelineConfig = field(default_factory=QGFacePipelineConfig)
-    qcface: QCFacePipelineConfig = field(default_factory=QCFacePipelineConfig)
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{k}={v!r}" for k, v in (("name", self.name), *self.sections().items()))
+        return f"PipelineConfig({inner})"
 
 
 @dataclass
@@ -239,7 +242,6 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim.name": ("sgd", "adamw"),
     "schedule.kind": ("poly", "cosine", "step", "constant"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
-    "pipeline.name": ("none", "eqface", "qgface", "qcface"),
     "distributed.backend": ("auto", "nccl", "gloo"),
 }
 
@@ -348,7 +350,9 @@ def _build(cls: type, data: Any, where: str) -> Any:
             known = ", ".join(sorted(names))
             raise ConfigError(f"unknown key '{path}' (known in this section: {known})")
         tp = hints[key]
-        if dataclasses.is_dataclass(tp):
+        if tp is PipelineConfig:  # its sections are the methods' own option dataclasses
+            kwargs[key] = PipelineConfig.from_mapping(value, path)
+        elif dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value, path)
         else:
             kwargs[key] = _coerce(value, tp, path)
@@ -360,6 +364,9 @@ def _check_choices(cfg: TrainingConfig) -> None:
         value = get_value(cfg, path)
         if value not in allowed:
             raise ConfigError(f"{path}: '{value}' is not one of {', '.join(allowed)}")
+    schedules = ("none", *method_options())
+    if cfg.pipeline.name not in schedules:
+        raise ConfigError(f"pipeline.name: '{cfg.pipeline.name}' is not one of {', '.join(schedules)}")
     t = cfg.train
     positive = {
         "train.batch_size": t.batch_size,
@@ -399,7 +406,9 @@ def from_dict(data: dict, *, source: str = "config") -> TrainingConfig:
 
 def to_dict(cfg: TrainingConfig) -> dict:
     """The config as plain dicts/lists/scalars (what ``save_config`` and checkpoints store)."""
-    return dataclasses.asdict(cfg)
+    data = dataclasses.asdict(cfg)
+    data["pipeline"] = cfg.pipeline.to_dict()
+    return data
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -682,9 +691,10 @@ def validate_components(cfg: TrainingConfig, *, source: str = "config") -> None:
             reserved=("embedding_size", "num_classes"),
         )
         check_params(DATASETS.get(cfg.data.name), cfg.data.params, what="data.params")
+        build_method(cfg)  # pipeline.name must be "none" or the method of head.name
         _check_backbone_params(BACKBONES.get(cfg.model.backbone), cfg.model)
         _check_output_dir(cfg.train.output_dir)
-    except (ConfigError, RegistryError) as exc:
+    except (ConfigError, RegistryError, PipelineError) as exc:
         raise ConfigError(f"{source}: {exc}") from None
 
 

@@ -14,7 +14,7 @@
 2. **training**: ``qualiface.train.loop.train`` with the demo config (``configs/demo_nano.yaml``:
    QCFace on ``iresnet-nano``) into ``<out>/train`` (metrics.jsonl, model package ``model/``).
 3. **evaluating**: the model package embeds the held-out images; balanced genuine/impostor pairs
-   (``synthetic.make_pairs``) go through ``qualiface.eval.benchmarks.evaluate_pairs``: k-fold
+   (``data.pairs.make_pairs``) go through ``qualiface.eval.benchmarks.evaluate_pairs``: k-fold
    accuracy, ROC, TAR@FAR, EER, EDC and pAUC of the QCFace quality and of the raw feature norm
    (pair quality = min), plus Spearman / Kendall of quality against the recorded severity.
 4. **writing report**: ``qualiface.eval.report.write_report`` writes ``metrics.json``,
@@ -506,12 +506,12 @@ def evaluate_held_out(model_package: Path, held_out: HeldOutSet, *, num_pairs: i
     Returns ``qualiface.eval.benchmarks.PairResult`` with ``vs_severity`` rank correlations
     for the model quality and the feature norm and a per-severity quality histogram added.
     """
-    from qualiface.data.synthetic import make_pairs
+    from qualiface.data.pairs import make_pairs
     from qualiface.eval.benchmarks import PairBenchmark, evaluate_pairs
     from qualiface.eval.features import extract_features
     from qualiface.infer.model import package_embed_fn
     from qualiface.eval.quality import rank_correlations
-    from qualiface.eval.similarity import l2_normalize
+    from qualiface.scoring.similarity import l2_normalize
 
     embed_fn, model_id = package_embed_fn(model_package)
     ids = [str(i) for i in range(len(held_out))]

@@ -57,25 +57,17 @@ def _parse_folds(text: str | None) -> list[int] | None:
 
 def _features(out: Path, name: str, model: Path, device: str, dataset, ids, flip: str,
               batch_size: int, workers: int, files=(), arrays=()):
-    """Features of ``dataset``, reused from ``out`` only when model, options *and data* match.
-
-    ``files`` / ``arrays``: protocol files and arrays (pairs.txt, IJB landmarks) that change the
-    features besides the images themselves; ``data_digest`` hashes them with the images.
-    """
-    from qualiface.eval.features import (cached_features, data_digest, extract_features,
-                                         ids_digest)
+    """``eval.features.benchmark_features`` with the model package at ``model``, cached in
+    ``out``."""
+    from qualiface.eval.features import benchmark_features
 
     if not model.exists():
         raise fail(f"{model}: model package not found")
     embed_fn, model_id = _load_embed_fn(model, device)
-    data = data_digest(dataset, files, arrays)
-    key = {"model": model_id, "benchmark": name, "flip": flip, "ids": ids_digest(ids),
-           "data": data}
-    return cached_features(
-        out if data is not None else None, f"features-{name}", key,
-        lambda: extract_features(dataset, embed_fn, ids=ids, flip=flip, batch_size=batch_size,
-                                 num_workers=workers, description=f"embedding {name}",
-                                 meta={"benchmark": name, "model": str(model)}),
+    return benchmark_features(
+        dataset, embed_fn, model_id, name, ids, cache_dir=out, flip=flip, batch_size=batch_size,
+        num_workers=workers, files=files, arrays=arrays,
+        meta={"benchmark": name, "model": str(model)},
         on_reuse=lambda path: console.print(f"reusing cached features {path} (same model, "
                                             "options and data content)"))
 
@@ -94,46 +86,17 @@ def _parse_severities(text: str | None) -> list[float] | None:
 
 def _degraded(out: Path, bench, features, model: Path, device: str, flip: str, batch_size: int,
               severities: list[float], seed: int):
-    """Evaluate degraded copies of the benchmark's images -> (metrics, box plots).
+    """Embed degraded copies of the benchmark's images and score them -> (metrics, box plots)
+    (``eval.degraded``); each level's features are cached in ``out`` like the clean ones."""
+    from qualiface.eval.degraded import degraded_images, evaluate_degraded
 
-    Every image keeps one degradation kind across the levels, so the levels differ only in
-    severity; the clean features count as severity 0 in the rank correlations.
-    """
-    import numpy as np
-    import torch
-
-    from qualiface.data.degrade import degraded_copies
-    from qualiface.eval.benchmarks import evaluate_pairs
-    from qualiface.eval.quality import rank_correlations
-    from qualiface.eval.similarity import row_norms
-
-    images = torch.stack([bench.images[i] for i in range(len(bench.ids))])
-    copies, kinds = degraded_copies(images, severities, seed=seed)
-    rows = features.rows(bench.ids)
-    quality = {0.0: features.quality[rows]}
-    norms = {0.0: row_norms(features.features[rows])}
-    levels = {}
-    for severity, copy in copies.items():
-        name = f"{bench.name.lower()}-degraded-s{severity:g}-seed{seed}"
-        level = _features(out, name, model, device, copy, bench.ids, flip, batch_size, 0)
-        verification = evaluate_pairs(bench, level).metrics["verification"]
-        levels[f"{severity:g}"] = {key: verification[key] for key in
-                                   ("accuracy", "accuracy_std", "auc", "eer", "tar_at_far")}
-        level_rows = level.rows(bench.ids)
-        quality[severity] = level.quality[level_rows]
-        norms[severity] = row_norms(level.features[level_rows])
-    severity_of = np.concatenate([np.full(len(q), s) for s, q in quality.items()])
-    metrics = {
-        "seed": seed,
-        "kinds": {kind: kinds.count(kind) for kind in sorted(set(kinds))},
-        "levels": levels,
-        "rank_correlation": {
-            "model quality": rank_correlations(np.concatenate(list(quality.values())), severity_of),
-            "feature norm": rank_correlations(np.concatenate(list(norms.values())), severity_of),
-        },
+    copies, kinds = degraded_images(bench, severities, seed)
+    levels = {
+        severity: _features(out, f"{bench.name.lower()}-degraded-s{severity:g}-seed{seed}", model,
+                            device, copy, bench.ids, flip, batch_size, 0)
+        for severity, copy in copies.items()
     }
-    boxes = {"model quality by severity": {f"severity {s:g}": q for s, q in quality.items()}}
-    return metrics, boxes
+    return evaluate_degraded(bench, features, levels, seed=seed, kinds=kinds)
 
 
 def _qmagface(path: Path | None):

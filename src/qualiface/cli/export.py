@@ -98,9 +98,12 @@ def calibrate_command(
     import numpy as np
 
     from qualiface.data.lfw import read_pairs
-    from qualiface.eval.similarity import cosine_scores
-    from qualiface.infer.calibrate import CalibrationError, calibrate_from_pairs, rejection_threshold_for_fnmr
-    from qualiface.infer.model import MODEL_JSON, WEIGHTS_FILE, Model, write_model_spec
+    from qualiface.infer.calibrate import calibrate_from_pairs, rejection_threshold_for_fnmr
+    from qualiface.infer.model import Model
+    from qualiface.package.calibration import CalibrationError
+    from qualiface.package.format import MODEL_JSON, WEIGHTS_FILE
+    from qualiface.package.io import write_model_spec
+    from qualiface.scoring.similarity import cosine_scores
 
     try:
         loaded = Model.load(model, device=device)

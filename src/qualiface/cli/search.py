@@ -61,9 +61,9 @@ def enrol_command(
     """Enrol templates from an embedding table into a gallery (added to an existing one)."""
     import numpy as np
 
-    from qualiface.eval.aggregation import aggregate_templates
     from qualiface.infer.io import read_table
     from qualiface.infer.search import GalleryError, enrol
+    from qualiface.scoring.aggregation import aggregate_templates
 
     try:
         table = read_table(embeddings, required=("ids", "embeddings"))

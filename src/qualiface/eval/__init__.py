@@ -13,6 +13,10 @@ importing ``qualiface.eval`` itself loads only numpy-free definitions.
 - ``benchmarks``: end-to-end runs for pair sets (``pairs.txt`` over a folder, ``.bin``).
 - ``ijb`` / ``tinyface``: IJB-B/C 1:1 and 1:N, TinyFace rank-k.
 - ``report``: ``metrics.json`` plus a Markdown/HTML report with PNG plots, and run comparison.
+
+What ``infer`` shares with evaluation (``check_pairs``, ``threshold_at_fmr``, the plain similarity
+functions, the whole of ``aggregation``, ``SearchResult`` and ``rank_accuracy``) lives in
+``qualiface.scoring``; the modules above re-export it, so the old import paths keep working.
 """
 
 from __future__ import annotations

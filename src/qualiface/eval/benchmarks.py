@@ -20,8 +20,9 @@ import numpy as np
 from qualiface.eval import EvaluationError
 from qualiface.eval.features import FeatureSet, ImageFiles
 from qualiface.eval.quality import edc, edc_refixed, edc_summary, pair_quality
-from qualiface.eval.similarity import QMagFace, l2_normalize, score_pairs
+from qualiface.eval.similarity import QMagFace, score_pairs
 from qualiface.eval.verification import DEFAULT_FARS, evaluate_verification
+from qualiface.scoring.similarity import l2_normalize
 
 
 @dataclass

@@ -274,6 +274,31 @@ def data_digest(images, files: Sequence[str | os.PathLike] = (), arrays: Sequenc
     return digest.hexdigest() if known else None
 
 
+def benchmark_features(images, embed_fn: EmbedFn, model_id: str, name: str, ids: Sequence[str],
+                       *, cache_dir: str | os.PathLike | None, flip: str = "none",
+                       batch_size: int = 64, num_workers: int = 0,
+                       files: Sequence[str | os.PathLike] = (), arrays: Sequence = (),
+                       meta: dict | None = None,
+                       on_reuse: Callable[[Path], None] | None = None) -> FeatureSet:
+    """Features of benchmark ``name``'s ``images``, reused from ``cache_dir`` only when the model
+    (``model_id``), the options *and the data* match.
+
+    ``files`` / ``arrays``: protocol files and arrays (pairs.txt, IJB landmarks) that change the
+    features besides the images themselves; ``data_digest`` hashes them with the images, and
+    images whose content it cannot fingerprint are never cached. The file is
+    ``<cache_dir>/features-<name>-<key>.safetensors`` (see ``cached_features``).
+    """
+    data = data_digest(images, files, arrays)
+    key = {"model": model_id, "benchmark": name, "flip": flip, "ids": ids_digest(ids),
+           "data": data}
+    return cached_features(
+        cache_dir if data is not None else None, f"features-{name}", key,
+        lambda: extract_features(images, embed_fn, ids=ids, flip=flip, batch_size=batch_size,
+                                 num_workers=num_workers, description=f"embedding {name}",
+                                 meta=meta),
+        on_reuse=on_reuse)
+
+
 class ImageFiles:
     """A dataset over image files: item ``i`` is ``read_image(paths[i])`` as uint8 (3, H, W).
 

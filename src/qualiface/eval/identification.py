@@ -9,34 +9,21 @@ Open-set TPIR at FPIR ``f`` (IJB 1:N, NIST FRVT style): the threshold is the low
 at most a fraction ``f`` of the *non-mated* probes have a top gallery score >= threshold; TPIR
 is the fraction of mated probes whose best mated entry is at rank 1 and scores >= threshold.
 NaN when there are fewer than ``1 / f`` non-mated probes.
+
+``SearchResult`` and ``rank_accuracy`` live in :mod:`qualiface.scoring.identification` (the
+gallery in ``infer.search`` uses them too) and are re-exported here.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
 from qualiface.eval import EvaluationError
-
-
-@dataclass
-class SearchResult:
-    """Per-probe outcome of searching a gallery.
-
-    ranks: (P,) rank of the best mated entry (1 = first), 0 for probes without a mate.
-    mated_scores: (P,) score of the best mated entry (-inf without a mate).
-    top_scores: (P,) highest score over the whole gallery.
-    """
-
-    ranks: np.ndarray
-    mated_scores: np.ndarray
-    top_scores: np.ndarray
-
-    @property
-    def has_mate(self) -> np.ndarray:
-        return self.ranks > 0
+# The search outcome and rank-k accuracy live in the shared scoring module (the gallery
+# uses them too); still importable from here.
+from qualiface.scoring.identification import SearchResult, rank_accuracy  # noqa: F401
 
 
 def search(probe_features, probe_labels, gallery_features, gallery_labels,
@@ -75,14 +62,6 @@ def search(probe_features, probe_labels, gallery_features, gallery_labels,
         top.append(sims.max(dim=1).values)
     return SearchResult(torch.cat(ranks).cpu().numpy(), torch.cat(mated).cpu().numpy(),
                         torch.cat(top).cpu().numpy())
-
-
-def rank_accuracy(result: SearchResult, ranks: Sequence[int] = (1, 5, 10)) -> dict[int, float]:
-    """``{k: fraction of mated probes at rank <= k}``."""
-    mated_ranks = result.ranks[result.has_mate]
-    if len(mated_ranks) == 0:
-        raise EvaluationError("rank accuracy: no probe has a mate in the gallery")
-    return {int(k): float(np.mean(mated_ranks <= k)) for k in ranks}
 
 
 def tpir_at_fpir(result: SearchResult, fpirs: Sequence[float] = (1e-2, 1e-1)) -> dict[float, tuple[float, float]]:

@@ -20,13 +20,14 @@ import numpy as np
 
 from qualiface.data.ijb import IJBProtocol
 from qualiface.eval import EvaluationError
-from qualiface.eval.aggregation import Templates, aggregate_templates
 from qualiface.eval.features import FeatureSet, ImageFiles
-from qualiface.eval.identification import rank_accuracy, search, tpir_at_fpir
+from qualiface.eval.identification import search, tpir_at_fpir
 from qualiface.eval.quality import edc, edc_summary, pair_quality
 from qualiface.eval.similarity import score_pairs
 from qualiface.eval.verification import (DEFAULT_FARS, RocCurve, area_under_curve,
                                          equal_error_rate, far_key, roc_curve, tar_at_far)
+from qualiface.scoring.aggregation import Templates, aggregate_templates
+from qualiface.scoring.identification import rank_accuracy
 
 
 @dataclass

@@ -40,7 +40,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from qualiface.eval import EvaluationError
-from qualiface.eval.verification import check_pairs
+# threshold_at_fmr lives in the shared scoring module (calibration uses it too); still
+# importable from here.
+from qualiface.scoring.thresholds import check_pairs, threshold_at_fmr
 
 
 def pair_quality(quality_first, quality_second) -> np.ndarray:
@@ -77,23 +79,6 @@ def _check_quality(pair_qualities, n: int) -> np.ndarray:
     if not np.all(np.isfinite(q)):
         raise EvaluationError("EDC: pair qualities must be finite")
     return q
-
-
-def threshold_at_fmr(scores, labels, fmr: float) -> float:
-    """The lowest threshold whose FMR over all impostor pairs is at most ``fmr``.
-
-    With ``k = floor(fmr * impostors)`` false matches allowed, that is the smallest float
-    above the (k+1)-th highest impostor score (accept = ``score >= threshold``).
-    """
-    scores, labels = check_pairs(scores, labels, "EDC")
-    impostor = np.sort(scores[~labels].astype(np.float64))[::-1]
-    allowed = int(np.floor(fmr * len(impostor) + 1e-9))
-    if allowed < 1:
-        raise EvaluationError(f"EDC: FMR {fmr:g} is not measurable with {len(impostor)} "
-                              "impostor pairs (need at least 1/FMR)")
-    if allowed >= len(impostor):
-        return float(impostor[-1])
-    return float(np.nextafter(impostor[allowed], np.inf))
 
 
 def edc(scores, labels, pair_qualities, *, fmr: float = 1e-3,

@@ -1,5 +1,9 @@
 """Comparison scores: cosine, Euclidean, the fast pair scorer, and QMagFace quality-aware scores.
 
+The plain similarity functions (``row_norms``, ``l2_normalize``, ``cosine_scores``,
+``euclidean_scores``, ``SIMILARITIES``) live in :mod:`qualiface.scoring.similarity`, shared
+with ``infer``, and are re-exported here.
+
 All scores are similarities (higher = more alike), so every metric in ``qualiface.eval`` uses
 one convention: the Euclidean score is the *negative* distance between L2-normalised features.
 
@@ -37,41 +41,17 @@ import numpy as np
 
 from qualiface.eval import EvaluationError
 from qualiface.files import write_text_atomic
+# The plain similarity functions live in the shared scoring module (infer uses them too); they
+# stay importable from here.
+from qualiface.scoring.similarity import (  # noqa: F401
+    SIMILARITIES,
+    cosine_scores,
+    euclidean_scores,
+    l2_normalize,
+    row_norms,
+)
 
 _EPS = 1e-12
-
-
-def row_norms(features: np.ndarray) -> np.ndarray:
-    """L2 norm of each row (N,), without the (N, D) temporary ``np.linalg.norm`` allocates
-    (that temporary costs seconds at IJB-C size)."""
-    return np.sqrt(np.einsum("ij,ij->i", features, features))
-
-
-def l2_normalize(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(N, D) -> (unit features (N, D) float32, norms (N,) float32); zero rows stay zero."""
-    features = np.asarray(features, dtype=np.float32)
-    norms = row_norms(features)
-    return features / np.maximum(norms, _EPS)[:, None], norms
-
-
-def cosine_scores(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Row-wise cosine similarity of raw features a (N, D) and b (N, D) -> (N,) float32."""
-    ua, _ = l2_normalize(a)
-    ub, _ = l2_normalize(b)
-    return np.einsum("ij,ij->i", ua, ub)
-
-
-def euclidean_scores(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Negative Euclidean distance of the L2-normalised rows (N,) (in [-2, 0], higher = closer).
-
-    A monotone function of the cosine (``d^2 = 2 - 2 cos``): same ROC, different thresholds.
-    """
-    ua, _ = l2_normalize(a)
-    ub, _ = l2_normalize(b)
-    return -np.linalg.norm(ua - ub, axis=1)
-
-
-SIMILARITIES = {"cosine": cosine_scores, "euclidean": euclidean_scores}
 
 
 def _check_indices(index: np.ndarray, size: int, what: str) -> np.ndarray:
@@ -229,7 +209,8 @@ class QMagFace:
         ``fmrs``: the FMR range (default 50 log-spaced values in [1e-5, 1e-2]; values with
         fewer than ``1 / fmr`` impostor pairs are skipped as not measurable).
         """
-        from qualiface.eval.verification import check_pairs, roc_curve, tar_at_far
+        from qualiface.eval.verification import roc_curve, tar_at_far
+        from qualiface.scoring.thresholds import check_pairs
 
         scores, labels = check_pairs(scores, labels, "QMagFace training pairs")
         scores = scores.astype(np.float64)

@@ -14,8 +14,9 @@ import numpy as np
 
 from qualiface.data.tinyface import TinyFaceProtocol
 from qualiface.eval.features import FeatureSet, ImageFiles, resize_to
-from qualiface.eval.identification import rank_accuracy, search
-from qualiface.eval.similarity import l2_normalize
+from qualiface.eval.identification import search
+from qualiface.scoring.identification import rank_accuracy
+from qualiface.scoring.similarity import l2_normalize
 
 
 def tinyface_images(protocol: TinyFaceProtocol, size: int = 112) -> ImageFiles:

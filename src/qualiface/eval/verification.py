@@ -36,6 +36,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from qualiface.eval import EvaluationError
+# check_pairs lives in the shared scoring module (calibration uses it too); still importable
+# from here.
+from qualiface.scoring.thresholds import check_pairs
 
 #: The FAR operating points reported by default (IJB-C style, 1e-6 ... 1e-1).
 DEFAULT_FARS: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -44,36 +47,6 @@ DEFAULT_FARS: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 def far_key(far: float) -> str:
     """The JSON key used for a FAR value: ``1e-03`` style (stable, sortable by exponent)."""
     return f"{far:.0e}"
-
-
-def check_pairs(scores, labels, what: str = "scores") -> tuple[np.ndarray, np.ndarray]:
-    """Validate and convert pair scores and labels -> (float array (N,), bool array (N,)).
-
-    Raises ``EvaluationError`` for mismatched lengths, non-finite scores, labels other than
-    0/1, or a set without genuine or without impostor pairs.
-    """
-    scores = np.asarray(scores)
-    labels = np.asarray(labels)
-    if scores.ndim != 1 or labels.ndim != 1:
-        raise EvaluationError(f"{what}: expected 1-D scores and labels, got shapes "
-                              f"{scores.shape} and {labels.shape}")
-    if len(scores) != len(labels):
-        raise EvaluationError(f"{what}: {len(scores)} scores but {len(labels)} labels")
-    if not np.issubdtype(scores.dtype, np.floating):
-        scores = scores.astype(np.float64)
-    if not np.all(np.isfinite(scores)):
-        bad = int(np.flatnonzero(~np.isfinite(scores))[0])
-        raise EvaluationError(f"{what}: score {bad} is not finite ({scores[bad]})")
-    if labels.dtype != np.bool_:
-        if not np.all((labels == 0) | (labels == 1)):
-            raise EvaluationError(f"{what}: labels must be 0/1 (impostor/genuine), got values "
-                                  f"{np.unique(labels)[:5].tolist()}")
-        labels = labels.astype(bool)
-    n_genuine = int(labels.sum())
-    if n_genuine == 0 or n_genuine == len(labels):
-        raise EvaluationError(f"{what}: need both genuine and impostor pairs, got {n_genuine} "
-                              f"genuine of {len(labels)}")
-    return scores, labels
 
 
 @dataclass(frozen=True)

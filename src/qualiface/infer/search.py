@@ -84,8 +84,8 @@ def rank_rates(result: SearchResult, labels, enrolled_ids, ranks=(1, 5)) -> tupl
     ``max(ranks)`` columns (or the whole gallery) for the rates to be exact. No counted probe:
     ``({}, 0)``.
     """
-    from qualiface.eval.identification import SearchResult as Ranked
-    from qualiface.eval.identification import rank_accuracy
+    from qualiface.scoring.identification import SearchResult as Ranked
+    from qualiface.scoring.identification import rank_accuracy
 
     labels = np.asarray(labels).astype(str)
     if labels.shape != (result.ids.shape[0],):

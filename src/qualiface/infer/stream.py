@@ -1,14 +1,14 @@
 """Streaming (video) aggregation: per-track templates updated frame by frame.
 
 :class:`StreamAggregator` keeps one EQFace progressive template per track id
-(``qualiface.eval.aggregation.ProgressiveTemplate``): a frame updates its track's template only
+(``qualiface.scoring.aggregation.ProgressiveTemplate``): a frame updates its track's template only
 when its quality exceeds ``s_th`` and it agrees with the template (cosine > ``f_th``); the
 template is the quality-weighted mean of the accepted frames. Templates are available at any
 time, so a tracker can query the gallery while the video plays.
 
 For whole videos known in advance, :func:`aggregate_tracks` pools all frames of each track at
 once with the batch forms (QWFA, QWFA with filter, plain mean) of
-``qualiface.eval.aggregation.aggregate_templates``; ``mode="progressive"`` replays the frames
+``qualiface.scoring.aggregation.aggregate_templates``; ``mode="progressive"`` replays the frames
 through a :class:`StreamAggregator` so both paths share one output format.
 """
 
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qualiface.eval.aggregation import ProgressiveTemplate, aggregate_templates
+from qualiface.scoring.aggregation import ProgressiveTemplate, aggregate_templates
 
 STREAM_MODES = ("progressive", "qwfa", "qwfaf", "mean")
 

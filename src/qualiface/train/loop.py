@@ -1,11 +1,11 @@
 """The training loop: one loop for every head and method, readable top to bottom.
 
 ``train(cfg)`` builds everything from a ``TrainingConfig`` and runs the method's phases
-(``train.pipelines``). Each optimizer step:
+(``qualiface.methods``). Each optimizer step:
 
-1. asks the pipeline for per-step switches, sets the learning rate from the pure schedule;
-2. for each of ``grad_accum`` micro-batches: random flip, (second degraded view when the head
-   wants one; both views go through the backbone as one batch), forward under autocast, head
+1. asks the method for per-step switches, sets the learning rate from the pure schedule;
+2. for each of ``grad_accum`` micro-batches: random flip, (second view when the method gives
+   one; both views go through the backbone as one batch), forward under autocast, head
    in fp32, ``loss / grad_accum`` backward (DDP's ``no_sync`` on all but the last micro-batch);
 3. unscales, clips (or just measures the gradient norm), then skips the step when any
    micro-batch loss or that norm is NaN/Inf, else steps the optimizer; ``max_nonfinite_steps``
@@ -26,14 +26,14 @@ The per-step pieces are public for benchmarks and custom loops: ``plan()``,
 ``prepare_phase(phase)`` and ``train_step(micro_batches)``.
 
 Single process: the plain head. Under ``torchrun``: DDP backbone plus the sharded head of
-``train.sharded``. The loop never looks at the method's name; heads expose
-``requires_features`` / ``requires_second_view`` and pipelines the stage hooks.
+``train.sharded``. The loop never looks at the method's name and never asks a head or a method
+what it can do: it calls the ``Method`` interface (``methods.base``) and hands the method a
+``MethodContext`` (``TrainerContext`` below), not itself.
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
 import random
 import signal
 import time
@@ -47,12 +47,13 @@ from torch import nn
 from qualiface.config import ConfigError, TrainingConfig, save_config, to_dict
 from qualiface.data.transforms import to_model_input
 from qualiface.errors import QualifaceError
+from qualiface.methods import build_method
+from qualiface.methods.base import Phase, inner_head
 from qualiface.threads import available_cpus, data_workers
 from qualiface.train import checkpoint as ckpt
 from qualiface.train.data import BatchPlan, BatchSource, DataError, cached_size_bytes, decode_all, random_flip
 from qualiface.train.logging import MetricsLogger, console, training_progress
 from qualiface.train.optim import build_optimizer, set_lr
-from qualiface.train.pipelines import Phase, build_pipeline, inner_head
 from qualiface.train.precision import autocast, configure_kernels, make_scaler, resolve_precision
 from qualiface.train.schedule import build_schedule
 
@@ -179,8 +180,10 @@ class Trainer:
         self.backbone.to(self.device)
         if t.channels_last:
             self.backbone.to(memory_format=torch.channels_last)
+        self.method = build_method(cfg)
+        self.sharded = self.dist.world_size > 1  # the head is a ShardedHead
         self.head = self._build_head().to(self.device)
-        self.pipeline = build_pipeline(cfg)
+        self.context = TrainerContext(self)
 
         # Augmentation randomness (flips, degraded views) has its own generator so it is
         # checkpointed explicitly; per rank, so ranks augment differently.
@@ -207,25 +210,20 @@ class Trainer:
     # ------------------------------------------------------------------ construction helpers
 
     def _build_head(self) -> nn.Module:
-        from qualiface.heads import HEADS, _load_all, build_head
-
-        _load_all()
         cfg = self.cfg
-        params = dict(cfg.head.params)
-        factory = HEADS.get(cfg.head.name)
-        if "feature_dim" in inspect.signature(factory).parameters and "feature_dim" not in params:
-            params["feature_dim"] = int(self.backbone.feature_dim)  # EQFace's branch input size
         embedding_size = int(self.backbone.embedding_size)
-        if self.dist.world_size > 1:
+        feature_dim = int(self.backbone.feature_dim)
+        if self.sharded:
             from qualiface.train.sharded import ShardedHead
 
+            params = self.method.head_params(dict(cfg.head.params), feature_dim=feature_dim)
             return ShardedHead(
-                cfg.head.name, embedding_size, self.num_classes, params,
+                self.method.head_name, embedding_size, self.num_classes, params,
                 rank=self.dist.rank, world_size=self.dist.world_size,
                 sample_rate=cfg.distributed.sample_rate, seed=cfg.train.seed,
             )
         try:
-            return build_head(cfg.head.name, embedding_size, self.num_classes, **params)
+            return self.method.build_head(embedding_size, self.num_classes, feature_dim, **cfg.head.params)
         except ValueError as exc:
             raise ConfigError(f"head '{cfg.head.name}': {exc}") from None
 
@@ -274,15 +272,7 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def _head_state(self) -> dict:
-        full = getattr(self.head, "full_state_dict", None)
-        return full() if full is not None else self.head.state_dict()
-
-    def _load_head_state(self, state: dict) -> None:
-        load = getattr(self.head, "load_full_state_dict", None)
-        if load is not None:
-            load(state)
-        else:
-            self.head.load_state_dict(state)
+        return self.head.full_state_dict() if self.sharded else self.head.state_dict()
 
     def save_checkpoint(self) -> None:
         """Write the one resumable checkpoint (every rank calls: the head gather is collective)."""
@@ -298,7 +288,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict() if self.optimizer is not None else {},
             "scaler": self.scaler.state_dict(),
             # The sharded head's centre-sampling counter, so resumed runs draw the same negatives.
-            "sampling_step": int(getattr(self.head, "step", 0)),
+            "sampling_step": int(self.head.step) if self.sharded else 0,
             "rng": ckpt.capture_rng_state({"augment": self.augment_generator}),
             "data": {"seed": self.cfg.train.seed, "indices": self.indices,
                      "epoch_and_position": list(divmod(self.phase_step, max(1, self.plan().steps_per_epoch)))},
@@ -347,12 +337,11 @@ class Trainer:
             self.logger.note(state["global_step"], f"world size changed {state['world_size']} -> "
                              f"{self.dist.world_size}: optimizer moments reset")
         ckpt.load_module_state(self.backbone, state["backbone"], what="backbone", path=source)
-        if getattr(self.head, "load_full_state_dict", None) is None:
-            ckpt.load_module_state(self.head, state["head"], what="head", path=source)
-        else:
-            self._load_head_state(state["head"])
-        if hasattr(self.head, "step"):
+        if self.sharded:
+            self.head.load_full_state_dict(state["head"])
             self.head.step = int(state.get("sampling_step", 0))
+        else:
+            ckpt.load_module_state(self.head, state["head"], what="head", path=source)
         self.scaler.load_state_dict(state["scaler"])
         self.phase_index = int(state["phase_index"])
         self.phase_step = int(state["phase_step"])
@@ -395,12 +384,11 @@ class Trainer:
 
     def _forward(self, images: torch.Tensor, labels: torch.Tensor):
         """Forward one micro-batch: returns the head's output and the embeddings."""
-        head = inner_head(self.head)
-        wants_features = bool(getattr(head, "requires_features", False))
-        wants_view = bool(getattr(head, "requires_second_view", False))
+        wants_features = self.method.needs_features
         batch = images.shape[0]
+        lq = self.method.second_view(images, self.augment_generator)
+        wants_view = lq is not None
         if wants_view:
-            lq = self.pipeline.second_view(images, self.augment_generator)
             images = torch.cat([images, lq.to(images.device)])  # one pass: DDP sees one forward
         x = to_model_input(images)
         if self.cfg.train.channels_last:
@@ -473,7 +461,7 @@ class Trainer:
             # ranks clip by different factors and their backbone replicas drift apart.
             from qualiface.train.distributed import clip_grad_norm_
 
-            sharded = self.head.sharded_parameters() if hasattr(self.head, "sharded_parameters") else []
+            sharded = self.head.sharded_parameters() if self.sharded else []
             total_norm = clip_grad_norm_(self.trainable, clip, sharded=sharded)
         else:
             total_norm = gradient_norm(self.trainable)
@@ -513,15 +501,13 @@ class Trainer:
     # ------------------------------------------------------------------ phases
 
     def prepare_phase(self, phase: Phase, steps_per_epoch: int | None = None) -> list[nn.Parameter]:
-        """Enter ``phase``: pipeline hooks (freezing, head stage), a fresh optimizer over the
+        """Enter ``phase``: the method's hooks (freezing, head stage), a fresh optimizer over the
         phase's trainable parameters, the DDP / compile wrapper. Sets and returns
         ``self.trainable``. ``steps_per_epoch`` defaults to the current plan's."""
         if steps_per_epoch is None:
             steps_per_epoch = self.plan().steps_per_epoch
-        self.pipeline.enter_phase(phase, self.backbone, self.head)
-        if hasattr(self.pipeline, "resolve"):
-            self.pipeline.resolve(steps_per_epoch, phase.total_steps(steps_per_epoch))
-        named = self.pipeline.trainable(phase, self.backbone, self.head)
+        self.method.enter_phase(phase, self.backbone, self.head, steps_per_epoch)
+        named = self.method.trainable(phase, self.backbone, self.head)
         self.optimizer = build_optimizer(named, self.cfg.optim, lr=phase.lr)
         self._wrap_model()
         self.trainable = [p for _, p in named]
@@ -548,7 +534,7 @@ class Trainer:
         window_start, window_images = time.perf_counter(), 0
         while self.phase_step < total:
             epoch, position = divmod(self.phase_step, steps_per_epoch)
-            self.pipeline.before_step(phase, self.phase_step, self.head)
+            self.method.before_step(phase, self.phase_step, self.head)
             lr = schedule(self.phase_step)
             set_lr(self.optimizer, lr)
             metrics = self.train_step(source.step(epoch, position))
@@ -613,12 +599,13 @@ class Trainer:
     def score_training_set(self, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Quality of every current training sample (no flip): ``(indices (N,), quality (N,))``.
 
-        Used by EQFace's QWDF filter and its collapse check (``limit``: only the first
-        ``limit`` samples, evenly spread over the set). Every rank scores the same samples.
+        The method's quality estimator; the service behind ``MethodContext.score_samples``
+        (EQFace's QWDF filter and collapse check). ``limit``: only that many samples, evenly
+        spread over the set. Every rank scores the same samples.
         """
         from qualiface.progress import make_progress
 
-        estimator = inner_head(self.head).quality_estimator().to(self.device).eval()
+        estimator = self.method.quality_estimator(self.head).to(self.device).eval()
         was_training = self.backbone.training
         self.backbone.eval()
         scores = []
@@ -637,7 +624,7 @@ class Trainer:
                 x = to_model_input(images)
                 with autocast(self.device, self.precision):
                     emb, feats = self.backbone(x, return_features=True)
-                if getattr(estimator, "requires_features", False):
+                if self.method.needs_features:
                     q = estimator(emb.float(), feats.float())
                 else:
                     q = estimator(emb.float())
@@ -665,7 +652,7 @@ class Trainer:
                             f"grad_accum {t.grad_accum} x {self.dist.world_size} process(es))"),
         ]
         total = 0
-        phases = self.pipeline.phases()
+        phases = self.method.phases()
         for number, phase in enumerate(phases, 1):
             steps = phase.total_steps(per_epoch)
             total += steps
@@ -673,7 +660,7 @@ class Trainer:
                                     steps_per_epoch=per_epoch).warmup_steps
             length = f"{steps:,} steps" + (f" ({phase.epochs:g} epochs)" if phase.steps <= 0 else "")
             notes = [length, f"lr {phase.lr:g}", f"lr warm-up {warmup:,} steps",
-                     *self.pipeline.describe(phase, per_epoch, steps)]
+                     *self.method.describe(phase, per_epoch, steps)]
             rows.append((f"phase {number}/{len(phases)}", f"{phase.name}: " + ", ".join(notes)))
         rows += [
             ("total steps", f"{total:,}"),
@@ -714,7 +701,7 @@ class Trainer:
             self.print_summary()
             self.out_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, self.out_dir / "config.yaml")
-        phases = self.pipeline.phases()
+        phases = self.method.phases()
         previous = self._install_signal_handlers()
         try:
             with training_progress(enabled=t.progress and self.is_main, every=t.log_every) as progress:
@@ -722,7 +709,7 @@ class Trainer:
                 while self.phase_index < len(phases):
                     phase = phases[self.phase_index]
                     self._run_phase(phase, progress, task)
-                    self.pipeline.after_phase(phase, self)
+                    self.method.after_phase(phase, self.context)
                     self.phase_index += 1
                     self.phase_step = 0
                     if self.phase_index < len(phases):
@@ -770,25 +757,48 @@ class Trainer:
 
     def _save_package(self) -> Path | None:
         try:
-            from qualiface.infer.model import save_model_package
+            from qualiface.package.io import save_model_package
         except ImportError:
-            self.logger.note(self.global_step, "model package skipped: qualiface.infer.model is not available")
+            self.logger.note(self.global_step, "model package skipped: qualiface.package.io is not available")
             return None
         out = self.out_dir / "model"
-        head = inner_head(self.head)
         self.backbone.eval()
         save_model_package(
             out,
             backbone=self.backbone,
             backbone_name=self.cfg.model.backbone,
             backbone_kwargs=dict(self.cfg.model.params),
-            quality_estimator=head.quality_estimator(),
+            quality_estimator=self.method.quality_estimator(self.head),
             head_name=self.cfg.head.name,
             metadata={"global_step": self.global_step, "config": to_dict(self.cfg),
                       "last_metrics": {k: v for k, v in self.last_metrics.items() if isinstance(v, (int, float, str))}},
         )
         console.print(f"model package written to {out}")
         return out
+
+
+class TrainerContext:
+    """The ``MethodContext`` a trainer hands its method: a few services, not the trainer."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self._trainer = trainer
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self._trainer.plan().steps_per_epoch
+
+    @property
+    def samples_per_step(self) -> int:
+        return self._trainer.samples_per_step
+
+    def score_samples(self, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._trainer.score_training_set(limit=limit)
+
+    def set_training_subset(self, indices: torch.Tensor) -> None:
+        self._trainer.set_training_subset(indices)
+
+    def note(self, message: str) -> None:
+        self._trainer.logger.note(self._trainer.global_step, message)
 
 
 def train(cfg: TrainingConfig, *, out_dir: str | Path | None = None) -> TrainResult:

@@ -3,7 +3,8 @@
 Two sources of pairs (``ValidationConfig.kind``):
 
 * ``synthetic``: a synthetic face set built from ``val.params`` (give it a seed / identity
-  range disjoint from the training set) and ``num_pairs`` balanced pairs from its ``make_pairs``;
+  range disjoint from the training set) and ``num_pairs`` balanced pairs from
+  ``data.pairs.make_pairs``;
 * ``pairs``: an LFW-style folder ``root`` with a ``pairs.txt`` (``val.pairs``), restricted to
   ``val.folds`` (1-based fold numbers as in the file; empty = all).
 
@@ -74,7 +75,7 @@ class PairValidator:
 def synthetic_pairs(params: dict, num_pairs: int, seed: int) -> PairSet:
     """Pairs from a (held-out) synthetic face set built with ``params``."""
     from qualiface.data import build_dataset
-    from qualiface.data.synthetic import make_pairs
+    from qualiface.data.pairs import make_pairs
 
     dataset = build_dataset("synthetic", **params)
     idx1, idx2, issame = (np.asarray(a) for a in make_pairs(dataset, num_pairs, seed))

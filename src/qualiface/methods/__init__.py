@@ -1,0 +1,68 @@
+"""Training methods, one file each (``plain``, ``qcface``, ``eqface``, ``qgface``), picked by name.
+
+A method class (``methods.base.Method``) registers itself under every head name it trains::
+
+    @METHODS.register("qcface", "qcface-cur", "qcface-mv")
+    class QCFaceMethod(Method): ...
+
+``build_method(cfg)`` picks the method of ``cfg.head.name`` (a head with no method of its own
+trains as the plain one-phase method) and checks ``cfg.pipeline.name`` against it.
+``method_options()`` maps each method's config section name to its options dataclass; the
+config parser uses it to read ``pipeline.<name>`` sections.
+
+Adding a method: one module in this package (it is imported by ``_load_all``, which loads every
+module here), plus its head in ``qualiface.heads`` when it brings new loss maths.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+from qualiface.methods.base import Method, MethodContext, Phase, PipelineError
+from qualiface.registry import Registry
+
+METHODS: Registry = Registry("method")
+
+__all__ = ["METHODS", "Method", "MethodContext", "Phase", "PipelineError", "build_method",
+           "method_options"]
+
+
+def _load_all() -> None:
+    # Importing a module registers its methods; every module of this package is a method file.
+    for module in pkgutil.iter_modules(__path__):
+        if module.name != "base":
+            importlib.import_module(f"{__name__}.{module.name}")
+
+
+def method_classes() -> dict[str, type[Method]]:
+    """``{method name: class}`` of every registered method (aliases folded)."""
+    _load_all()
+    classes: dict[str, type[Method]] = {}
+    for key in METHODS.names():
+        cls = METHODS.get(key)
+        classes.setdefault(cls.name, cls)
+    return classes
+
+
+def method_options() -> dict[str, type]:
+    """``{section name: options dataclass}`` for every method that has options, by name."""
+    return {name: cls.Config for name, cls in sorted(method_classes().items()) if cls.Config is not None}
+
+
+def build_method(cfg) -> Method:
+    """The method for ``cfg.head.name`` with its options from ``cfg.pipeline.<name>``.
+
+    ``PipelineError`` when ``cfg.pipeline.name`` names another method's schedule.
+    """
+    _load_all()
+    head = cfg.head.name
+    cls = METHODS.get(head) if head in METHODS else Method
+    wanted = cfg.pipeline.name
+    if wanted not in ("none", cls.name):
+        family = method_classes().get(wanted)
+        heads = ", ".join(family.heads) if family is not None else "(none)"
+        raise PipelineError(f"pipeline {wanted} needs the {wanted} head ({heads}), not {head}")
+    base = Phase("train", cfg.train.epochs, cfg.train.steps, cfg.optim.lr)
+    options = getattr(cfg.pipeline, cls.name, None) if cls.Config is not None else None
+    return cls(head, base=base, options=options, scheduled=wanted == cls.name)

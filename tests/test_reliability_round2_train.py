@@ -223,3 +223,21 @@ def test_exponent_learning_rate_trains(tmp_path):
                                  "optim.lr=1e-3"])
     assert result.exit_code == 0, result.output
     assert ckpt.load_checkpoint(tmp_path / "run" / "checkpoint.pt")["config"]["optim"]["lr"] == 1e-3
+
+
+def test_a_pipeline_section_registered_on_one_side_only_is_not_a_config_change():
+    from qualiface.train.checkpoint import config_differences
+
+    saved = {"head": {"name": "qcface"}, "pipeline": {"name": "qcface",
+                                                      "qcface": {"warmup_steps": 5}}}
+    # another process registered a plug-in method: its options section appears, unused
+    current = {"head": {"name": "qcface"}, "pipeline": {"name": "qcface",
+                                                        "qcface": {"warmup_steps": 5},
+                                                        "toy": {"first_steps": 2}}}
+    assert config_differences(saved, current) == []
+    # a change inside a section both sides know is still refused
+    current["pipeline"]["qcface"]["warmup_steps"] = 6
+    assert config_differences(saved, current) == [("pipeline.qcface.warmup_steps", 5, 6)]
+    # and a head change is never hidden
+    current["head"]["name"] = "arcface"
+    assert ("head.name", "qcface", "arcface") in config_differences(saved, current)

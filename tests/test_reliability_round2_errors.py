@@ -10,7 +10,7 @@ import pathlib
 import pytest
 import torch
 import yaml
-from test_eval_cli import _fake_embed, _write_lfw
+from test_eval_cli import _write_lfw, fake_model  # noqa: F401  (fixture shared with the eval CLI tests)
 from typer.testing import CliRunner
 
 from qualiface import files
@@ -26,15 +26,6 @@ def _one_line_error(result, *fragments: str) -> None:
     for fragment in fragments:
         assert fragment in output, result.output
 
-
-@pytest.fixture
-def fake_model(monkeypatch, tmp_path):
-    import qualiface.cli.eval as cli_eval
-
-    monkeypatch.setattr(cli_eval, "_load_embed_fn", lambda model, device: (_fake_embed, "fake-1"))
-    model = tmp_path / "model"
-    model.mkdir()
-    return model
 
 
 def test_model_given_a_file_instead_of_a_package_folder(tmp_path):

@@ -460,3 +460,61 @@ def restore_rng_state(state: dict, generators: dict[str, torch.Generator] | None
         if saved is None:
             raise CheckpointError(f"checkpoint has no state for random generator '{name}'")
         generator.set_state(saved)
+
+
+# ---------------------------------------------------------------------- a run's checkpoint files
+
+#: What a rank > 0 keeps in its own file: its head shard's optimizer moments and its RNG streams.
+RANK_KEYS = ("global_step", "optimizer", "rng")
+
+
+def rank_checkpoint_path(out_dir: str | Path, rank: int) -> Path:
+    """``checkpoint-rank<r>.pt``: the per-rank part of a multi-process run's checkpoint."""
+    return Path(out_dir) / f"checkpoint-rank{rank}.pt"
+
+
+def save_run_checkpoint(out_dir: str | Path, state: dict, *, rank: int, world_size: int) -> None:
+    """Rank 0 writes ``checkpoint.pt`` (``state``: see ``RESUME_KEYS``) and the weights as
+    ``weights.safetensors``; ranks > 0 of a multi-process run write their ``RANK_KEYS``."""
+    out_dir = Path(out_dir)
+    if rank == 0:
+        save_checkpoint(out_dir / CHECKPOINT_NAME, state)
+        weights = {**prefixed("backbone", state["backbone"]), **prefixed("head", state["head"])}
+        export_safetensors(out_dir / "weights.safetensors", weights, {"global_step": state["global_step"]})
+    elif world_size > 1:
+        save_checkpoint(rank_checkpoint_path(out_dir, rank), {k: state[k] for k in RANK_KEYS})
+
+
+def load_run_checkpoint(out_dir: str | Path, current_config: dict, *, rank: int, world_size: int,
+                        note: Callable[[int, str], None]) -> tuple[dict, Path]:
+    """The state to resume from, and the file it came from: the latest checkpoint, or the previous
+    one when the latest is corrupt or missing (``load_for_resume``; ``note`` gets the warning).
+    A checkpoint of another config or architecture, or with keys missing, is refused in one
+    line. A rank > 0 takes its optimizer moments and RNG from its own file; on another world
+    size the head re-shards from its full state but the optimizer moments are reset (empty)."""
+    out_dir = Path(out_dir)
+    main_path = out_dir / CHECKPOINT_NAME
+    point = load_for_resume(main_path)
+    state, source = point.state, point.path
+    require_keys(state, RESUME_KEYS, source)
+    step = state["global_step"] if isinstance(state["global_step"], int) else 0
+    for warning in point.warnings:
+        note(step, f"warning: {warning}")
+    check_resume_config(source, state["config"], current_config)
+    if rank > 0 and state["world_size"] == world_size:
+        # Per-rank files exist only for the world size that wrote them.
+        rank_path = rank_checkpoint_path(out_dir, rank)
+        if source != main_path:  # fell back: the ranks' files fall back too
+            rank_path = previous_path(rank_path)
+        rank_state = load_checkpoint(rank_path)
+        if rank_state["global_step"] != state["global_step"]:
+            raise CheckpointError(
+                f"{out_dir}: rank {rank}'s checkpoint is from step "
+                f"{rank_state['global_step']}, the main one from {state['global_step']}"
+            )
+        state.update({k: rank_state[k] for k in ("optimizer", "rng")})
+    if state["world_size"] != world_size:
+        state["optimizer"] = {}
+        note(state["global_step"], f"world size changed {state['world_size']} -> "
+             f"{world_size}: optimizer moments reset")
+    return state, source

@@ -26,6 +26,7 @@ process down on error or timeout), after which ``torchrun`` stops the remaining 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from collections.abc import Callable
@@ -357,6 +358,32 @@ def clip_grad_norm_(
     for p in parameters:
         p.grad.detach().mul_(coefficient.to(p.grad.dtype))
     return total.float()
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True when ``flag`` is set on any rank (all ranks must then act alike, e.g. on SIGTERM)."""
+    if not _multi_rank():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    _all_reduce_(t, dist.ReduceOp.MAX, None, "all_reduce(any rank)")
+    return bool(t.item() > 0)
+
+
+def all_ranks_true(flags: torch.Tensor, device: torch.device) -> list[bool]:
+    """Per entry of the bool vector ``flags``: True when it is True on every rank. Reads the
+    device once (after one all-reduce when distributed): the training step's one host sync."""
+    if _multi_rank():
+        flags = flags.to(device=device, dtype=torch.float32)
+        _all_reduce_(flags, dist.ReduceOp.MIN, None, "all_reduce(all ranks)")
+    return [bool(v) for v in flags.tolist()]
+
+
+def no_sync_unless(last: bool, model: torch.nn.Module):
+    """DDP's ``no_sync`` (gradients accumulate locally) except on the ``last`` micro-batch of a
+    step, whose backward all-reduces them; a plain context for a model that is not DDP."""
+    if last or not hasattr(model, "no_sync"):
+        return contextlib.nullcontext()
+    return model.no_sync()
 
 
 def broadcast_object(obj: _T, src: int = 0, group: Any = None) -> _T:

@@ -22,6 +22,7 @@ file cannot expand into gigabytes when the config is copied or saved.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 import math
@@ -29,14 +30,23 @@ import os
 import re
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from qualiface.backbones import BACKBONES
+from qualiface.backbones import _load_all as load_backbones
+from qualiface.data import DATASETS
+from qualiface.data import _load_all as load_datasets
 from qualiface.errors import QualifaceError
+from qualiface.files import read_small_text
+from qualiface.heads import HEADS
+from qualiface.heads import _load_all as load_heads
 from qualiface.methods import PipelineError, build_method, method_options
+from qualiface.registry import RegistryError
 
 
 class ConfigError(QualifaceError, ValueError):
@@ -428,8 +438,6 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     Validation happens when the result is built with ``from_dict``; a path through a typed
     section that does not exist is reported there with the full dotted key.
     """
-    import copy
-
     data = copy.deepcopy(data) if data else {}
     for text in overrides:
         key, value = parse_override(text)
@@ -598,8 +606,6 @@ def check_data_paths(cfg: TrainingConfig, *, source: str = "config") -> None:
 def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainingConfig:
     """Read a YAML config file (a path, or the name of a shipped config), apply ``key=value``
     overrides, validate types and choices."""
-    from qualiface.files import read_small_text
-
     path = resolve_config_path(path)
     try:  # a device, a FIFO or a huge file is refused unread (an OSError naming the problem)
         text = read_small_text(path, limit=MAX_CONFIG_BYTES, what="config")
@@ -671,14 +677,6 @@ def validate_components(cfg: TrainingConfig, *, source: str = "config") -> None:
 
     Imports the backbone, head and dataset families (torch), so it is separate from parsing.
     """
-    from qualiface.backbones import BACKBONES
-    from qualiface.backbones import _load_all as load_backbones
-    from qualiface.data import DATASETS
-    from qualiface.data import _load_all as load_datasets
-    from qualiface.heads import HEADS
-    from qualiface.heads import _load_all as load_heads
-    from qualiface.registry import RegistryError
-
     load_backbones()
     load_heads()
     load_datasets()
@@ -707,9 +705,7 @@ def _check_backbone_params(factory: Any, model: ModelConfig) -> None:
     of the forward pass are reported; anything the meta device itself cannot do is left to the
     real build.
     """
-    import warnings
-
-    import torch
+    import torch  # lazy: torch (~1 s); parsing a config must not load it
 
     params = model.params
 

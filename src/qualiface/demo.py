@@ -40,8 +40,27 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qualiface.config import ConfigError, load_config
+from qualiface.data import build_dataset
+from qualiface.data.decode import encode_jpeg
+from qualiface.data.degrade import CompositeConfig, CompositeDegradation
+from qualiface.data.folder import ImageFolderDataset
+from qualiface.data.pairs import make_pairs
+from qualiface.data.recordio import RecordIODataset, RecordIOWriter
+from qualiface.data.synthetic import SyntheticConfig
+from qualiface.data.transforms import IMAGE_SIZE
 from qualiface.errors import QualifaceError
+from qualiface.eval.benchmarks import PairBenchmark, evaluate_pairs
+from qualiface.eval.features import extract_features, resize_to
+from qualiface.eval.quality import rank_correlations
+from qualiface.eval.report import SEVERITY_CAPTION, EvalReport, write_report
+from qualiface.infer.model import package_embed_fn
+from qualiface.progress import make_progress
+from qualiface.scoring.similarity import l2_normalize
 from qualiface.threads import torch_threads
+from qualiface.train.logging import console, read_metrics
+from qualiface.train.loop import train
+from qualiface.train.report import LOSS_CAPTION, loss_curve, loss_plot
 from qualiface.train.report import LOSS_PLOT_TITLE  # noqa: F401  (the report's plot title)
 
 #: The demo's default config, shipped inside the package (``configs/`` links to it).
@@ -161,8 +180,6 @@ def choose_threads(requested: int = 0) -> int:
 
 
 def _console():
-    from qualiface.train.logging import console
-
     return console
 
 
@@ -171,8 +188,6 @@ def _phase(number: int, name: str) -> None:
 
 
 def _progress(enabled: bool):
-    from qualiface.progress import make_progress
-
     return make_progress(enabled=enabled)
 
 
@@ -189,8 +204,6 @@ def load_demo_config(options: DemoOptions):
 
     Returns a ``qualiface.config.TrainingConfig``; raises ``ConfigError`` for a bad file/key.
     """
-    from qualiface.config import ConfigError, load_config
-
     if options.steps < 0 or options.epochs < 0:
         raise DemoError(f"--steps and --epochs must be >= 0, got {options.steps}, "
                         f"{options.epochs}")
@@ -221,14 +234,10 @@ def load_demo_config(options: DemoOptions):
 
 def model_input_size(cfg) -> int:
     """Side of the square model input: ``model.params.input_size`` or the 112 default."""
-    from qualiface.data.transforms import IMAGE_SIZE
-
     return int(cfg.model.params.get("input_size", IMAGE_SIZE))
 
 
 def _resize(size: int):
-    from qualiface.eval.features import resize_to
-
     return resize_to(size)
 
 
@@ -241,8 +250,6 @@ def synthetic_held_out(cfg, *, progress: bool = True) -> HeldOutSet:
     Without a synthetic ``val`` section the training params are reused with ``split: test``;
     the test split's identities are disjoint from the training split's for the same seed.
     """
-    from qualiface.data import build_dataset
-
     params = dict(cfg.val.params) if cfg.val.kind == "synthetic" else dict(cfg.data.params)
     params["split"] = "test"
     dataset = build_dataset("synthetic", **params)
@@ -263,8 +270,6 @@ def synthetic_held_out(cfg, *, progress: bool = True) -> HeldOutSet:
 
 def synthetic_training_summary(cfg) -> dict:
     """What the trainer will render for a synthetic ``data`` section (no rendering here)."""
-    from qualiface.data.synthetic import SyntheticConfig
-
     c = SyntheticConfig(**cfg.data.params)
     return {"source": "embedded synthetic faces (qualiface.data.synthetic)",
             "train_identities": c.num_identities,
@@ -281,9 +286,6 @@ def open_image_source(path: Path):
 
     Returns ``(dataset, format_name)``; ``DemoError`` when the path holds neither.
     """
-    from qualiface.data.folder import ImageFolderDataset
-    from qualiface.data.recordio import RecordIODataset
-
     path = Path(path)
     if not path.exists() and not path.with_name(path.name + ".rec").is_file():
         raise DemoError(f"{path}: --data not found (give an image folder root/<identity>/<image> "
@@ -359,9 +361,6 @@ def write_training_rec(dataset, indices: np.ndarray, labels: np.ndarray, prefix:
 
     Returns the ``.rec`` path. Labels must be non-decreasing (grouped by identity).
     """
-    from qualiface.data.decode import encode_jpeg
-    from qualiface.data.recordio import RecordIOWriter
-
     resize = _resize(size)
     with RecordIOWriter(prefix, image_size=(size, size)) as writer, _progress(progress) as bar:
         task = bar.add_task("writing training images", total=len(indices))
@@ -379,9 +378,6 @@ def degraded_held_out(dataset, indices: np.ndarray, labels: np.ndarray, size: in
     ``SyntheticConfig``'s default, so real and synthetic demos are degraded alike; each image's
     combined severity is recorded.
     """
-    from qualiface.data.degrade import CompositeConfig, CompositeDegradation
-    from qualiface.data.synthetic import SyntheticConfig
-
     mix = SyntheticConfig()
     degradation = CompositeDegradation(CompositeConfig.uniform(
         kinds=mix.degradation_kinds, probability=mix.kind_probability,
@@ -468,9 +464,6 @@ def training_summary(result, seconds: float) -> dict:
     ``norm_loss``), ``phase_changes`` and ``norm_prior_from`` (first step whose loss includes
     the norm prior), because switching the prior on makes the total jump.
     """
-    from qualiface.train.logging import read_metrics
-    from qualiface.train.report import loss_curve
-
     curve = loss_curve(read_metrics(result.out_dir / "metrics.jsonl"))
     last = {k: v for k, v in result.last_metrics.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -506,13 +499,6 @@ def evaluate_held_out(model_package: Path, held_out: HeldOutSet, *, num_pairs: i
     Returns ``qualiface.eval.benchmarks.PairResult`` with ``vs_severity`` rank correlations
     for the model quality and the feature norm and a per-severity quality histogram added.
     """
-    from qualiface.data.pairs import make_pairs
-    from qualiface.eval.benchmarks import PairBenchmark, evaluate_pairs
-    from qualiface.eval.features import extract_features
-    from qualiface.infer.model import package_embed_fn
-    from qualiface.eval.quality import rank_correlations
-    from qualiface.scoring.similarity import l2_normalize
-
     embed_fn, model_id = package_embed_fn(model_package)
     ids = [str(i) for i in range(len(held_out))]
     features = extract_features(held_out, embed_fn, ids=ids, flip="none", progress=progress,
@@ -543,8 +529,6 @@ def report_plots(training: dict, evaluation) -> tuple[dict, dict]:
     boxes: the model quality of the held-out images per severity bin (the same groups as the
     per-severity histogram of ``evaluate_held_out``).
     """
-    from qualiface.train.report import loss_plot
-
     lines = {LOSS_PLOT_TITLE: loss_plot(training["loss_curve"])}
     boxes = {SEVERITY_PLOT_TITLE: evaluation.histograms[SEVERITY_PLOT_TITLE]}
     return lines, boxes
@@ -615,7 +599,6 @@ def run_demo(options: DemoOptions) -> DemoResult:
 
         phase_start = time.perf_counter()
         _phase(2, "training")
-        from qualiface.train.loop import train
 
         train_dir = claim_folder(out / "train")
         cfg.train.output_dir = str(train_dir)
@@ -635,8 +618,6 @@ def run_demo(options: DemoOptions) -> DemoResult:
 
         phase_start = time.perf_counter()
         _phase(4, "writing report")
-        from qualiface.eval.report import SEVERITY_CAPTION, EvalReport, write_report
-        from qualiface.train.report import LOSS_CAPTION
 
         summary = headline(evaluation)
         metrics = {

@@ -34,7 +34,7 @@ def backbone_size(name: str, **kwargs) -> tuple[int, int]:
     """``(parameters, activations per image)`` of ``build_backbone(name, **kwargs)``, measured on
     the ``meta`` device: exact, and nothing is allocated however large the request. Activations
 are counted only for backbones with an ``input_size`` attribute (0 otherwise)."""
-    import torch
+    import torch  # lazy: torch (~1 s); the config parser imports this registry and must not load torch
 
     _load_all()
     with torch.device("meta"):
@@ -73,4 +73,4 @@ def build_backbone(name: str, **kwargs):
 
 def _load_all() -> None:
     # Importing the modules registers them; done lazily so `import qualiface` stays cheap.
-    from qualiface.backbones import iresnet, mobilefacenet  # noqa: F401
+    from qualiface.backbones import iresnet, mobilefacenet  # noqa: F401  # lazy: the families import torch, and BACKBONES from here (cycle)

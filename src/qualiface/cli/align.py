@@ -6,6 +6,8 @@ faces and their five points, or with ``--detector dlib`` dlib's HOG detector + 6
 predictor (``pip install 'qualiface[align]'``).
 Aligned faces keep their relative path under DST. A summary says how many faces were aligned,
 missed or found several times; the names are written to ``DST/align_report.json``.
+
+The library is imported lazily inside the commands so that ``qualiface --help`` stays instant.
 """
 
 from __future__ import annotations

@@ -5,7 +5,9 @@ re-encodes other formats as JPEG; identity names go to ``identities.txt`` beside
 because the RecordIO format stores only integer labels. ``unpack`` writes
 ``<identity>/<record>.jpg`` into a fresh folder (built under a temporary name, renamed at the
 end). ``info`` recognises an image folder, a ``path label`` list, a ``.rec``, a ``.bin`` or a
-``pairs.txt`` and prints its counts. Heavy imports happen inside the commands.
+``pairs.txt`` and prints its counts.
+
+The library is imported lazily inside the commands so that ``qualiface --help`` stays instant.
 """
 
 from __future__ import annotations

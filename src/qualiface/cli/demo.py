@@ -1,4 +1,7 @@
-"""`qualiface demo`: Train QCFace on the embedded synthetic set (or --data), evaluate it and write an HTML report."""
+"""`qualiface demo`: Train QCFace on the embedded synthetic set (or --data), evaluate it and write an HTML report.
+
+The library is imported lazily inside the commands so that ``qualiface --help`` stays instant.
+"""
 
 from __future__ import annotations
 

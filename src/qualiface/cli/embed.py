@@ -7,6 +7,8 @@ threshold; rejected images are listed in ``<out>.rejected.tsv`` (name, reason: `
 ``unreadable`` or ``wrong size``, details). Fields are escaped (``cli.common.tsv_field``):
 backslash, tab, newline and carriage return appear as ``\\``, ``\t``, ``\n``, ``\r`` and other
 control characters as ``\xNN``, so a file name cannot forge columns or rows.
+
+The library is imported lazily inside the commands so that ``qualiface --help`` stays instant.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ Every command writes ``metrics.json``, ``curves.json``, PNG plots, ``report.md``
 ``report.html`` into ``--out``, plus the extracted features (``features-*.safetensors``, reused
 on the next run with the same model, options and data content, which the run then says, and
 readable by ``eval features``).
+
+The library is imported lazily inside the commands so that ``qualiface --help`` stays instant.
 """
 
 from __future__ import annotations

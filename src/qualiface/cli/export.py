@@ -7,6 +7,8 @@
   ``metadata_props`` and printed.
 - ``qualiface export calibrate --model M --pairs pairs.txt --images ROOT``: fits raw quality ->
   P(pair verified correctly at the FMR threshold) and stores it in ``model.json``.
+
+The library is imported lazily inside the commands so that ``qualiface --help`` stays instant.
 """
 
 from __future__ import annotations

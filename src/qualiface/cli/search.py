@@ -14,6 +14,8 @@ argument is always the input table.
 - ``aggregate FRAMES --out FILE``: per-track (video) templates from a per-frame table with
   ``track_ids``, ``embeddings`` and ``quality`` (EQFace progressive update or QWFA / QWFAF);
   the output is itself a table that ``enrol`` and ``query`` read.
+
+The library is imported lazily inside the commands so that ``qualiface --help`` stays instant.
 """
 
 from __future__ import annotations

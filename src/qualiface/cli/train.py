@@ -1,4 +1,7 @@
-"""`qualiface train`: Train a model from a YAML config with key=value overrides."""
+"""`qualiface train`: Train a model from a YAML config with key=value overrides.
+
+The library is imported lazily inside the commands so that ``qualiface --help`` stays instant.
+"""
 
 from __future__ import annotations
 

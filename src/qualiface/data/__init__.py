@@ -21,4 +21,4 @@ def build_dataset(name: str, **kwargs):
 def _load_all() -> None:
     # Importing a format module registers it; lazy so `import qualiface.data` stays cheap.
     # Every module that registers a dataset (lfw/ijb/tinyface only read protocols: not here).
-    from qualiface.data import folder, recordio, robust, synthetic, verification_bin  # noqa: F401
+    from qualiface.data import folder, recordio, robust, synthetic, verification_bin  # noqa: F401  # lazy: format modules import torch, and DATASETS from here (cycle)

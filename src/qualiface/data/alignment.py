@@ -11,6 +11,7 @@ inference (``qualiface align``) and the synthetic faces share one definition.
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import torch
 
@@ -77,8 +78,6 @@ def warp_to_template(image, landmarks, *, template: np.ndarray = TEMPLATE_112, s
     ``image``: uint8 (H, W, 3) array or (3, H, W) tensor. Returns (aligned uint8 (size, size, 3)
     array, the 2x3 matrix used).
     """
-    import cv2
-
     hwc = as_hwc(image)
     landmarks = np.asarray(landmarks, dtype=np.float64)
     matrix = estimate_similarity(landmarks, template[: landmarks.shape[0]])

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from qualiface.errors import DataError  # the one data error; importable from here as before
 
@@ -151,8 +152,6 @@ def _probe_png(data: bytes, source: str) -> ImageInfo:
 
 
 def _probe_with_pillow(data: bytes, source: str) -> ImageInfo:
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Pillow's own bomb warning; our limit applies below
@@ -201,7 +200,7 @@ def probe_image(
 def _decode_with_cv2(buffer: bytes) -> np.ndarray | None:
     """HWC uint8 RGB, or None when OpenCV is missing or rejects the data."""
     try:
-        import cv2
+        import cv2  # lazy: OpenCV may be absent (broken wheel); Pillow covers it
     except ImportError:  # pragma: no cover - opencv is a dependency, Pillow covers its absence
         return None
     try:
@@ -215,8 +214,6 @@ def _decode_with_cv2(buffer: bytes) -> np.ndarray | None:
 
 def _decode_with_pillow(buffer: bytes, source: str) -> np.ndarray:
     """HWC uint8 RGB via Pillow (handles CMYK, 16-bit, palette, alpha); raises DecodeError."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # palette-transparency and bomb warnings
@@ -302,7 +299,7 @@ def encode_jpeg(image: torch.Tensor | np.ndarray, quality: int = 95) -> bytes:
         raise ValueError(f"encode_jpeg expects a (3, H, W), (1, H, W) or (H, W) image, got "
                          f"shape {tuple(array.shape)}")
     try:
-        import cv2
+        import cv2  # lazy: OpenCV may be absent (broken wheel); Pillow covers it
     except ImportError:  # pragma: no cover - Pillow fallback
         cv2 = None
     if cv2 is not None:
@@ -311,7 +308,6 @@ def encode_jpeg(image: torch.Tensor | np.ndarray, quality: int = 95) -> bytes:
                                    [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
         if ok:
             return encoded.tobytes()
-    from PIL import Image
 
     out = io.BytesIO()
     Image.fromarray(hwc).save(out, format="JPEG", quality=int(quality))

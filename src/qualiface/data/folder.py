@@ -24,6 +24,7 @@ import torch
 
 from qualiface.data import DATASETS
 from qualiface.data.decode import DEFAULT_MAX_PIXELS, DataError, read_image
+from qualiface.files import FileReadError, read_small_text
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +131,6 @@ def parse_list_file(
     list_file = Path(list_file)
     base = Path(root) if root is not None else list_file.parent
     base_str = os.path.normpath(os.path.abspath(base))
-    from qualiface.files import FileReadError, read_small_text
 
     try:
         text = read_small_text(list_file, limit=LIST_FILE_LIMIT, what="list file")

@@ -28,6 +28,7 @@ from typing import BinaryIO
 import numpy as np
 
 from qualiface.data.decode import DataError
+from qualiface.files import FileReadError, open_regular
 
 # Bounded digit counts keep int() cheap and far from Python's int/str conversion limit.
 _NUMBER = re.compile(r"[0-9]{1,9}")
@@ -244,8 +245,6 @@ def read_pairs(path: str | os.PathLike, image_root: str | os.PathLike | None = N
                extension: str = "jpg") -> LFWPairs:
     """Read a pairs file, streamed line by line; with ``image_root`` the paths are resolved and
     checked to exist. Devices and FIFOs are refused (``qualiface.files.open_regular``)."""
-    from qualiface.files import FileReadError, open_regular
-
     path = Path(path)
     try:
         with open_regular(path, what="pairs file") as handle:

@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from qualiface.data import DATASETS
+from qualiface.data import DATASETS, build_dataset
 from qualiface.data.decode import DataError
 
 logger = logging.getLogger(__name__)
@@ -398,8 +398,6 @@ def robust(dataset: str, params: dict | None = None, **policy: Any) -> RobustDat
     ``policy`` keys are ``SkipPolicy`` fields (``max_bad_fraction``, ``min_samples``,
     ``on_bad``, ``image_size``, ``wrong_size``, ``max_listed``, ``max_replacement_tries``).
     """
-    from qualiface.data import build_dataset
-
     unknown = sorted(set(policy) - _POLICY_FIELDS)
     if unknown:
         raise TypeError(f"robust: unknown policy key(s) {', '.join(unknown)} (valid: "

@@ -26,6 +26,7 @@ import pickle
 from pathlib import Path
 
 from qualiface.data.decode import DataError
+from qualiface.files import FileReadError, open_regular
 
 #: The only value types a safe load may return (containers are checked recursively).
 ALLOWED_TYPES = (bytes, bytearray, str, list, tuple, bool, int, float, type(None))
@@ -118,8 +119,6 @@ def safe_loads(data: bytes, *, source: str = "<bytes>", encoding: str = "bytes")
 
 def safe_load(path: str | os.PathLike, *, encoding: str = "bytes") -> object:
     """Unpickle plain data from a regular file (see ``safe_loads``); errors name the file."""
-    from qualiface.files import FileReadError, open_regular
-
     path = Path(path)
     try:  # a device or FIFO (``/dev/zero``) would be read forever
         with open_regular(path, what="pickle file") as handle:

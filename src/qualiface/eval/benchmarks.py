@@ -19,7 +19,7 @@ import numpy as np
 
 from qualiface.eval import EvaluationError
 from qualiface.eval.features import FeatureSet, ImageFiles
-from qualiface.eval.quality import edc, edc_refixed, edc_summary, pair_quality
+from qualiface.eval.quality import edc, edc_refixed, edc_summary, pair_quality, rank_correlations
 from qualiface.eval.similarity import QMagFace, score_pairs
 from qualiface.eval.verification import DEFAULT_FARS, evaluate_verification
 from qualiface.scoring.similarity import l2_normalize
@@ -50,7 +50,7 @@ def lfw_benchmark(data: str | os.PathLike, pairs: str | os.PathLike | None = Non
     ``pairs`` defaults to ``data/pairs.txt``; ``folds`` selects protocol folds (1-based, e.g.
     ``(8, 9, 10)``), whose ids are kept for the k-fold accuracy.
     """
-    from qualiface.data.lfw import read_pairs
+    from qualiface.data.lfw import read_pairs  # lazy: imports torch (data.decode); eval's scoring modules import without it
 
     data = Path(data)
     if not data.is_dir():
@@ -71,7 +71,7 @@ def lfw_benchmark(data: str | os.PathLike, pairs: str | os.PathLike | None = Non
 
 def bin_benchmark(path: str | os.PathLike) -> PairBenchmark:
     """An InsightFace ``.bin`` (pair k = images 2k, 2k+1), decoded lazily."""
-    from qualiface.data.verification_bin import VerificationBinDataset
+    from qualiface.data.verification_bin import VerificationBinDataset  # lazy: imports torch; eval's scoring modules import without it
 
     path = Path(path)
     if not path.is_file():
@@ -102,8 +102,6 @@ def evaluate_pairs(bench: PairBenchmark, features: FeatureSet, *,
     ``severity``: optional (N,) known degradation severity per image, for rank correlations
     of the quality scores and per-level quality histograms.
     """
-    from qualiface.eval.quality import rank_correlations
-
     rows = features.rows(bench.ids)
     raw = features.features[rows]
     unit, norms = l2_normalize(raw)

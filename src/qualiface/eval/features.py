@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import safetensors.numpy
+from safetensors import safe_open
 
 from qualiface.eval import EvaluationError
 from qualiface.files import write_bytes_atomic
@@ -80,9 +82,7 @@ class FeatureSet:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write as safetensors (atomically); ids and meta go in the header metadata."""
-        from safetensors.numpy import save
-
-        payload = save({"features": self.features, "quality": self.quality},
+        payload = safetensors.numpy.save({"features": self.features, "quality": self.quality},
                        metadata={"format": _FORMAT, "ids": json.dumps(self.ids),
                                  "meta": json.dumps(self.meta)})
         return write_bytes_atomic(path, payload)
@@ -90,8 +90,6 @@ class FeatureSet:
     @classmethod
     def load(cls, path: str | os.PathLike) -> FeatureSet:
         """Read a file written by ``save``; errors name the file and the problem."""
-        from safetensors import safe_open
-
         path = Path(path)
         if not path.is_file():
             raise EvaluationError(f"{path}: features file not found")
@@ -139,7 +137,7 @@ def _to_numpy(value) -> np.ndarray:
 
 def _first_item(batch):
     """Collate items that are images or (image, ...) tuples into a uint8 (B, 3, H, W) batch."""
-    import torch
+    import torch  # lazy: torch (~1 s): eval's scoring modules import without it
 
     images = [item[0] if isinstance(item, (tuple, list)) else item for item in batch]
     return torch.stack(images)
@@ -156,7 +154,7 @@ def extract_features(images, embed_fn: EmbedFn, *, ids: Sequence[str] | None = N
     flip: ``none`` / ``sum`` / ``norm`` (module docstring). Decoding runs in ``num_workers``
     DataLoader processes; the embedding runs here in batches of ``batch_size``.
     """
-    import torch
+    import torch  # lazy: torch (~1 s): eval's scoring modules import without it
 
     if flip not in FLIP_MODES:
         raise EvaluationError(f"unknown flip mode {flip!r}; known: {', '.join(FLIP_MODES)}")
@@ -316,7 +314,7 @@ class ImageFiles:
         return len(self.paths)
 
     def __getitem__(self, index: int):
-        from qualiface.data.decode import read_image
+        from qualiface.data.decode import read_image  # lazy: imports torch; eval's scoring modules import without it
 
         image = read_image(self.paths[index])
         if self.transform is not None:
@@ -328,7 +326,7 @@ def resize_to(size: int = 112):
     """A transform resizing uint8 (3, H, W) to (3, size, size) (bilinear, antialiased)."""
 
     def resize(image):
-        import torch.nn.functional as F
+        import torch.nn.functional as F  # lazy: torch (~1 s): eval's scoring modules import without it
 
         if image.shape[-2:] == (size, size):
             return image

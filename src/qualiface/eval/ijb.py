@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from qualiface.data.alignment import align_face
 from qualiface.data.ijb import IJBProtocol
 from qualiface.eval import EvaluationError
 from qualiface.eval.features import FeatureSet, ImageFiles
@@ -61,7 +62,6 @@ def ijb_images(protocol: IJBProtocol) -> ImageFiles:
     if protocol.landmarks is None:
         raise EvaluationError(f"{protocol.folder}: {protocol.name.lower()}_name_5pts_score.txt "
                               "is needed to align the loose crops")
-    from qualiface.data.alignment import align_face
 
     landmarks = protocol.landmarks
 

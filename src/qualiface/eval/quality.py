@@ -190,7 +190,7 @@ def edc_summary(curve: EdcCurve, limits: Sequence[float] = (0.2, 0.3),
 
 def rank_correlations(quality, severity) -> dict[str, float]:
     """Spearman rho and Kendall tau-b of quality (N,) against degradation severity (N,)."""
-    from scipy import stats
+    from scipy import stats  # lazy: scipy.stats (~0.6 s), needed only for rank correlations
 
     quality = np.asarray(quality, dtype=np.float64)
     severity = np.asarray(severity, dtype=np.float64)

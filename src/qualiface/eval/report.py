@@ -36,6 +36,8 @@ from pathlib import Path
 import numpy as np
 
 from qualiface.eval import EvaluationError
+from qualiface.eval.quality import theoretical_best_area, theoretical_best_fnmr
+from qualiface.eval.verification import area_under_curve
 from qualiface.files import write_text_atomic
 
 
@@ -210,8 +212,6 @@ def _verification_headlines(v: dict, prefix: str = "") -> list[Headline]:
 
 def _edc_headlines(label: str, block: dict) -> list[Headline]:
     """pAUC-minus-ideal rows of one score's EDC summaries (``quality.edc_summary`` dicts)."""
-    from qualiface.eval.quality import theoretical_best_area
-
     limit = SUMMARY_PAUC_LIMIT / 100
     rows = []
     for summary in block.values():
@@ -323,10 +323,10 @@ def _plot_rocs(rocs: dict, path: Path, title: str) -> Path | None:
     """rocs: legend label (with its AUC) -> (far, tar) arrays; a dotted chance line."""
     if not rocs:
         return None
-    import matplotlib
+    import matplotlib  # lazy: matplotlib (~0.4 s), only to draw
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: matplotlib (~0.4 s), only to draw
 
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
     lowest = 1.0
@@ -363,8 +363,6 @@ def draw_edcs(ax, edcs: dict, title: str, ylabel: str = "FNMR", max_discard: flo
 
     Public so that multi-panel figures (e.g. ``bench/real_faces.py``) draw curves exactly as
     the reports do."""
-    from qualiface.eval.quality import theoretical_best_fnmr
-
     grid = np.linspace(0.0, max_discard, 201)
     for label, (fractions, errors) in edcs.items():
         (line,) = ax.step(fractions, errors, where="post", label=label)
@@ -388,10 +386,10 @@ def _plot_edcs(edcs: dict, path: Path, title: str) -> Path | None:
     """edcs: label -> (discard fractions, errors); drawn with their references."""
     if not edcs:
         return None
-    import matplotlib
+    import matplotlib  # lazy: matplotlib (~0.4 s), only to draw
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: matplotlib (~0.4 s), only to draw
 
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
     draw_edcs(ax, edcs, title, references=True)
@@ -434,10 +432,10 @@ def _measured(title: str) -> str:
 def _plot_histograms(histograms: dict, path: Path) -> Path | None:
     if not histograms:
         return None
-    import matplotlib
+    import matplotlib  # lazy: matplotlib (~0.4 s), only to draw
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: matplotlib (~0.4 s), only to draw
 
     n = len(histograms)
     fig, axes = plt.subplots(1, n, figsize=(4.8 * n, 3.8), squeeze=False)
@@ -514,10 +512,10 @@ def _plot_lines(title: str, spec: dict, path: Path) -> Path | None:
     markers = _markers(title, spec)
     if not curves:
         return None
-    import matplotlib
+    import matplotlib  # lazy: matplotlib (~0.4 s), only to draw
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: matplotlib (~0.4 s), only to draw
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for index, (name, xs, ys) in enumerate(curves):
@@ -564,10 +562,10 @@ def _plot_boxes(title: str, groups: dict, path: Path) -> Path | None:
             data.append((f"{label}\n(n={len(array)})", array))
     if not data:
         return None
-    import matplotlib
+    import matplotlib  # lazy: matplotlib (~0.4 s), only to draw
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: matplotlib (~0.4 s), only to draw
 
     fig, ax = plt.subplots(figsize=(max(6.4, 1.6 * len(data)), 4.4))
     ax.boxplot([values for _, values in data], showmeans=True)
@@ -685,8 +683,6 @@ def _metric_rows(metrics: dict, same: dict[str, str]) -> list[tuple[str, list[st
 
 def write_report(report: EvalReport, out_dir: str | os.PathLike) -> Path:
     """Write metrics, curves, plots and the Markdown/HTML report into ``out_dir``; returns it."""
-    from qualiface.eval.verification import area_under_curve
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "metrics.json", json.dumps(_clean(report.metrics), indent=2) + "\n")

@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from qualiface.eval import EvaluationError
+from qualiface.eval.verification import roc_curve, tar_at_far
 from qualiface.files import write_text_atomic
 # The plain similarity functions live in the shared scoring module (infer uses them too); they
 # stay importable from here.
@@ -50,6 +51,7 @@ from qualiface.scoring.similarity import (  # noqa: F401
     l2_normalize,
     row_norms,
 )
+from qualiface.scoring.thresholds import check_pairs
 
 _EPS = 1e-12
 
@@ -75,7 +77,7 @@ def score_pairs(features: np.ndarray, first, second, *, strategy: str = "auto",
     the products run (e.g. ``"cuda"``; the sparse strategy always runs on the CPU); the result
     is numpy either way.
     """
-    import torch
+    import torch  # lazy: torch (~1 s): eval's scoring modules import without it
 
     features = np.ascontiguousarray(features, dtype=np.float32)
     if features.ndim != 2:
@@ -107,7 +109,7 @@ def score_pairs(features: np.ndarray, first, second, *, strategy: str = "auto",
 
 
 def _score_dense(table, first, second, used_first, used_second) -> np.ndarray:
-    import torch
+    import torch  # lazy: torch (~1 s): eval's scoring modules import without it
 
     # Offset of each used first-side row in the flattened Gram matrix, and column of each
     # used second-side row: the flat index of pair k is one gather from each plus an add.
@@ -127,7 +129,7 @@ def _score_dense(table, first, second, used_first, used_second) -> np.ndarray:
 
 
 def _score_sparse(table, first, second) -> np.ndarray:
-    import torch
+    import torch  # lazy: torch (~1 s): eval's scoring modules import without it
 
     num_rows = len(table)
     if np.all(first[1:] >= first[:-1]):  # already grouped (pair files usually are)
@@ -135,7 +137,7 @@ def _score_sparse(table, first, second) -> np.ndarray:
         columns = second
         indptr = np.searchsorted(first, np.arange(num_rows + 1), side="left")
     else:
-        import scipy.sparse as sp
+        import scipy.sparse as sp  # lazy: scipy.sparse (~0.13 s), only for the sparse path
 
         # A (rows x pairs) CSR with one entry per pair is a counting sort by first index:
         # its column indices are the pair order, its data the second indices.
@@ -157,7 +159,7 @@ def _score_sparse(table, first, second) -> np.ndarray:
 
 
 def _score_rowwise(table, first, second, chunk: int) -> np.ndarray:
-    import torch
+    import torch  # lazy: torch (~1 s): eval's scoring modules import without it
 
     out = np.empty(len(first), dtype=np.float32)
     for start in range(0, len(first), chunk):
@@ -209,9 +211,6 @@ class QMagFace:
         ``fmrs``: the FMR range (default 50 log-spaced values in [1e-5, 1e-2]; values with
         fewer than ``1 / fmr`` impostor pairs are skipped as not measurable).
         """
-        from qualiface.eval.verification import roc_curve, tar_at_far
-        from qualiface.scoring.thresholds import check_pairs
-
         scores, labels = check_pairs(scores, labels, "QMagFace training pairs")
         scores = scores.astype(np.float64)
         quality = np.asarray(quality, dtype=np.float64)

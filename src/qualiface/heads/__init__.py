@@ -53,7 +53,7 @@ def build_head(name: str, embedding_size: int, num_classes: int, **params):
 
 def _load_all() -> None:
     # Importing the modules registers them; lazy so `import qualiface.heads` stays cheap.
-    from qualiface.heads import (  # noqa: F401
+    from qualiface.heads import (  # noqa: F401  # lazy: head modules import torch, and HEADS from here (cycle)
         adaface,
         curricular,
         eqface,

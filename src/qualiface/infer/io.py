@@ -53,8 +53,8 @@ def write_table(path: str | Path, arrays: dict[str, np.ndarray]) -> Path:
     if fmt == "npz":
         atomic_write(path, lambda handle: np.savez(handle, **arrays))
     elif fmt == "parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+        import pyarrow as pa  # lazy: optional dependency (the `parquet` extra)
+        import pyarrow.parquet as pq  # lazy: optional dependency (the `parquet` extra)
 
         columns = {}
         for name, array in arrays.items():
@@ -90,7 +90,7 @@ def read_table(path: str | Path, required: tuple[str, ...] = ()) -> dict[str, np
             with np.load(path, allow_pickle=False) as archive:
                 arrays = {name: archive[name] for name in archive.files}
         elif fmt == "parquet":
-            import pyarrow.parquet as pq
+            import pyarrow.parquet as pq  # lazy: optional dependency (the `parquet` extra)
 
             table = pq.read_table(path)
             arrays = {}

@@ -21,8 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
 
+from qualiface.backbones import build_backbone
+from qualiface.heads.quality import build_quality_estimator
 from qualiface.infer.images import as_uint8_batch
 from qualiface.package.calibration import CalibrationError, QualityCalibration  # noqa: F401
 from qualiface.package.format import (  # noqa: F401  (re-exported: the package format)
@@ -146,12 +150,6 @@ class Model:
         Needs only ``model.json`` and ``weights.safetensors``: no training config, no pickle.
         Raises :class:`ModelPackageError` naming the file and key on any inconsistency.
         """
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        from qualiface.backbones import build_backbone
-        from qualiface.heads.quality import build_quality_estimator
-
         if str(device).startswith("cuda") and not torch.cuda.is_available():
             raise ModelPackageError(f"device '{device}' requested but CUDA is not available")
         folder = package_dir(path)

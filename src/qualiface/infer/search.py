@@ -45,6 +45,8 @@ from qualiface.files import (
     write_bytes_atomic,
     write_text_atomic,
 )
+from qualiface.scoring.identification import SearchResult as Ranked
+from qualiface.scoring.identification import rank_accuracy
 
 GALLERY_FORMAT = "qualiface-gallery"
 GALLERY_VERSION = 2
@@ -84,9 +86,6 @@ def rank_rates(result: SearchResult, labels, enrolled_ids, ranks=(1, 5)) -> tupl
     ``max(ranks)`` columns (or the whole gallery) for the rates to be exact. No counted probe:
     ``({}, 0)``.
     """
-    from qualiface.scoring.identification import SearchResult as Ranked
-    from qualiface.scoring.identification import rank_accuracy
-
     labels = np.asarray(labels).astype(str)
     if labels.shape != (result.ids.shape[0],):
         raise GalleryError(f"{labels.size} labels for {result.ids.shape[0]} probes")
@@ -131,7 +130,7 @@ def exact_topk(queries: np.ndarray, gallery: np.ndarray, k: int, chunk_size: int
 
 def _require_faiss():
     try:
-        import faiss
+        import faiss  # lazy: optional dependency (the `faiss` extra)
     except ImportError:
         raise GalleryError("faiss is not installed: pip install 'qualiface[faiss]' (or use --backend exact)") from None
     return faiss

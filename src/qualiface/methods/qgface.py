@@ -48,8 +48,7 @@ class QGFaceMethod(Method):
         anyway, and one generator keeps the view reproducible on any device.
         """
         if self._degrader is None:
-            # Imported here: this module is read by the config parser, which must not load torch.
-            from qualiface.data import degrade
+            from qualiface.data import degrade  # lazy: imports torch; the config parser reads this module and must not load torch
 
             name = self.options.lq_preset
             presets = {"qgface": degrade.qgface_lq_config}

@@ -9,15 +9,24 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
 
+import safetensors.torch
 import torch
 from torch import nn
 
+from qualiface import __version__
 from qualiface.data.transforms import IMAGE_SIZE, INPUT_MEAN, INPUT_STD
-from qualiface.files import write_bytes_atomic, write_text_atomic
+from qualiface.files import (
+    FileReadError,
+    open_regular,
+    read_small_text,
+    write_bytes_atomic,
+    write_text_atomic,
+)
 from qualiface.package.calibration import QualityCalibration
 from qualiface.package.format import (
     FORMAT_NAME,
@@ -73,10 +82,6 @@ def save_model_package(
     input the weights were trained on (the project convention is RGB, 0.5, 0.5).
     ``input_size`` (H, W) defaults to the backbone's ``input_size`` kwarg, else 112x112.
     """
-    from safetensors.torch import save
-
-    from qualiface import __version__
-
     out_dir = Path(out_dir)
     if input_size is None:
         side = int((backbone_kwargs or {}).get("input_size", IMAGE_SIZE))
@@ -102,15 +107,13 @@ def save_model_package(
     ModelSpec.from_json(json.loads(text), source=str(out_dir / MODEL_JSON))  # never write what we cannot read
     tensors = {**_state_tensors(backbone, "backbone."), **_state_tensors(quality_estimator, "quality.")}
     # Weights first: model.json, written last, is what makes the folder a package.
-    write_bytes_atomic(out_dir / WEIGHTS_FILE, save(tensors, metadata={"format": FORMAT_NAME}))
+    write_bytes_atomic(out_dir / WEIGHTS_FILE, safetensors.torch.save(tensors, metadata={"format": FORMAT_NAME}))
     write_text_atomic(out_dir / MODEL_JSON, text + "\n")
     return out_dir
 
 
 def read_model_spec(path: str | Path) -> ModelSpec:
     """Read and validate ``model.json`` of a package (``path``: the directory or the JSON file)."""
-    from qualiface.files import FileReadError, read_small_text
-
     folder = package_dir(path)
     if folder.is_file():  # e.g. --model given weights.safetensors or a checkpoint
         raise ModelPackageError(f"{folder}: is a file, not a model package folder (give the "
@@ -154,10 +157,6 @@ def package_identity(path: str | Path) -> str:
     sparse file, a device) neither changes the key nor gets read. ``ModelPackageError`` when
     either file is missing or is not a regular file.
     """
-    import hashlib
-
-    from qualiface.files import FileReadError, open_regular
-
     folder = package_dir(path)
     digest = hashlib.sha256()
     for name in (MODEL_JSON, WEIGHTS_FILE):

@@ -128,7 +128,7 @@ def aggregate_templates(features, template_ids, *, media_ids=None, quality=None,
     See the module docstring for the modes; ``template_ids`` (N,), ``media_ids`` (N,) and
     ``quality`` (N,) as in ``pooling_weights``. Templates come out sorted by id.
     """
-    import scipy.sparse as sp
+    import scipy.sparse as sp  # lazy: scipy.sparse (~0.13 s); scoring stays numpy-only
 
     features = np.ascontiguousarray(features, dtype=np.float32)
     if features.ndim != 2 or len(features) != len(np.asarray(template_ids)):

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import safetensors.torch
 import torch
 
 from qualiface.errors import QualifaceError
@@ -403,11 +404,9 @@ def check_resume_config(path: str | Path, saved: Any, current: dict) -> None:
 
 def export_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
     """Atomically write ``tensors`` (copied to contiguous CPU memory) as a safetensors file."""
-    from safetensors.torch import save
-
     flat = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-    payload = save(flat, metadata=meta)
+    payload = safetensors.torch.save(flat, metadata=meta)
     _write_atomic(path, lambda handle: handle.write(payload))
 
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 
 from qualiface.errors import DataError  # the one data error; importable from here as before
+from qualiface.threads import torch_threads
+from qualiface.train.logging import make_progress
 
 SEED_STRIDE = 1_000_003  # keeps (seed, epoch) pairs from colliding for any realistic epoch count
 
@@ -111,9 +113,6 @@ def decode_all(dataset, *, num_workers: int = 0, batch_size: int = 256, progress
     as indexing) is rendered ``batch_size`` samples at a time in this process when
     ``num_workers`` is 0; otherwise samples go through a DataLoader with ``num_workers``.
     """
-    from qualiface.threads import torch_threads
-    from qualiface.train.logging import make_progress
-
     n = len(dataset)
     if n == 0:
         raise DataError("the training dataset is empty")

@@ -410,7 +410,7 @@ _MOVED_TO_LOCAL_LAUNCH = ("RankOutcome", "find_free_port", "launch_local")
 
 def __getattr__(name: str) -> Any:
     if name in _MOVED_TO_LOCAL_LAUNCH:
-        from qualiface.train import local_launch
+        from qualiface.train import local_launch  # lazy: local_launch imports this module (cycle)
 
         return getattr(local_launch, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -51,7 +51,7 @@ class MetricsLogger:
         self._file = self.path.open("a")
         if tensorboard:
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                from torch.utils.tensorboard import SummaryWriter  # lazy: tensorboard (~1.2 s), optional at run time (ImportError handled)
 
                 self._writer = SummaryWriter(log_dir=str(Path(out_dir) / "tensorboard"))
             except Exception as exc:  # tensorboard is optional; metrics.jsonl is the record

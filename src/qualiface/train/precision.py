@@ -8,6 +8,7 @@ has fp32's exponent range), fp32 elsewhere. fp16 autocast is available on CUDA w
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
@@ -53,8 +54,6 @@ def configure_kernels(device: torch.device, deterministic: bool) -> None:
     (``benchmark``): the fixed 112x112 input makes the one-off search pay for itself.
     TF32 matmuls are allowed unless deterministic runs ask for full fp32.
     """
-    import os
-
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)

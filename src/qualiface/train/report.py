@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from qualiface.eval.report import EvalReport, write_report
 from qualiface.train.logging import read_metrics
 
 LOSS_PLOT_TITLE = "training loss"
@@ -122,8 +123,6 @@ def training_plots(records: list[dict]) -> dict:
 def write_training_report(run_dir: str | Path, *, title: str, summary: dict) -> Path:
     """Write ``<run_dir>/report/report.html`` (+ PNGs, ``metrics.json``) from the run's
     ``metrics.jsonl``; ``summary`` is the table at the top. Returns the HTML path."""
-    from qualiface.eval.report import EvalReport, write_report
-
     run_dir = Path(run_dir)
     records = read_metrics(run_dir / "metrics.jsonl")
     out = run_dir / "report"

@@ -17,12 +17,17 @@ through ``qualiface.eval.verification`` (the same code as ``qualiface eval``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from qualiface.data import build_dataset, lfw
+from qualiface.data.decode import read_image
+from qualiface.data.pairs import make_pairs
 from qualiface.data.transforms import to_model_input
 from qualiface.errors import QualifaceError
+from qualiface.eval.verification import evaluate_verification
 from qualiface.train.precision import autocast
 
 
@@ -59,8 +64,6 @@ class PairValidator:
         return torch.cat(out)
 
     def __call__(self, backbone, head, device: torch.device, precision: str) -> dict:
-        from qualiface.eval.verification import evaluate_verification
-
         emb = torch.nn.functional.normalize(self.embed(backbone, device, precision), dim=1).numpy()
         p = self.pairs
         scores = np.einsum("nd,nd->n", emb[p.first], emb[p.second])
@@ -74,9 +77,6 @@ class PairValidator:
 
 def synthetic_pairs(params: dict, num_pairs: int, seed: int) -> PairSet:
     """Pairs from a (held-out) synthetic face set built with ``params``."""
-    from qualiface.data import build_dataset
-    from qualiface.data.pairs import make_pairs
-
     dataset = build_dataset("synthetic", **params)
     idx1, idx2, issame = (np.asarray(a) for a in make_pairs(dataset, num_pairs, seed))
     unique, inverse = np.unique(np.concatenate([idx1, idx2]), return_inverse=True)
@@ -86,11 +86,6 @@ def synthetic_pairs(params: dict, num_pairs: int, seed: int) -> PairSet:
 
 def folder_pairs(root: str, pairs_file: str, folds: list) -> PairSet:
     """Pairs of an LFW-style ``pairs.txt`` over an aligned image folder (1-based ``folds``)."""
-    from pathlib import Path
-
-    from qualiface.data import lfw
-    from qualiface.data.decode import read_image
-
     root_path = Path(root)
     pairs_path = Path(pairs_file) if pairs_file else root_path.parent / "pairs.txt"
     if not pairs_path.is_file():

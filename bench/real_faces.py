@@ -503,6 +503,12 @@ def table_rows(summary: dict, methods: list[str], severities: list[float]) -> tu
     return header, rows
 
 
+def backbone_params(settings: dict) -> str:
+    """`` (base_width=16)`` for the table's heading; empty without extra backbone arguments."""
+    params = settings.get("backbone_params") or {}
+    return f" ({', '.join(f'{k}={v}' for k, v in params.items())})" if params else ""
+
+
 def write_markdown(path: Path, payload: dict, header, rows) -> Path:
     s = payload["settings"]
     schedule = (f"{s['max_steps']} steps" if s["max_steps"] > 0 else f"{s['epochs']:g} epochs")
@@ -514,7 +520,8 @@ def write_markdown(path: Path, payload: dict, header, rows) -> Path:
         scale = "benchmark run"
     lines = [
         f"### Real-face protocol ({scale})\n",
-        f"{s['backbone']}, {schedule}, batch {s['batch_size']}, seeds {s['seeds']}; "
+        f"{s['backbone']}{backbone_params(s)}, {schedule}, batch {s['batch_size']}, "
+        f"seeds {s['seeds']}; "
         f"train: {payload['train_set']}; test: {payload['test_set']}; "
         f"{payload['machine'].get('gpu', payload['machine']['cpu'])}, torch {payload['torch']}, "
         f"{payload['date']}.\n",

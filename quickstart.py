@@ -49,7 +49,9 @@ def torch_requirement() -> tuple[str, list[str]]:
         return f"torch=={TORCH_VERSION}", []
     print(f"torch: no NVIDIA GPU found, installing the CPU build torch=={TORCH_VERSION}+cpu "
           f"(set QUALIFACE_TORCH to choose another build)", flush=True)
-    return f"torch=={TORCH_VERSION}+cpu", ["--extra-index-url", CPU_WHEEL_INDEX]
+    # One retry: where that index is unreachable (an offline mirror serves the wheel instead),
+    # pip's default five retries with back-off would cost seconds for each of torch's deps.
+    return f"torch=={TORCH_VERSION}+cpu", ["--extra-index-url", CPU_WHEEL_INDEX, "--retries", "1"]
 
 
 def ensure_environment() -> Path:

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import statistics
 import sys
 import time
@@ -81,6 +82,22 @@ MIX_SEED = 7  # which severity each image has in the mixed set
 FAR = 1e-2
 EDC_FMR = 1e-2
 DISCARD_LIMITS = (0.2, 0.3)
+VARIANT_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
+
+
+def run_label(run: dict) -> str:
+    """A table row's name: the method, plus ``@variant`` for a run with ``--set`` overrides."""
+    return run["method"] + (f"@{run['variant']}" if run.get("variant") else "")
+
+
+def label_order(labels) -> list[str]:
+    """Rows in METHODS order (each method's variants right after it), then unknown names."""
+    def key(label: str):
+        method, _, variant = label.partition("@")
+        rank = METHODS.index(method) if method in METHODS else len(METHODS)
+        return (rank, method, variant)
+
+    return sorted(set(labels), key=key)
 
 
 @dataclass
@@ -104,6 +121,7 @@ class RealFacesConfig:
     threads: int | None = None
     embed_batch: int = 256
     overrides: list[str] = field(default_factory=list)
+    variant: str = ""
     runs_dir: str = "runs/bench_real_faces"
     results_dir: str = ""
     out: str = ""
@@ -326,8 +344,7 @@ def evaluate_package(package: Path, bench, clean, degraded: dict, device: str,
     from qualiface.eval.benchmarks import evaluate_pairs
     from qualiface.eval.features import FeatureSet, extract_features
     from qualiface.infer.model import package_embed_fn
-    from qualiface.eval.quality import rank_correlations
-    from qualiface.eval.similarity import row_norms
+    from qualiface.eval.degraded import scores_by_severity, severity_correlations
 
     embed_fn, model_id = package_embed_fn(package, device=device)
     levels = {0.0: clean, **degraded}
@@ -357,19 +374,12 @@ def evaluate_package(package: Path, bench, clean, degraded: dict, device: str,
     edcs = {name: (curve.discard_fractions.tolist(), curve.errors.tolist())
             for name, curve in result.edcs.items()}
     # Pooled over every image at every level: how well each score orders by damage.
-    all_quality = np.concatenate([features[s].quality for s in order])
-    all_norms = np.concatenate([row_norms(features[s].features) for s in order])
-    all_severity = np.repeat(np.asarray(order), len(bench.ids))
-    results["spearman_vs_severity"] = {
-        "model quality": rank_correlations(all_quality, all_severity),
-        "feature norm": rank_correlations(all_norms, all_severity),
-    }
+    scores = scores_by_severity({s: features[s] for s in order}, bench.ids)
+    results["spearman_vs_severity"] = severity_correlations(scores)
     # Median and quartiles per severity: what the quality-vs-severity plot draws.
-    by_severity = {}
-    for name, values in (("model quality", all_quality), ("feature norm", all_norms)):
-        by_severity[name] = {f"{s:g}": np.percentile(values[all_severity == s], [25, 50, 75])
-                             for s in order}
-    results["quality_by_severity"] = by_severity
+    results["quality_by_severity"] = {
+        name: {f"{s:g}": np.percentile(values, [25, 50, 75]) for s, values in per_level.items()}
+        for name, per_level in scores.items()}
     return {"results": results, "edcs": edcs}
 
 
@@ -390,10 +400,11 @@ def train_and_evaluate(cfg: RealFacesConfig, method: str, seed: int, list_file: 
     from qualiface.config import to_dict
     from qualiface.train.loop import TrainingError, train
 
-    out_dir = Path(cfg.runs_dir) / f"{method}-seed{seed}"
+    label = run_label({"method": method, "variant": cfg.variant})
+    out_dir = Path(cfg.runs_dir) / f"{label}-seed{seed}"
     tcfg = run_config(cfg, method, seed, list_file, data_root, out_dir)
     effective = to_dict(tcfg)
-    print(f"-- effective config of {method} (seed {seed}):\n"
+    print(f"-- effective config of {label} (seed {seed}):\n"
           + yaml.safe_dump(effective, sort_keys=False), file=sys.stderr, flush=True)
     clock = out_dir / "bench_time.json"
     spent = json.loads(clock.read_text())["train_seconds"] if clock.is_file() else 0.0
@@ -401,7 +412,8 @@ def train_and_evaluate(cfg: RealFacesConfig, method: str, seed: int, list_file: 
     try:
         result = train(tcfg)
     except TrainingError as exc:
-        return {"method": method, "seed": seed, "error": str(exc), "config": effective}
+        return {"method": method, "seed": seed, **variant_fields(cfg), "error": str(exc),
+                "config": effective}
     finally:
         spent += time.perf_counter() - started
         if out_dir.is_dir():
@@ -409,14 +421,20 @@ def train_and_evaluate(cfg: RealFacesConfig, method: str, seed: int, list_file: 
     if result.model_package is None:
         raise BenchError(f"{out_dir}: the trainer wrote no model package")
     evaluation = evaluate_package(result.model_package, bench, clean, degraded, eval_device,
-                                  cfg, f"{method} s{seed}")
+                                  cfg, f"{label} s{seed}")
     last = {k: v for k, v in result.last_metrics.items() if isinstance(v, (int, float))}
     images = result.global_step * cfg.batch_size
-    return {"method": method, "seed": seed, "run_dir": str(out_dir), "config": effective,
+    return {"method": method, "seed": seed, **variant_fields(cfg), "run_dir": str(out_dir),
+            "config": effective,
             "train": {"steps": result.global_step, "seconds": spent,
                       "images_per_s": images / spent if spent > 0 else None,
                       "last_metrics": last, "validation_curve": validation_curve(out_dir)},
             **evaluation}
+
+
+def variant_fields(cfg: RealFacesConfig) -> dict:
+    """What a variant run stores beside its method: the name and the overrides that define it."""
+    return {"variant": cfg.variant, "overrides": list(cfg.overrides)} if cfg.variant else {}
 
 
 def validation_curve(out_dir: Path) -> list[dict]:
@@ -470,9 +488,12 @@ def aggregate(runs: list[dict], methods: list[str], severities: list[float]) -> 
     """Per method and column: mean and std over seeds (sample std; 0 for one seed)."""
     out = {}
     for method in methods:
-        ok = [r for r in runs if r["method"] == method and "error" not in r]
+        ok = [r for r in runs if run_label(r) == method and "error" not in r]
         entry = {"seeds": [r["seed"] for r in ok],
-                 "errors": [r["error"] for r in runs if r["method"] == method and "error" in r]}
+                 "errors": [r["error"] for r in runs if run_label(r) == method and "error" in r]}
+        overrides = next((r.get("overrides") for r in ok if r.get("overrides")), None)
+        if overrides:
+            entry["overrides"] = overrides
         for header, path, _ in table_columns(severities):
             values = [column_value(r, path) for r in ok]
             values = [v for v in values if v is not None and math.isfinite(v)]
@@ -533,6 +554,12 @@ def write_markdown(path: Path, payload: dict, header, rows) -> Path:
         f"(more negative is better). Mean ± sample std over seeds.\n",
         markdown_table(header, rows),
     ]
+    variants = {label: entry["overrides"] for label, entry in payload["summary"].items()
+                if entry.get("overrides")}
+    if variants:
+        lines.append("\nVariants (the method's config with these overrides): " + "; ".join(
+            f"`{label}`: {', '.join(f'`{o}`' for o in overrides)}"
+            for label, overrides in variants.items()) + ".\n")
     path.write_text("\n".join(lines))
     return path
 
@@ -548,7 +575,7 @@ def plot_edcs(path: Path, runs: list[dict], methods: list[str]) -> Path | None:
 
     panels = {"model quality": {}, "feature norm": {}}  # score -> method -> curve
     for method in methods:
-        run = next((r for r in runs if r["method"] == method and "error" not in r), None)
+        run = next((r for r in runs if run_label(r) == method and "error" not in r), None)
         if run is None:
             continue
         for prefix, curves in panels.items():
@@ -579,7 +606,7 @@ def plot_quality_vs_severity(path: Path, runs: list[dict], methods: list[str]) -
     import matplotlib.pyplot as plt
     import numpy as np
 
-    chosen = [next((r for r in runs if r["method"] == m and "error" not in r
+    chosen = [next((r for r in runs if run_label(r) == m and "error" not in r
                     and "quality_by_severity" in r["results"]), None) for m in methods]
     chosen = [r for r in chosen if r is not None]
     if not chosen:
@@ -594,7 +621,7 @@ def plot_quality_vs_severity(path: Path, runs: list[dict], methods: list[str]) -
             if name == "feature norm":
                 centre, spread = q[0, 1], max(q[0, 2] - q[0, 0], 1e-12)
                 q = (q - centre) / spread
-            line, = ax.plot(x, q[:, 1], marker="o", label=run["method"])
+            line, = ax.plot(x, q[:, 1], marker="o", label=run_label(run))
             ax.fill_between(x, q[:, 0], q[:, 2], color=line.get_color(), alpha=0.12)
         ax.set_xlabel("degradation severity (0 = clean)")
         ax.set_ylabel("quality score (median, quartile band)" if name == "model quality"
@@ -635,7 +662,11 @@ def parse_args(argv) -> RealFacesConfig:
     parser.add_argument("--embed-batch", type=int, default=256)
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE",
-                        help="config override for every run, e.g. optim.lr=0.05")
+                        help="config override for every run, e.g. head.params.easy_margin=true "
+                             "(needs --variant)")
+    parser.add_argument("--variant", default="", metavar="NAME",
+                        help="name the runs made with --set: rows 'method@NAME', files "
+                             "'method@NAME-seed<k>.json', kept apart from the protocol's rows")
     parser.add_argument("--runs-dir", default=None, help="where the runs are written")
     parser.add_argument("--out", default=None, help="results JSON (default bench/results/...)")
     parser.add_argument("--merge", nargs="+", default=[], metavar="JSON",
@@ -666,7 +697,8 @@ def parse_args(argv) -> RealFacesConfig:
         severities=parse_list(args.severities, float, what="--severities"), data=args.data,
         train_identities=args.train_identities, test_pairs_per_fold=args.test_pairs_per_fold,
         workers=args.workers, threads=args.threads, embed_batch=args.embed_batch,
-        overrides=args.overrides, smoke=args.smoke, merge=args.merge, table=args.table,
+        overrides=args.overrides, variant=args.variant, smoke=args.smoke, merge=args.merge,
+        table=args.table,
         preset=args.preset, force=args.force, checkpoint_every=args.checkpoint_every,
     )
     explicit = set(a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]))
@@ -694,6 +726,13 @@ def parse_args(argv) -> RealFacesConfig:
     if unknown:
         raise BenchError(f"--methods: no configs/<method>_r50.yaml for {', '.join(unknown)} "
                          f"(known: {', '.join(METHODS)})")
+    if cfg.overrides and not cfg.variant:
+        raise BenchError("--set changes what a run measures: name it with --variant NAME so its "
+                         "rows and files stay apart from the protocol's")
+    if cfg.variant and not VARIANT_NAME.fullmatch(cfg.variant):
+        raise BenchError(f"--variant {cfg.variant!r}: use lower-case letters, digits, '-' or '_'")
+    if cfg.variant and not cfg.overrides:
+        raise BenchError(f"--variant {cfg.variant}: give the overrides that define it with --set")
     if any(not 0 < s <= 1 for s in cfg.severities):
         raise BenchError(f"--severities must be in (0, 1], got {cfg.severities}")
     if cfg.batch_size < 1 or cfg.epochs <= 0 or cfg.max_steps < 0:
@@ -755,13 +794,16 @@ def main(argv=None) -> dict:
     results_dir = Path(cfg.results_dir)
     for seed in cfg.seeds:
         for method in cfg.methods:
-            run_file = results_dir / f"{method}-seed{seed}.json"
+            label = run_label({"method": method, "variant": cfg.variant})
+            run_file = results_dir / f"{label}-seed{seed}.json"
             if run_file.is_file() and not cfg.force:
-                print(f"== {method} (seed {seed}): done earlier, reusing {run_file}",
+                earlier = read_run(run_file)
+                check_same_protocol(run_file, earlier["settings"], asdict(cfg))
+                print(f"== {label} (seed {seed}): done earlier, reusing {run_file}",
                       file=sys.stderr, flush=True)
-                payload["runs"].append(read_run(run_file)["run"])
+                payload["runs"].append(earlier["run"])
                 continue
-            print(f"== {method} (seed {seed})", file=sys.stderr, flush=True)
+            print(f"== {label} (seed {seed})", file=sys.stderr, flush=True)
             run = train_and_evaluate(cfg, method, seed, list_file, data_root, bench, clean,
                                      degraded, eval_device)
             payload["runs"].append(run)
@@ -786,7 +828,26 @@ def read_run(path: Path) -> dict:
 
 # Settings that may differ between run files of one table (what each file ran, and where).
 PER_RUN_SETTINGS = {"methods", "seeds", "out", "runs_dir", "results_dir", "merge", "table",
-                    "force", "threads", "workers", "embed_batch", "checkpoint_every", "device"}
+                    "force", "threads", "workers", "embed_batch", "checkpoint_every", "device",
+                    "variant", "overrides", "data"}
+
+
+def protocol_settings(settings: dict) -> dict:
+    """The settings that define what a run measured (not where or how fast it ran)."""
+    return {k: v for k, v in settings.items() if k not in PER_RUN_SETTINGS}
+
+
+def check_same_protocol(run_file: Path, earlier: dict, now: dict) -> None:
+    """Refuse to reuse a result made under other settings (or other ``--set`` overrides): the
+    table would silently show a run that is not what this command asked for."""
+    a, b = protocol_settings(earlier), protocol_settings(now)
+    differ = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    if sorted(earlier.get("overrides") or []) != sorted(now.get("overrides") or []):
+        differ.append("overrides (--set)")
+    if differ:
+        raise BenchError(f"{run_file}: an earlier result made with other settings "
+                         f"({', '.join(differ)}); re-run it with --force, or write to another "
+                         f"--results-dir")
 
 
 def table_from_dir(folder: Path) -> dict:
@@ -800,7 +861,7 @@ def table_from_dir(folder: Path) -> dict:
     first = datas[0]
 
     def protocol(data):
-        return {k: v for k, v in data["settings"].items() if k not in PER_RUN_SETTINGS}
+        return protocol_settings(data["settings"])
 
     for path, data in zip(files[1:], datas[1:]):
         if protocol(data) != protocol(first):
@@ -808,8 +869,7 @@ def table_from_dir(folder: Path) -> dict:
             raise BenchError(f"{path}: protocol settings differ from {files[0]} in "
                              f"{', '.join(differ)}")
     runs = [d["run"] for d in datas]
-    present = {r["method"] for r in runs}
-    methods = [m for m in METHODS if m in present] + sorted(present - set(METHODS))
+    methods = label_order(run_label(r) for r in runs)
     settings = {**first["settings"], "methods": methods,
                 "seeds": sorted({r["seed"] for r in runs})}
     payload = {k: v for k, v in first.items() if k not in ("run", "provenance")}
@@ -849,7 +909,7 @@ def merge_results(cfg: RealFacesConfig) -> dict:
             payloads.append(json.loads(Path(path).read_text()))
         except (OSError, json.JSONDecodeError) as exc:
             raise BenchError(f"{path}: cannot read a real_faces result ({exc})") from None
-    ignore = {"methods", "seeds", "out", "runs_dir", "merge", "overrides"}
+    ignore = {"methods", "seeds", "out", "runs_dir", "merge", "overrides", "variant"}
     first = payloads[0]
     for path, other in zip(cfg.merge[1:], payloads[1:]):
         a = {k: v for k, v in first["settings"].items() if k not in ignore}
@@ -858,8 +918,7 @@ def merge_results(cfg: RealFacesConfig) -> dict:
             differ = sorted(k for k in a if a.get(k) != b.get(k))
             raise BenchError(f"{path}: settings differ from {cfg.merge[0]} in {', '.join(differ)}")
     runs = [run for p in payloads for run in p["runs"]]
-    present = {r["method"] for r in runs}
-    methods = [m for m in METHODS if m in present] + sorted(present - set(METHODS))
+    methods = label_order(run_label(r) for r in runs)
     settings = {**first["settings"], "methods": methods,
                 "seeds": sorted({r["seed"] for r in runs}), "merge": list(cfg.merge)}
     payload = {**first, "settings": settings, "runs": runs, "merged_from": list(cfg.merge)}

@@ -1,10 +1,15 @@
-"""Tiny stand-ins for the trainer tests: a BN-free backbone and class-structured blob images.
+"""Tiny stand-ins for the tests: a BN-free backbone, class-structured blob images (for the
+trainer tests) and a file handle on a full disk (for the write-failure tests).
 
-Registered under ``test-linear`` / ``test-blobs`` at import, so that processes spawned by the
-distributed tests (which re-import the test modules, and this one with them) know them too.
+The backbone and the images are registered under ``test-linear`` / ``test-blobs`` at import, so
+that processes spawned by the distributed tests (which re-import the test modules, and this one
+with them) know them too.
 """
 
 from __future__ import annotations
+
+import errno
+import os
 
 import torch
 from torch import nn
@@ -45,6 +50,30 @@ class Blobs(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return self.images[i], int(self.labels[i])
+
+
+class DiskFull:
+    """Wraps an open file: its writes fail with ENOSPC once ``budget`` bytes were written
+    (``budget=0``: the first non-empty write fails); everything else goes to the real file,
+    which leaving the ``with`` block closes."""
+
+    def __init__(self, handle, budget: int = 0) -> None:
+        self._handle, self._budget = handle, budget
+
+    def write(self, data) -> int:
+        self._budget -= len(data)
+        if self._budget < 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return self._handle.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._handle, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.close()
 
 
 if "test-linear" not in BACKBONES:

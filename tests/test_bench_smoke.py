@@ -219,6 +219,38 @@ def test_real_faces_smoke_writes_expected_outputs(real_faces, shared_data, tmp_p
     assert " ± " in merged_path.with_suffix(".md").read_text()
 
 
+def test_real_faces_variant_rows_stay_apart_and_stale_results_are_refused(
+        real_faces, shared_data, tmp_path, capsys):
+    results = tmp_path / "results"
+    common = ["--smoke", "--methods", "arcface", "--data", str(shared_data),
+              "--results-dir", str(results), "--runs-dir", str(tmp_path / "runs")]
+    real_faces.main(common)
+    variant = real_faces.main(common + ["--variant", "easy", "--set",
+                                        "head.params.easy_margin=true"])
+    assert sorted(p.name for p in results.glob("*-seed0.json")) == [
+        "arcface-seed0.json", "arcface@easy-seed0.json"]
+    run = variant["runs"][0]
+    assert run["variant"] == "easy" and run["overrides"] == ["head.params.easy_margin=true"]
+    assert run["config"]["head"]["params"]["easy_margin"] is True
+    assert (tmp_path / "runs" / "arcface@easy-seed0").is_dir()
+    table = real_faces.main(["--table", str(results)])
+    assert table["settings"]["methods"] == ["arcface", "arcface@easy"]
+    protocol_run = json.loads((results / "arcface-seed0.json").read_text())["run"]
+    assert protocol_run["config"]["head"]["params"].get("easy_margin", False) is False
+    markdown = (results / "table.md").read_text()
+    assert "| arcface@easy |" in markdown and "`head.params.easy_margin=true`" in markdown
+
+    # A result made under other settings is not silently reused for this command.
+    code = real_faces.run_main(real_faces.main, common + ["--max-steps", "3"])
+    err = capsys.readouterr().err
+    assert code == 2 and "arcface-seed0.json" in err and "max_steps" in err
+    code = real_faces.run_main(real_faces.main, common + ["--set", "optim.lr=0.5"])
+    assert code == 2 and "--variant" in capsys.readouterr().err
+    code = real_faces.run_main(real_faces.main, common + ["--variant", "Bad Name", "--set",
+                                                          "optim.lr=0.5"])
+    assert code == 2 and "Bad Name" in capsys.readouterr().err
+
+
 def test_real_faces_bad_input_is_one_clear_line(real_faces, tmp_path, capsys):
     code = real_faces.run_main(real_faces.main, ["--smoke", "--data", str(tmp_path)])
     assert code == 2 and f"{tmp_path / 'train.txt'}: not found" in capsys.readouterr().err

@@ -5,7 +5,6 @@ SIGTERM) and reuses its subprocess helpers; in-process cases use a tiny IResNet 
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import os
@@ -14,6 +13,7 @@ import signal
 
 import pytest
 import torch
+from stand_ins import DiskFull
 from test_bad_data import record_counts
 from test_resume import (
     TOTAL_STEPS,
@@ -151,28 +151,6 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(faces, tmp_path
     record_counts(request, faults_injected=1, runs_resumed=1, runs_compared=1)
 
 
-class _DiskFull:
-    """A file object whose writes fail with ENOSPC once ``budget`` bytes were written."""
-
-    def __init__(self, handle, budget: int) -> None:
-        self._handle, self._budget = handle, budget
-
-    def write(self, data) -> int:
-        self._budget -= len(data)
-        if self._budget < 0:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return self._handle.write(data)
-
-    def __getattr__(self, name):
-        return getattr(self._handle, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self._handle.close()
-
-
 @pytest.mark.parametrize("budget", [0, 4096], ids=["no-space", "fills-mid-write"])
 def test_disk_full_is_reported_clearly_by_the_cli(faces, tmp_path, monkeypatch, budget,
                                                   request):
@@ -194,7 +172,7 @@ def test_disk_full_is_reported_clearly_by_the_cli(faces, tmp_path, monkeypatch, 
 
     def fdopen(fd, mode="r", *args, **kwargs):
         handle = real_fdopen(fd, mode, *args, **kwargs)
-        return _DiskFull(handle, budget) if "w" in mode else handle
+        return DiskFull(handle, budget) if "w" in mode else handle
 
     monkeypatch.setattr(ckpt.os, "fdopen", fdopen)
     result = CliRunner().invoke(app, ["train", str(config)])

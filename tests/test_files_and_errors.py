@@ -6,6 +6,7 @@ import errno
 import os
 
 import pytest
+from stand_ins import DiskFull
 
 from qualiface import files
 from qualiface.errors import DataError, EvaluationError, QualifaceError
@@ -48,22 +49,6 @@ def test_a_swallowed_write_error_is_still_reported(tmp_path, monkeypatch):
     """A writer that catches the OS error and raises its own (torch's "unexpected pos")."""
     real_fdopen = os.fdopen
 
-    class Full:
-        def __init__(self, handle):
-            self._handle = handle
-
-        def write(self, data):
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-        def __getattr__(self, name):
-            return getattr(self._handle, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self._handle.close()
-
     def hide(handle):
         try:
             handle.write(b"x")
@@ -71,7 +56,7 @@ def test_a_swallowed_write_error_is_still_reported(tmp_path, monkeypatch):
             raise RuntimeError("unexpected pos") from None
 
     monkeypatch.setattr(os, "fdopen",
-                        lambda fd, *args, **kwargs: Full(real_fdopen(fd, *args, **kwargs)))
+                        lambda fd, *args, **kwargs: DiskFull(real_fdopen(fd, *args, **kwargs)))
     with pytest.raises(files.FileWriteError, match="disk full"):
         files.atomic_write(tmp_path / "checkpoint.pt", hide)
     monkeypatch.undo()

@@ -240,3 +240,35 @@ def test_small_file_helper_reads_regular_files_and_refuses_the_rest(tmp_path):
     with pytest.raises(FileNotFoundError):
         read_small_bytes(tmp_path / "absent")
     assert isinstance(FileReadError("x", "y"), OSError) and np.isscalar(1) and torch.is_tensor(torch.zeros(1))
+
+
+class _NoteError(Exception):
+    """Stands for a reader's own error class (ConfigError, DatasetError...)."""
+
+
+@pytest.mark.parametrize("case, problem", [
+    ("missing", "note not found"),
+    ("directory", "a directory, not a regular note"),
+    ("latin1", r"not UTF-8 text \(invalid continuation byte at byte 1\)"),
+    ("large", r"7 bytes is too large for a note \(limit 6 bytes\)"),
+])
+def test_small_text_as_raises_the_callers_class_naming_the_file(tmp_path, case, problem):
+    from qualiface.files import read_small_text_as
+
+    (tmp_path / "directory").mkdir()
+    (tmp_path / "latin1").write_bytes("héllo".encode("latin-1"))
+    (tmp_path / "large").write_text("seven b")
+    path = tmp_path / case
+    with pytest.raises(_NoteError, match=problem) as info:
+        read_small_text_as(path, _NoteError, what="note", limit=6)
+    assert str(info.value).startswith(f"{path}: ")  # the file first, then the problem
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
+def test_small_text_as_returns_the_text_and_takes_a_missing_message(tmp_path):
+    from qualiface.files import read_small_text_as
+
+    (tmp_path / "ok.txt").write_text("héllo")
+    assert read_small_text_as(tmp_path / "ok.txt", _NoteError, limit=6) == "héllo"
+    with pytest.raises(_NoteError, match=r"absent: missing \(is it a note\?\)$"):
+        read_small_text_as(tmp_path / "absent", _NoteError, missing="missing (is it a note?)")

@@ -198,6 +198,31 @@ def test_training_plots_follow_the_logged_records():
     assert training_plots([]) == {}
 
 
+def _refuse_constant(name):
+    raise ValueError(f"bare {name} is not JSON")
+
+
+def test_undefined_metrics_are_logged_as_null_on_strict_json_lines(tmp_path):
+    from qualiface.train.logging import MetricsLogger, read_metrics
+    from qualiface.train.report import training_plots
+
+    logger = MetricsLogger(tmp_path, tensorboard=False)
+    logger.log(2, {"val_accuracy": 0.75, "val_auc": float("nan"), "val_tar@far=1e-03": float("nan"),
+                   "val_eer": float("inf")}, kind="val")
+    logger.log(4, {"val_accuracy": 0.8, "val_auc": 0.9}, kind="val")
+    logger.close()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and "NaN" not in lines[0] and '"nan"' not in lines[0]
+    first = json.loads(lines[0], parse_constant=_refuse_constant)  # NaN/Infinity would raise
+    assert json.loads(lines[1], parse_constant=_refuse_constant)["val_auc"] == 0.9
+    assert first["val_auc"] is None and first["val_tar@far=1e-03"] is None
+    assert first["val_eer"] == "inf" and first["val_accuracy"] == 0.75
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    series = training_plots(records)["held-out verification"]["series"]
+    assert series["val_auc"] == ((4,), (0.9,))  # the null point is left out of the curve
+    assert series["val_accuracy"] == ((2, 4), (0.75, 0.8))
+
+
 class HostReadCounter(torch.utils._python_dispatch.TorchDispatchMode):
     """Counts the operations that make the host wait for the device on a GPU: reading a value
     (``item``/``float``/``int``/``bool`` -> ``_local_scalar_dense``, ``tolist``) and ops whose

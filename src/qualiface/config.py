@@ -42,7 +42,7 @@ from qualiface.backbones import _load_all as load_backbones
 from qualiface.data import DATASETS
 from qualiface.data import _load_all as load_datasets
 from qualiface.errors import QualifaceError
-from qualiface.files import read_small_text
+from qualiface.files import read_small_text_as
 from qualiface.heads import HEADS
 from qualiface.heads import _load_all as load_heads
 from qualiface.methods import PipelineError, build_method, method_options
@@ -607,15 +607,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Trainin
     """Read a YAML config file (a path, or the name of a shipped config), apply ``key=value``
     overrides, validate types and choices."""
     path = resolve_config_path(path)
-    try:  # a device, a FIFO or a huge file is refused unread (an OSError naming the problem)
-        text = read_small_text(path, limit=MAX_CONFIG_BYTES, what="config")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file (shipped configs: "
-                          f"{', '.join(shipped_config_names())})") from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config: {exc.strerror or exc}") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    # A device, a FIFO or a huge file is refused unread; every failure is a ConfigError.
+    text = read_small_text_as(path, ConfigError, what="config", limit=MAX_CONFIG_BYTES,
+                              missing=f"no such config file (shipped configs: "
+                                      f"{', '.join(shipped_config_names())})")
     data = _load_yaml(text, str(path))
     if data is None:
         data = {}

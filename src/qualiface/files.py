@@ -17,6 +17,7 @@ Refusals raise :class:`FileReadError`, an ``OSError`` whose ``str`` is ``"<file>
 so callers that already turn ``OSError`` into their own one-line error need no new branch.
 Missing files and permission errors propagate as the usual ``OSError`` subclasses; bytes that
 are not UTF-8 raise ``UnicodeDecodeError`` from ``read_small_text``, as ``Path.read_text`` does.
+``read_small_text_as`` turns all of these into the caller's own error class, one message each.
 
 Writing
 -------
@@ -113,6 +114,29 @@ def read_small_text(path: str | os.PathLike, *, limit: int = SMALL_FILE_LIMIT,
     """``read_small_bytes`` decoded (``UnicodeDecodeError`` as ``Path.read_text`` raises it)."""
     return read_small_bytes(path, limit=limit, what=what).decode(encoding)
 
+
+def read_small_text_as(path: str | os.PathLike, error_cls: type[Exception], *,
+                       what: str = "file", limit: int = SMALL_FILE_LIMIT,
+                       missing: str | None = None) -> str:
+    """``read_small_text``, with every way it fails raised as ``error_cls("<file>: <problem>")``.
+
+    For readers that report their own error class (``ConfigError``, ``DatasetError``...): a
+    missing file (``missing`` is the problem text then, default ``"<what> not found"``), a file
+    refused unread (a device, a FIFO, a directory, one over ``limit`` bytes: the
+    :class:`FileReadError` message as it is), any other ``OSError`` ("cannot read <what>", with
+    the OS reason) and bytes that are not UTF-8 (the reason and the offset of the first bad
+    byte). The original exception is not chained: the message says all the user can act on.
+    """
+    try:
+        return read_small_text(path, limit=limit, what=what)
+    except FileNotFoundError:
+        raise error_cls(f"{path}: {missing or f'{what} not found'}") from None
+    except FileReadError as exc:  # its message already names the file and the problem
+        raise error_cls(str(exc)) from None
+    except OSError as exc:
+        raise error_cls(f"{path}: cannot read {what} ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise error_cls(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
 # --------------------------------------------------------------------------- atomic writes

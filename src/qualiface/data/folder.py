@@ -24,7 +24,7 @@ import torch
 
 from qualiface.data import DATASETS
 from qualiface.data.decode import DEFAULT_MAX_PIXELS, DataError, read_image
-from qualiface.files import FileReadError, read_small_text
+from qualiface.files import read_small_text_as
 
 logger = logging.getLogger(__name__)
 
@@ -132,17 +132,7 @@ def parse_list_file(
     base = Path(root) if root is not None else list_file.parent
     base_str = os.path.normpath(os.path.abspath(base))
 
-    try:
-        text = read_small_text(list_file, limit=LIST_FILE_LIMIT, what="list file")
-    except FileNotFoundError:
-        raise DatasetError(f"{list_file}: list file not found") from None
-    except FileReadError as exc:  # a device, a FIFO or a huge file: refused unread
-        raise DatasetError(str(exc)) from None
-    except OSError as exc:
-        raise DatasetError(f"{list_file}: cannot read list file ({exc.strerror or exc})") from None
-    except UnicodeDecodeError as exc:
-        raise DatasetError(f"{list_file}: not UTF-8 text ({exc.reason} at byte "
-                           f"{exc.start})") from None
+    text = read_small_text_as(list_file, DatasetError, what="list file", limit=LIST_FILE_LIMIT)
     paths: list[str] = []
     labels: list[int] = []
     for line_number, raw in enumerate(text.splitlines(), start=1):

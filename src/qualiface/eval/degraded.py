@@ -5,7 +5,8 @@ degradation kind (fixed by ``seed``) across the levels, so the levels differ onl
 The caller embeds each level with the same model and options as the clean images, then
 ``evaluate_degraded(bench, features, levels, seed=, kinds=)`` scores them: verification metrics
 per level, and the rank correlation (Spearman, Kendall) of the model's quality score and of the
-feature norm against severity, pooled over the clean images (severity 0) and every level.
+feature norm against severity, pooled over the clean images (severity 0) and every level
+(``scores_by_severity`` + ``severity_correlations``, which the real-face benchmark uses too).
 """
 
 from __future__ import annotations
@@ -47,25 +48,40 @@ def evaluate_degraded(bench: PairBenchmark, features: FeatureSet,
     ``degraded`` (seed, images per kind, ``LEVEL_METRICS`` per level, rank correlations);
     ``boxes`` the model quality per severity, for the report's box plot.
     """
-    rows = features.rows(bench.ids)
-    quality = {0.0: features.quality[rows]}
-    norms = {0.0: row_norms(features.features[rows])}
     results = {}
     for severity, level in levels.items():
         verification = evaluate_pairs(bench, level).metrics["verification"]
         results[f"{severity:g}"] = {key: verification[key] for key in LEVEL_METRICS}
-        level_rows = level.rows(bench.ids)
-        quality[severity] = level.quality[level_rows]
-        norms[severity] = row_norms(level.features[level_rows])
-    severity_of = np.concatenate([np.full(len(q), s) for s, q in quality.items()])
+    scores = scores_by_severity({0.0: features, **levels}, bench.ids)
     metrics = {
         "seed": seed,
         "kinds": {kind: kinds.count(kind) for kind in sorted(set(kinds))},
         "levels": results,
-        "rank_correlation": {
-            "model quality": rank_correlations(np.concatenate(list(quality.values())), severity_of),
-            "feature norm": rank_correlations(np.concatenate(list(norms.values())), severity_of),
-        },
+        "rank_correlation": severity_correlations(scores),
     }
-    boxes = {"model quality by severity": {f"severity {s:g}": q for s, q in quality.items()}}
+    boxes = {"model quality by severity": {f"severity {s:g}": q
+                                           for s, q in scores["model quality"].items()}}
     return metrics, boxes
+
+
+def scores_by_severity(levels: Mapping[float, FeatureSet], ids: Sequence[str]
+                       ) -> dict[str, dict[float, np.ndarray]]:
+    """Each image's ``model quality`` and ``feature norm`` per severity (0 = clean), in the order
+    of ``ids``: ``{score name: {severity: (N,) values}}``."""
+    scores: dict[str, dict[float, np.ndarray]] = {"model quality": {}, "feature norm": {}}
+    for severity, level in levels.items():
+        rows = level.rows(ids)
+        scores["model quality"][severity] = level.quality[rows]
+        scores["feature norm"][severity] = row_norms(level.features[rows])
+    return scores
+
+
+def severity_correlations(scores: Mapping[str, Mapping[float, np.ndarray]]) -> dict:
+    """Rank correlation (Spearman, Kendall) of each score with severity, pooled over every
+    image at every level: how well the score orders images by damage (negative = falls)."""
+    out = {}
+    for name, per_level in scores.items():
+        values = np.concatenate([np.asarray(v, dtype=np.float64) for v in per_level.values()])
+        severity = np.concatenate([np.full(len(v), s) for s, v in per_level.items()])
+        out[name] = rank_correlations(values, severity)
+    return out

@@ -38,10 +38,9 @@ import torch
 
 from qualiface.errors import QualifaceError
 from qualiface.files import (
-    FileReadError,
     FileWriteError,
     atomic_write,
-    read_small_text,
+    read_small_text_as,
     write_bytes_atomic,
     write_text_atomic,
 )
@@ -371,20 +370,16 @@ def read_gallery_info(folder: str | Path) -> dict:
     """
     folder = Path(folder)
     json_path = folder / GALLERY_JSON
+    text = read_small_text_as(json_path, GalleryError, what="gallery.json",
+                              limit=GALLERY_JSON_LIMIT,
+                              missing=f"missing (is {folder} a gallery made by "
+                                      "'qualiface search enrol'?)")
     try:
-        info = json.loads(read_small_text(json_path, limit=GALLERY_JSON_LIMIT, what="gallery.json"))
-    except FileNotFoundError:
-        raise GalleryError(f"{json_path}: missing (is {folder} a gallery made by 'qualiface search enrol'?)") from None
+        info = json.loads(text)
     except json.JSONDecodeError as exc:
         raise GalleryError(f"{json_path}: invalid JSON ({exc.msg}, line {exc.lineno})") from None
-    except UnicodeDecodeError as exc:
-        raise GalleryError(f"{json_path}: not UTF-8 text (byte {exc.start})") from None
     except RecursionError:
         raise GalleryError(f"{json_path}: JSON nested too deeply to be a gallery description") from None
-    except FileReadError as exc:  # a device, a FIFO, a huge file: the message names the file
-        raise GalleryError(str(exc)) from None
-    except OSError as exc:
-        raise GalleryError(f"{json_path}: cannot read ({exc.strerror or exc})") from None
     if not isinstance(info, dict) or info.get("format") != GALLERY_FORMAT:
         raise GalleryError(f"{json_path}: 'format' must be '{GALLERY_FORMAT}'")
     version = _field(info, "format_version", (int,), json_path, "an integer")

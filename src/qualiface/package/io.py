@@ -23,7 +23,7 @@ from qualiface.data.transforms import IMAGE_SIZE, INPUT_MEAN, INPUT_STD
 from qualiface.files import (
     FileReadError,
     open_regular,
-    read_small_text,
+    read_small_text_as,
     write_bytes_atomic,
     write_text_atomic,
 )
@@ -119,18 +119,13 @@ def read_model_spec(path: str | Path) -> ModelSpec:
         raise ModelPackageError(f"{folder}: is a file, not a model package folder (give the "
                                 f"folder holding {MODEL_JSON} and {WEIGHTS_FILE})")
     json_path = folder / MODEL_JSON
+    text = read_small_text_as(json_path, ModelPackageError, what=MODEL_JSON,
+                              limit=MODEL_JSON_LIMIT,
+                              missing=f"missing (is {folder} a qualiface model package?)")
     try:
-        data = json.loads(read_small_text(json_path, limit=MODEL_JSON_LIMIT, what=MODEL_JSON))
-    except FileNotFoundError:
-        raise ModelPackageError(f"{json_path}: missing (is {json_path.parent} a qualiface model package?)") from None
-    except FileReadError as exc:  # a device, a FIFO or a huge file: refused unread
-        raise ModelPackageError(str(exc)) from None
-    except OSError as exc:
-        raise ModelPackageError(f"{json_path}: cannot read ({exc.strerror or exc})") from None
+        data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ModelPackageError(f"{json_path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
-    except UnicodeDecodeError as exc:
-        raise ModelPackageError(f"{json_path}: not UTF-8 text (byte {exc.start})") from None
     except RecursionError:  # the decoder recurses once per nesting level
         raise ModelPackageError(f"{json_path}: JSON nested too deeply to be a model "
                                 "description") from None

@@ -2,7 +2,8 @@
 
 Only rank 0 writes. Every record is one JSON object per line with at least ``step`` (global
 optimizer step), ``phase`` and ``time`` (seconds since the logger started), so a run can be
-plotted with a few lines of pandas; the same scalars go to TensorBoard when it imports.
+plotted with a few lines of pandas; the same scalars go to TensorBoard when it imports. Each line
+is strict JSON: an undefined value (NaN) is ``null``, an infinite one the string ``"inf"``.
 """
 
 from __future__ import annotations
@@ -32,8 +33,11 @@ def training_progress(enabled: bool = True, every: int | None = None) -> Progres
 
 
 def _clean(value):
+    """``value`` as strict JSON can hold it: NaN (undefined, e.g. a TAR at a FAR that too few
+    impostor pairs reach) becomes ``null``; +/-Inf, a value but not one JSON has, stays visible
+    as the string ``"inf"`` / ``"-inf"``."""
     if isinstance(value, float) and not math.isfinite(value):
-        return str(value)  # JSON has no NaN/Inf; keep it visible as a string
+        return None if math.isnan(value) else str(value)
     return value
 
 

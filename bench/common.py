@@ -102,14 +102,14 @@ def provenance(device: str | None = None) -> dict:
     }
 
 
-def _json_safe(value):
+def json_safe(value):
     """NaN/Inf -> None (strict JSON), numpy scalars/arrays -> Python, recursively."""
     if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
-        return _json_safe(value.tolist())
+        return json_safe(value.tolist())
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, Path):
@@ -119,7 +119,7 @@ def _json_safe(value):
 
 def write_json(path: str | os.PathLike, payload: dict) -> Path:
     """Write ``payload`` as strict, indented JSON atomically (``qualiface.files``)."""
-    text = json.dumps(_json_safe(payload), indent=2, allow_nan=False) + "\n"
+    text = json.dumps(json_safe(payload), indent=2, allow_nan=False) + "\n"
     return write_text_atomic(path, text)
 
 

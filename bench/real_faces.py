@@ -58,6 +58,7 @@ from common import (  # noqa: E402
     BenchError,
     fmt,
     markdown_table,
+    json_safe,
     merge,
     method_sections,
     parse_list,
@@ -130,6 +131,7 @@ class RealFacesConfig:
     val_every_epoch: bool = False
     checkpoint_every: int = 50
     force: bool = False
+    reevaluate: bool = False
     merge: list[str] = field(default_factory=list)
     table: str = ""
 
@@ -336,7 +338,7 @@ def summarise(metrics: dict) -> dict:
     return out
 
 
-def evaluate_package(package: Path, bench, clean, degraded: dict, device: str,
+def evaluate_package(package: Path, bench, clean, degraded: dict, kinds: list[str], device: str,
                      cfg: RealFacesConfig, label: str) -> dict:
     """Embed the clean and degraded test images with a model package and score everything."""
     import numpy as np
@@ -376,6 +378,13 @@ def evaluate_package(package: Path, bench, clean, degraded: dict, device: str,
     # Pooled over every image at every level: how well each score orders by damage.
     scores = scores_by_severity({s: features[s] for s in order}, bench.ids)
     results["spearman_vs_severity"] = severity_correlations(scores)
+    # The same per degradation kind: a pooled rho near 0 can hide a score that falls for blur
+    # and rises for another kind (each image keeps its kind at every level).
+    kind_of = np.asarray(kinds)
+    results["spearman_by_kind"] = {
+        kind: severity_correlations({name: {s: v[kind_of == kind] for s, v in per_level.items()}
+                                     for name, per_level in scores.items()})
+        for kind in sorted(set(kinds))}
     # Median and quartiles per severity: what the quality-vs-severity plot draws.
     results["quality_by_severity"] = {
         name: {f"{s:g}": np.percentile(values, [25, 50, 75]) for s, values in per_level.items()}
@@ -387,7 +396,8 @@ def evaluate_package(package: Path, bench, clean, degraded: dict, device: str,
 
 
 def train_and_evaluate(cfg: RealFacesConfig, method: str, seed: int, list_file: Path,
-                       data_root: Path, bench, clean, degraded, eval_device: str) -> dict:
+                       data_root: Path, bench, clean, degraded, kinds: list[str],
+                       eval_device: str) -> dict:
     """Train (or resume) one (method, seed) and evaluate its model package.
 
     The seconds spent training are added up over every invocation in ``bench_time.json`` of
@@ -420,8 +430,8 @@ def train_and_evaluate(cfg: RealFacesConfig, method: str, seed: int, list_file: 
             write_json(clock, {"train_seconds": spent})
     if result.model_package is None:
         raise BenchError(f"{out_dir}: the trainer wrote no model package")
-    evaluation = evaluate_package(result.model_package, bench, clean, degraded, eval_device,
-                                  cfg, f"{label} s{seed}")
+    evaluation = evaluate_package(result.model_package, bench, clean, degraded, kinds,
+                                  eval_device, cfg, f"{label} s{seed}")
     last = {k: v for k, v in result.last_metrics.items() if isinstance(v, (int, float))}
     images = result.global_step * cfg.batch_size
     return {"method": method, "seed": seed, **variant_fields(cfg), "run_dir": str(out_dir),
@@ -524,6 +534,29 @@ def table_rows(summary: dict, methods: list[str], severities: list[float]) -> tu
     return header, rows
 
 
+def kind_table(runs: list[dict], labels: list[str]) -> tuple[list, list]:
+    """Rows ``label, rho q / rho norm per kind`` from the runs that carry ``spearman_by_kind``
+    (runs evaluated before it existed are left out: ``--reevaluate`` adds it)."""
+    with_kinds = [r for r in runs if "error" not in r and "spearman_by_kind" in r["results"]]
+    kinds = sorted({k for r in with_kinds for k in r["results"]["spearman_by_kind"]})
+    header = ["method"] + [f"{k} q / norm" for k in kinds]
+    rows = []
+    for label in labels:
+        mine = [r["results"]["spearman_by_kind"] for r in with_kinds if run_label(r) == label]
+        if not mine:
+            continue
+        row = [label]
+        for kind in kinds:
+            cells = []
+            for score in ("model quality", "feature norm"):
+                values = [m[kind][score]["spearman"] for m in mine if kind in m
+                          and m[kind][score].get("spearman") is not None]
+                cells.append(f"{statistics.fmean(values):+.2f}" if values else "-")
+            row.append(" / ".join(cells))
+        rows.append(row)
+    return header, rows
+
+
 def backbone_params(settings: dict) -> str:
     """`` (base_width=16)`` for the table's heading; empty without extra backbone arguments."""
     params = settings.get("backbone_params") or {}
@@ -554,6 +587,11 @@ def write_markdown(path: Path, payload: dict, header, rows) -> Path:
         f"(more negative is better). Mean ± sample std over seeds.\n",
         markdown_table(header, rows),
     ]
+    kind_header, kind_rows = kind_table(payload["runs"], list(payload["summary"]))
+    if kind_rows:
+        lines += ["\nSpearman of each method's quality score (q) and feature norm with severity, "
+                  "per degradation kind (each test image keeps one kind at every level; mean over "
+                  "seeds; more negative is better):\n", markdown_table(kind_header, kind_rows)]
     variants = {label: entry["overrides"] for label, entry in payload["summary"].items()
                 if entry.get("overrides")}
     if variants:
@@ -682,6 +720,9 @@ def parse_args(argv) -> RealFacesConfig:
                              "reused, not re-run")
     parser.add_argument("--force", action="store_true",
                         help="re-run (method, seed) pairs whose result file already exists")
+    parser.add_argument("--reevaluate", action="store_true",
+                        help="evaluate finished runs' model packages again (new result columns "
+                             "for old runs, no training); needs their run folders")
     parser.add_argument("--checkpoint-every", type=int, default=50,
                         help="steps between checkpoints (a killed run resumes from the last)")
     parser.add_argument("--smoke", action="store_true",
@@ -699,7 +740,8 @@ def parse_args(argv) -> RealFacesConfig:
         workers=args.workers, threads=args.threads, embed_batch=args.embed_batch,
         overrides=args.overrides, variant=args.variant, smoke=args.smoke, merge=args.merge,
         table=args.table,
-        preset=args.preset, force=args.force, checkpoint_every=args.checkpoint_every,
+        preset=args.preset, force=args.force, reevaluate=args.reevaluate,
+        checkpoint_every=args.checkpoint_every,
     )
     explicit = set(a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]))
     if args.preset == "cpu":
@@ -799,18 +841,56 @@ def main(argv=None) -> dict:
             if run_file.is_file() and not cfg.force:
                 earlier = read_run(run_file)
                 check_same_protocol(run_file, earlier["settings"], asdict(cfg))
-                print(f"== {label} (seed {seed}): done earlier, reusing {run_file}",
-                      file=sys.stderr, flush=True)
-                payload["runs"].append(earlier["run"])
+                if cfg.reevaluate:
+                    run = reevaluate(earlier, run_file, bench, clean, degraded, kinds,
+                                     eval_device, cfg, f"{label} s{seed}")
+                    write_json(run_file, {**earlier, "run": run})
+                else:
+                    print(f"== {label} (seed {seed}): done earlier, reusing {run_file}",
+                          file=sys.stderr, flush=True)
+                    run = earlier["run"]
+                payload["runs"].append(run)
                 continue
+            if cfg.reevaluate:
+                raise BenchError(f"{run_file}: no earlier result to re-evaluate (train it first, "
+                                 f"without --reevaluate)")
             print(f"== {label} (seed {seed})", file=sys.stderr, flush=True)
             run = train_and_evaluate(cfg, method, seed, list_file, data_root, bench, clean,
-                                     degraded, eval_device)
+                                     degraded, kinds, eval_device)
             payload["runs"].append(run)
             # One file per run (with the header): runs done in other sessions merge in.
             write_json(run_file, {**{k: v for k, v in payload.items() if k != "runs"},
                                   "provenance": provenance(eval_device), "run": run})
     return finish(payload, out_path, cfg.methods, cfg.severities)
+
+
+def reevaluate(earlier: dict, run_file: Path, bench, clean, degraded, kinds: list[str],
+               eval_device: str, cfg: RealFacesConfig, label: str) -> dict:
+    """Evaluate a finished run's model package again with this version of the evaluation (new
+    columns for old runs, no retraining); training figures and config are kept, and any result
+    that was already there and changed is named (the evaluation is deterministic)."""
+    run = earlier["run"]
+    package = Path(run.get("run_dir", "")) / "model"
+    if not (package / "model.json").is_file():
+        raise BenchError(f"{run_file}: its model package {package} is gone; re-evaluation needs "
+                         f"the run folder (or re-train with --force)")
+    print(f"== {label}: re-evaluating {package}", file=sys.stderr, flush=True)
+    fresh = evaluate_package(package, bench, clean, degraded, kinds, eval_device, cfg, label)
+    changed = [key for key in ("severity_0", "mixed", "spearman_vs_severity")
+               if key in run.get("results", {})
+               and json_roundtrip(run["results"][key]) != json_roundtrip(fresh["results"][key])]
+    if changed:
+        print(f"   note: re-evaluation changed {', '.join(changed)} of {run_file}",
+              file=sys.stderr, flush=True)
+    return {**run, **fresh, "reevaluated": {**provenance(eval_device), "changed": changed}}
+
+
+def json_roundtrip(value):
+    """``value`` as it reads back from a result file (arrays as lists, NaN as null), so fresh
+    and stored results compare like for like."""
+    import json
+
+    return json.loads(json.dumps(json_safe(value), allow_nan=False))
 
 
 def read_run(path: Path) -> dict:
@@ -829,7 +909,7 @@ def read_run(path: Path) -> dict:
 # Settings that may differ between run files of one table (what each file ran, and where).
 PER_RUN_SETTINGS = {"methods", "seeds", "out", "runs_dir", "results_dir", "merge", "table",
                     "force", "threads", "workers", "embed_batch", "checkpoint_every", "device",
-                    "variant", "overrides", "data"}
+                    "variant", "overrides", "data", "reevaluate"}
 
 
 def protocol_settings(settings: dict) -> dict:

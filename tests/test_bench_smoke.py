@@ -164,7 +164,9 @@ def test_real_faces_smoke_writes_expected_outputs(real_faces, shared_data, tmp_p
         assert "error" not in run, run.get("error")
         results = run["results"]
         assert set(results) == {"severity_0", "severity_0.25", "severity_0.5", "severity_0.75",
-                                "mixed", "spearman_vs_severity", "quality_by_severity"}
+                                "mixed", "spearman_vs_severity", "quality_by_severity",
+                                "spearman_by_kind"}
+        assert set(results["spearman_by_kind"]) == set(data["protocol"]["kinds_count"])
         assert run["train"]["seconds"] > 0 and run["train"]["images_per_s"] > 0
         # the method's whole config is used: its model parameters survive the protocol
         shipped_params = yaml.safe_load((REPO / "configs" / f"{run['method']}_r50.yaml")
@@ -200,7 +202,9 @@ def test_real_faces_smoke_writes_expected_outputs(real_faces, shared_data, tmp_p
     assert again["summary"]["arcface"] == summary
     table = real_faces.main(["--table", str(tmp_path / "rf_runs")])
     assert table["summary"]["qcface"] == data["summary"]["qcface"]
-    assert (tmp_path / "rf_runs" / "table.md").read_text().count("| qcface |") == 1
+    main_table, kind_table = (tmp_path / "rf_runs" / "table.md").read_text().split(
+        "per degradation kind")
+    assert main_table.count("| qcface |") == 1 and kind_table.count("| qcface |") == 1
 
     # --merge: a second "seed" from another job; mean and sample std over the two.
     other = json.loads(out.read_text())
@@ -239,6 +243,16 @@ def test_real_faces_variant_rows_stay_apart_and_stale_results_are_refused(
     assert protocol_run["config"]["head"]["params"].get("easy_margin", False) is False
     markdown = (results / "table.md").read_text()
     assert "| arcface@easy |" in markdown and "`head.params.easy_margin=true`" in markdown
+    assert "per degradation kind" in markdown
+
+    # --reevaluate: the finished run's package scored again, no training; the evaluation is
+    # deterministic, so the stored results come back unchanged.
+    stored = json.loads((results / "arcface-seed0.json").read_text())["run"]
+    again = real_faces.main(common + ["--reevaluate", "--runs-dir", str(tmp_path / "gone")])
+    assert not list((tmp_path / "gone").glob("*-seed0"))  # nothing trained
+    fresh = json.loads((results / "arcface-seed0.json").read_text())["run"]
+    assert fresh["reevaluated"]["changed"] == [] and fresh["train"] == stored["train"]
+    assert fresh["results"] == stored["results"] and again["runs"][0]["seed"] == 0
 
     # A result made under other settings is not silently reused for this command.
     code = real_faces.run_main(real_faces.main, common + ["--max-steps", "3"])

@@ -252,6 +252,7 @@ def test_real_faces_variant_rows_stay_apart_and_stale_results_are_refused(
     assert not list((tmp_path / "gone").glob("*-seed0"))  # nothing trained
     fresh = json.loads((results / "arcface-seed0.json").read_text())["run"]
     assert fresh["reevaluated"]["changed"] == [] and fresh["train"] == stored["train"]
+    assert max(fresh["reevaluated"]["largest_change"].values()) == 0.0  # same threads: bitwise
     assert fresh["results"] == stored["results"] and again["runs"][0]["seed"] == 0
 
     # A result made under other settings is not silently reused for this command.
@@ -263,6 +264,14 @@ def test_real_faces_variant_rows_stay_apart_and_stale_results_are_refused(
     code = real_faces.run_main(real_faces.main, common + ["--variant", "Bad Name", "--set",
                                                           "optim.lr=0.5"])
     assert code == 2 and "Bad Name" in capsys.readouterr().err
+
+
+def test_reevaluation_gap_is_the_largest_numeric_difference(real_faces):
+    gap = real_faces.largest_gap
+    assert gap({"a": [1.0, 2.0], "b": "x"}, {"a": [1.0, 2.5], "b": "x"}) == 0.5
+    assert gap({"a": None}, {"a": None}) == 0.0
+    assert gap({"a": 1.0}, {"b": 1.0}) == math.inf and gap([1.0], [1.0, 2.0]) == math.inf
+    assert gap({"a": "x"}, {"a": "y"}) == math.inf and gap(None, 0.3) == math.inf
 
 
 def test_real_faces_bad_input_is_one_clear_line(real_faces, tmp_path, capsys):

@@ -130,6 +130,20 @@ def test_shipped_configs_parse_and_validate(path):
     validate_components(cfg, source=str(path))
 
 
+# Heads whose loss sets the norm itself (MagFace's a in [10, 110], QCFace's targets in [1, 100]):
+# with the embedding BN's scale frozen at 1 the batch's mean squared norm is pinned at >= D
+# (tests/test_backbones.py), so their shipped configs must let that scale learn.
+NORM_SETTING_HEADS = {"magface", "qcface", "qcface-cur", "qcface-mv"}
+
+
+def test_heads_that_set_the_norm_ship_a_learnable_embedding_scale():
+    shipped = [(p, load_config(p)) for p in CONFIGS]
+    chosen = [(p, c) for p, c in shipped if c.head.name in NORM_SETTING_HEADS]
+    assert {c.head.name for _, c in chosen} >= {"magface", "qcface", "qcface-cur"}
+    for path, cfg in chosen:
+        assert cfg.model.params.get("learnable_embedding_scale") is True, path.name
+
+
 def test_expected_configs_are_shipped():
     names = {p.stem for p in CONFIGS}
     for method in ("arcface", "cosface", "magface", "adaface", "qcface", "qcface-cur", "eqface",

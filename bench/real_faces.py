@@ -246,9 +246,13 @@ def run_config(cfg: RealFacesConfig, method: str, seed: int, list_file: Path, da
     shipped = yaml.safe_load(method_file.read_text()) if method_file.is_file() else {
         "head": {"name": method}}
     shipped_epochs = (shipped.get("train") or {}).get("epochs")
+    # The protocol's length is the whole run, every phase included (EQFace's steps 2-3 too), so
+    # each method gets the same number of optimizer steps; each phase keeps its shipped share.
+    total_epochs = shipped_run_epochs(shipped, method_file)
+    share_of_training = float(shipped_epochs) / total_epochs if shipped_epochs else 1.0
     merged = dict(shipped)
-    if "pipeline" in merged and shipped_epochs:
-        merged["pipeline"] = rescale_phases(merged["pipeline"], float(shipped_epochs), cfg)
+    if "pipeline" in merged and total_epochs:
+        merged["pipeline"] = rescale_phases(merged["pipeline"], total_epochs, cfg)
     # model: the protocol's backbone; the method keeps its own model parameters
     # (learnable_embedding_scale, ...) unless the protocol sets the same key.
     model = merge(merged.get("model") or {}, {"params": base["model"].get("params", {})})
@@ -266,10 +270,10 @@ def run_config(cfg: RealFacesConfig, method: str, seed: int, list_file: Path, da
                  checkpoint_every=cfg.checkpoint_every)
     train.pop("steps", None)
     if cfg.max_steps > 0:
-        train["steps"] = cfg.max_steps
+        train["steps"] = max(1, round(cfg.max_steps * share_of_training))
         merged["schedule"]["warmup_steps"] = max(1, cfg.max_steps // 20)
     else:
-        train["epochs"] = cfg.epochs
+        train["epochs"] = cfg.epochs * share_of_training
     merged["train"] = train
     if cfg.val_every_epoch:
         images = sum(1 for line in list_file.read_text().splitlines()
@@ -282,6 +286,20 @@ def run_config(cfg: RealFacesConfig, method: str, seed: int, list_file: Path, da
                          "folds": list(TEST_FOLDS)}
     merged = apply_overrides(merged, cfg.overrides)
     return from_dict(merged, source=f"{BASE_CONFIG} + {method_file.name} (seed {seed})")
+
+
+def shipped_run_epochs(shipped: dict, source: Path) -> float | None:
+    """The shipped config's whole run in epochs: the sum over the method's phases (``train.epochs``
+    alone for one-phase methods; EQFace adds its steps 2 and 3)."""
+    from qualiface.config import from_dict
+    from qualiface.methods import build_method
+
+    if not (shipped.get("train") or {}).get("epochs"):
+        return None
+    phases = build_method(from_dict(shipped, source=str(source))).phases()
+    if any(phase.steps > 0 for phase in phases):
+        raise BenchError(f"{source}: a phase is given in steps; the protocol scales epochs only")
+    return float(sum(phase.epochs for phase in phases))
 
 
 def rescale_phases(pipeline: dict, shipped_epochs: float | None, cfg: RealFacesConfig) -> dict:

@@ -140,6 +140,22 @@ def test_phase_lengths_keep_their_shipped_share(real_faces):
     assert budget["eqface"]["branch_steps"] == 10 and budget["eqface"]["finetune_steps"] == 10
 
 
+def test_protocol_length_covers_every_phase(real_faces, tmp_path):
+    # EQFace ships 24 + 4 + 4 epochs (steps 1, 2, 3): a 10-epoch protocol gives it 7.5 + 1.25 +
+    # 1.25, the same 10 epochs of optimizer steps as a one-phase method, in the shipped shares.
+    cfg = real_faces.RealFacesConfig(epochs=10.0, device="cpu")
+    args = (tmp_path / "train.txt", tmp_path, tmp_path / "run")
+    eq = real_faces.run_config(cfg, "eqface", 0, *args)
+    assert eq.train.epochs == pytest.approx(7.5)
+    assert (eq.pipeline.eqface.branch_epochs, eq.pipeline.eqface.finetune_epochs) == (
+        pytest.approx(1.25), pytest.approx(1.25))
+    qc = real_faces.run_config(cfg, "qcface", 0, *args)  # its warm-up is inside the one phase
+    assert qc.train.epochs == 10.0 and qc.pipeline.qcface.warmup_epochs == pytest.approx(10 / 12)
+    budget = real_faces.run_config(real_faces.RealFacesConfig(max_steps=64), "eqface", 0, *args)
+    assert (budget.train.steps, budget.pipeline.eqface.branch_steps,
+            budget.pipeline.eqface.finetune_steps) == (48, 8, 8)
+
+
 def test_protocol_subsets(real_faces, shared_data, tmp_path):
     bench = real_faces.test_benchmark(shared_data, 8)
     assert sorted(set(bench.folds.tolist())) == [8, 9, 10] and len(bench.labels) == 24

@@ -116,6 +116,23 @@ def test_eqface_three_steps_with_qwdf(tmp_path):
     assert [r["stage"] for r in records(tmp_path, "train")] == [1.0, 1.0, 2.0, 3.0]
 
 
+@pytest.mark.parametrize("rewarm", [False, True])
+def test_eqface_later_steps_warm_up_only_on_request(tmp_path, rewarm):
+    # Step 1 warms up over 4 steps; steps 2-3 start at their own lr (0.01) unless rewarm=True
+    # repeats the warm-up (lr_k = 0.01 (k + 1) / 4).
+    pipeline = {"name": "eqface", "eqface": {"branch_steps": 4, "finetune_steps": 4,
+                                             "collapse_below": 0.0, "rewarm": rewarm}}
+    cfg = config(tmp_path, "eqface", pipeline, steps=4, log_every=1)
+    cfg.schedule.kind, cfg.schedule.warmup_steps = "constant", 4
+    Trainer(cfg).run()
+    lrs = {}
+    for row in records(tmp_path, "train"):
+        lrs.setdefault(row["stage"], []).append(row["lr"])
+    assert lrs[1.0] == pytest.approx([0.05 * k / 4 for k in (1, 2, 3, 4)])
+    later = [0.01 * k / 4 for k in (1, 2, 3, 4)] if rewarm else [0.01] * 4
+    assert lrs[2.0] == pytest.approx(later) and lrs[3.0] == pytest.approx(later)
+
+
 def test_eqface_pipeline_rejects_other_heads(tmp_path):
     with pytest.raises(PipelineError, match="eqface head"):
         Trainer(config(tmp_path, "arcface", {"name": "eqface"})).run()

@@ -46,7 +46,9 @@ class Phase:
     """One stretch of training with a fixed set of trainable parameters.
 
     ``steps > 0`` fixes the length; otherwise ``epochs`` of the (current) training set.
-    ``stage`` is the method's own label for the phase (EQFace's step 1/2/3).
+    ``stage`` is the method's own label for the phase (EQFace's step 1/2/3). ``warmup``: the
+    phase's learning rate starts with the schedule's warm-up (off for a phase that continues
+    from trained weights at its own small lr, where a warm-up would only eat its steps).
     """
 
     name: str
@@ -55,6 +57,7 @@ class Phase:
     lr: float
     stage: int | None = None
     freeze_backbone: bool = False
+    warmup: bool = True
 
     def total_steps(self, steps_per_epoch: int) -> int:
         if self.steps > 0:

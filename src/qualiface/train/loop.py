@@ -268,7 +268,7 @@ class Trainer:
             ckpt.restore_rng_state(self._resume_state["rng"], {"augment": self.augment_generator})
             self._resume_state = None
         schedule = build_schedule(self.cfg.schedule, base_lr=phase.lr, total_steps=total,
-                                  steps_per_epoch=steps_per_epoch)
+                                  steps_per_epoch=steps_per_epoch, warmup=phase.warmup)
         source = BatchSource(self.dataset, plan, rank=self.dist.rank, cache=self.cache, device=self.device,
                              num_workers=self.num_workers)
         return plan, total, schedule, source
@@ -344,7 +344,7 @@ class Trainer:
             steps = phase.total_steps(per_epoch)
             total += steps
             warmup = build_schedule(cfg.schedule, base_lr=phase.lr, total_steps=steps,
-                                    steps_per_epoch=per_epoch).warmup_steps
+                                    steps_per_epoch=per_epoch, warmup=phase.warmup).warmup_steps
             length = f"{steps:,} steps" + (f" ({phase.epochs:g} epochs)" if phase.steps <= 0 else "")
             notes = [length, f"lr {phase.lr:g}", f"lr warm-up {warmup:,} steps",
                      *self.method.describe(phase, per_epoch, steps)]

@@ -72,16 +72,18 @@ def lr_at(step: int, schedule: Schedule) -> float:
     return s.min_lr + (s.base_lr - s.min_lr) * factor
 
 
-def build_schedule(cfg, *, base_lr: float, total_steps: int, steps_per_epoch: int) -> Schedule:
-    """Resolve a ``ScheduleConfig`` (epochs where it says epochs) into a ``Schedule`` in steps."""
-    warmup = cfg.warmup_steps if cfg.warmup_steps > 0 else round(cfg.warmup_epochs * steps_per_epoch)
-    warmup = min(warmup, total_steps)
+def build_schedule(cfg, *, base_lr: float, total_steps: int, steps_per_epoch: int,
+                   warmup: bool = True) -> Schedule:
+    """Resolve a ``ScheduleConfig`` (epochs where it says epochs) into a ``Schedule`` in steps;
+    ``warmup=False`` drops the warm-up (a phase that continues from trained weights)."""
+    warmup_steps = cfg.warmup_steps if cfg.warmup_steps > 0 else round(cfg.warmup_epochs * steps_per_epoch)
+    warmup_steps = min(warmup_steps, total_steps) if warmup else 0
     milestones = tuple(sorted(round(float(m) * steps_per_epoch) for m in cfg.milestones))
     return Schedule(
         base_lr=base_lr,
         total_steps=total_steps,
         kind=cfg.kind,
-        warmup_steps=warmup,
+        warmup_steps=warmup_steps,
         power=cfg.power,
         min_lr=cfg.min_lr,
         milestones=milestones,

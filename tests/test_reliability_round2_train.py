@@ -241,3 +241,22 @@ def test_a_pipeline_section_registered_on_one_side_only_is_not_a_config_change()
     # and a head change is never hidden
     current["head"]["name"] = "arcface"
     assert ("head.name", "qcface", "arcface") in config_differences(saved, current)
+
+
+def test_options_of_a_method_not_being_run_are_not_a_config_change():
+    from qualiface.train.checkpoint import config_differences
+
+    # a MagFace run (pipeline none) resumed after EQFace gained an option: nothing changed
+    saved = {"head": {"name": "magface"}, "pipeline": {"name": "none",
+                                                       "eqface": {"branch_lr": 0.01}}}
+    current = {"head": {"name": "magface"}, "pipeline": {"name": "none",
+                                                         "eqface": {"branch_lr": 0.01,
+                                                                    "rewarm": False}}}
+    assert config_differences(saved, current) == []
+    # the same option added to the method being run may change its training: refused
+    for side in (saved, current):
+        side["head"]["name"] = side["pipeline"]["name"] = "eqface"
+    assert [d[0] for d in config_differences(saved, current)] == ["pipeline.eqface.rewarm"]
+    # switching the pipeline is a change, and so are both methods' sections then
+    current["pipeline"]["name"] = "none"
+    assert ("pipeline.name", "eqface", "none") in config_differences(saved, current)

@@ -363,16 +363,15 @@ def config_differences(saved: dict, current: dict) -> list[tuple[str, Any, Any]]
     ``RESUME_MAY_CHANGE`` (a key or a whole section); ``ABSENT`` stands for a missing key."""
     old, new = _flatten(saved), _flatten(current)
 
-    # ``pipeline`` holds one options section per *registered* method; a method registered in
-    # only one of the two processes (a plug-in, a test's toy method) adds a whole section that
-    # the run never uses, so a section present on one side only is not a difference.
-    def sections(flat: dict) -> set[str]:
-        return {key.split(".")[1] for key in flat if key.startswith("pipeline.") and key.count(".") >= 2}
-
-    one_sided = sections(old) ^ sections(new)
+    # ``pipeline`` holds one options section per *registered* method, and only the section of
+    # the method being run (``pipeline.name``) shapes training: the others (a plug-in registered
+    # in one process only, an option added to another method since) are not differences. A
+    # change of ``pipeline.name`` itself still is.
+    active = {(side.get("pipeline") or {}).get("name") for side in (saved, current)
+              if isinstance(side, dict)}
 
     def may_change(key: str) -> bool:
-        if key.startswith("pipeline.") and key.count(".") >= 2 and key.split(".")[1] in one_sided:
+        if key.startswith("pipeline.") and key.count(".") >= 2 and key.split(".")[1] not in active:
             return True
         return any(key == allowed or key.startswith(allowed + ".") for allowed in RESUME_MAY_CHANGE)
 

@@ -654,8 +654,9 @@ def plot_edcs(path: Path, runs: list[dict], methods: list[str]) -> Path | None:
 
 def plot_quality_vs_severity(path: Path, runs: list[dict], methods: list[str]) -> Path | None:
     """Median (line) and quartiles (band) of each method's quality score per severity, first
-    seed; one panel for the method's own score, one for the feature norm (z-scored per method
-    so that norms of different scales share an axis)."""
+    seed; one panel for the method's own score, one for the feature norm, each relative to the
+    method's clean images (clean median 0, clean IQR 1) so that scores of different scales (a
+    norm of ~20, a probability of ~0.9) share an axis."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -674,17 +675,51 @@ def plot_quality_vs_severity(path: Path, runs: list[dict], methods: list[str]) -
             levels = sorted(per, key=float)
             x = [float(k) for k in levels]
             q = np.array([per[k] for k in levels], dtype=float)  # (levels, [q25, q50, q75])
-            if name == "feature norm":
-                centre, spread = q[0, 1], max(q[0, 2] - q[0, 0], 1e-12)
-                q = (q - centre) / spread
+            centre, spread = q[0, 1], max(q[0, 2] - q[0, 0], 1e-12)
+            q = (q - centre) / spread
             line, = ax.plot(x, q[:, 1], marker="o", label=run_label(run))
             ax.fill_between(x, q[:, 0], q[:, 2], color=line.get_color(), alpha=0.12)
         ax.set_xlabel("degradation severity (0 = clean)")
-        ax.set_ylabel("quality score (median, quartile band)" if name == "model quality"
-                      else "feature norm, relative to clean (median 0, IQR 1)")
+        ax.set_ylabel(f"{name}, relative to clean (median 0, IQR 1)")
         ax.set_title(f"{name} vs severity, LFW 8-10 (falling = tracks damage)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small", ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_quality_by_kind(path: Path, runs: list[dict], methods: list[str]) -> Path | None:
+    """Grouped bars: Spearman of each method's quality score with severity, per degradation
+    kind (first seed); below zero = the score falls as that damage grows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    chosen = [next((r for r in runs if run_label(r) == m and "error" not in r
+                    and "spearman_by_kind" in r["results"]), None) for m in methods]
+    chosen = [r for r in chosen if r is not None]
+    if not chosen:
+        return None
+    kinds = sorted({k for r in chosen for k in r["results"]["spearman_by_kind"]})
+    width = 0.8 / len(chosen)
+    fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(kinds) + 0.3 * len(chosen)), 4.5))
+    for i, run in enumerate(chosen):
+        per_kind = run["results"]["spearman_by_kind"]
+        values = [per_kind.get(k, {}).get("model quality", {}).get("spearman") for k in kinds]
+        values = [np.nan if v is None else v for v in values]
+        ax.bar(np.arange(len(kinds)) + (i - (len(chosen) - 1) / 2) * width, values, width,
+               label=run_label(run))
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(np.arange(len(kinds)), [k.replace("_", " ") for k in kinds])
+    ax.set_ylim(-1, 1)
+    ax.set_ylabel("Spearman(quality, severity)")
+    ax.set_title("Does each method's quality fall with each kind of damage? (below 0 = yes)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize="small", ncol=min(5, len(chosen)))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -1011,6 +1046,9 @@ def finish(payload: dict, out_path: Path, methods: list[str], severities: list[f
     plot = plot_quality_vs_severity(stem.parent / f"{stem.name}_quality_vs_severity.png",
                                     payload["runs"], methods)
     payload["quality_plot"] = str(plot) if plot else None
+    plot = plot_quality_by_kind(stem.parent / f"{stem.name}_quality_by_kind.png",
+                                payload["runs"], methods)
+    payload["kind_plot"] = str(plot) if plot else None
     write_json(out_path, payload)
     s = payload["settings"]
     scale = "" if "gpu" in payload["machine"] else " (CPU scale, not the benchmark)"

@@ -205,6 +205,7 @@ def test_real_faces_smoke_writes_expected_outputs(real_faces, shared_data, tmp_p
     assert "CPU smoke scale" in markdown and "| qgface |" in markdown
     assert Path(data["edc_plot"]).stat().st_size > 0
     assert Path(data["quality_plot"]).stat().st_size > 0
+    assert Path(data["kind_plot"]).stat().st_size > 0
     assert not math.isnan(summary["severity_0:accuracy"]["mean"])
 
     # One result file per run beside --out; a second invocation reuses them (no training) and

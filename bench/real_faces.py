@@ -134,6 +134,7 @@ class RealFacesConfig:
     reevaluate: bool = False
     merge: list[str] = field(default_factory=list)
     table: str = ""
+    ship_best: bool = False
 
 
 # --------------------------------------------------------------------------- data
@@ -765,6 +766,9 @@ def parse_args(argv) -> RealFacesConfig:
     parser.add_argument("--table", default="", metavar="DIR",
                         help="only merge the run files of DIR (one JSON per method and seed) "
                              "into DIR/table.{md,json} with the EDC and quality plots")
+    parser.add_argument("--ship-best", action="store_true",
+                        help="with --table: copy the model package of the most accurate method "
+                             "(first seed) to DIR/best_model with a model card, if <= 20 MB")
     parser.add_argument("--preset", choices=("cpu",), default="",
                         help="cpu: the 2-core CPU protocol (iresnet18 width 16, 112 px, "
                              "10 epochs, LFW 8-10 checked every epoch); flags given win")
@@ -792,7 +796,7 @@ def parse_args(argv) -> RealFacesConfig:
         train_identities=args.train_identities, test_pairs_per_fold=args.test_pairs_per_fold,
         workers=args.workers, threads=args.threads, embed_batch=args.embed_batch,
         overrides=args.overrides, variant=args.variant, smoke=args.smoke, merge=args.merge,
-        table=args.table,
+        table=args.table, ship_best=args.ship_best,
         preset=args.preset, force=args.force, reevaluate=args.reevaluate,
         checkpoint_every=args.checkpoint_every,
     )
@@ -849,8 +853,13 @@ def main(argv=None) -> dict:
     import torch
 
     cfg = parse_args(argv)
+    if cfg.ship_best and not cfg.table:
+        raise BenchError("--ship-best goes with --table DIR (it ships from that table)")
     if cfg.table:
-        return table_from_dir(Path(cfg.table))
+        payload = table_from_dir(Path(cfg.table))
+        if cfg.ship_best:
+            payload["shipped"] = str(ship_best(payload, Path(cfg.table)))
+        return payload
     if cfg.merge:
         return merge_results(cfg)
     if cfg.threads:
@@ -1056,6 +1065,84 @@ def finish(payload: dict, out_path: Path, methods: list[str], severities: list[f
     print(f"wrote {out_path}, {payload['markdown']}, {payload['edc_plot']}, "
           f"{payload['quality_plot']}", file=sys.stderr)
     return payload
+
+
+SHIP_LIMIT_BYTES = 20 * 1024 * 1024
+
+
+def ship_best(payload: dict, folder: Path) -> Path:
+    """Copy the model package of the protocol row (not a variant) with the best mean clean
+    accuracy, its first seed, to ``folder/best_model`` with a model card (``README.md``): what it
+    is, how it was made, its scores, and that it was trained on research-only data. Refused
+    when the package is over ``SHIP_LIMIT_BYTES`` or its run folder is gone."""
+    import shutil
+
+    from qualiface.files import write_text_atomic
+    from qualiface.package.io import MODEL_JSON, WEIGHTS_FILE, package_identity, read_model_spec
+
+    accuracy = {label: entry["severity_0:accuracy"]["mean"]
+                for label, entry in payload["summary"].items()
+                if "@" not in label and "severity_0:accuracy" in entry}
+    if not accuracy:
+        raise BenchError(f"{folder}: no finished protocol run to ship")
+    label = max(accuracy, key=accuracy.get)
+    run = min((r for r in payload["runs"] if run_label(r) == label and "error" not in r),
+              key=lambda r: r["seed"])
+    source = Path(run["run_dir"]) / "model"
+    files = [source / MODEL_JSON, source / WEIGHTS_FILE]
+    if not all(f.is_file() for f in files):
+        raise BenchError(f"{source}: the package of {label} (seed {run['seed']}) is gone; "
+                         f"re-train it to ship it")
+    size = sum(f.stat().st_size for f in files)
+    if size > SHIP_LIMIT_BYTES:
+        raise BenchError(f"{source}: {size / 2**20:.1f} MB, over the {SHIP_LIMIT_BYTES // 2**20} "
+                         f"MB limit for a package kept in the repository")
+    spec = read_model_spec(source)  # a package that does not load is not shipped
+    target = folder / "best_model"
+    target.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        shutil.copyfile(f, target / f.name)
+    if package_identity(target) != package_identity(source):
+        raise BenchError(f"{target}: the copy differs from {source}")
+    summary = payload["summary"][label]
+    settings = payload["settings"]
+
+    def pct(key):
+        value = summary.get(key)
+        return f"{100 * value['mean']:.1f} %" if value else "-"
+
+    def num(key, digits=3):
+        value = summary.get(key)
+        return f"{value['mean']:.{digits}f}" if value else "-"
+
+    card = f"""# Best model of the real-face CPU protocol: {label} (seed {run['seed']})
+
+**Trained on research-only data.** The training images (`train.txt` of the project's shared data:
+LFW identities outside folds 8-10, a CelebA subset and a Glint360K sample) are real photographs
+under their datasets' non-commercial research terms. Use this model for research and testing
+only; it is not a product model (LFW 8-10 accuracy {pct('severity_0:accuracy')}, far below models
+trained on millions of images).
+
+- Architecture: {spec.backbone_name} {spec.backbone_kwargs}, {spec.embedding_size}-d
+  embedding, 112x112 aligned RGB input (see `model.json` for the exact conventions); head
+  `{spec.head_name}`; quality score: {spec.quality.meaning}.
+- Files: `model.json` + `{WEIGHTS_FILE}` ({size / 2**20:.1f} MB), package sha256
+  `{package_identity(target)}`.
+- Made by: `python bench/real_faces.py --preset cpu --methods {run['method']} --seeds {run['seed']}
+  --threads 2` (training {run['train']['steps']} steps, {run['train']['seconds'] / 60:.0f} min on
+  {payload['machine'].get('cpu', '?')}), picked by `python bench/real_faces.py --table {folder}
+  --ship-best` as the row with the best mean 3-fold accuracy among {len(accuracy)} methods.
+- Scores (LFW folds 8-10, 1,800 pairs): accuracy {pct('severity_0:accuracy')}, TAR@FAR1e-2
+  {pct('severity_0:tar_at_far_1e-2')}, AUC {num('severity_0:auc')}; quality Spearman with
+  degradation severity {num('spearman:model quality', 2)}; EDC pAUC20 {num('mixed:quality_pauc_20')}.
+  The full table: `table.md` beside this folder.
+
+Use: `qualiface embed --model {target} IMAGES...`, `qualiface eval --model {target} ...`.
+"""
+    write_text_atomic(target / "README.md", card)
+    print(f"shipped {label} (seed {run['seed']}, {size / 2**20:.1f} MB) to {target}",
+          file=sys.stderr)
+    return target
 
 
 def merge_results(cfg: RealFacesConfig) -> dict:

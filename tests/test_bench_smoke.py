@@ -262,6 +262,20 @@ def test_real_faces_variant_rows_stay_apart_and_stale_results_are_refused(
     assert "| arcface@easy |" in markdown and "`head.params.easy_margin=true`" in markdown
     assert "per degradation kind" in markdown
 
+    # --ship-best: the best protocol row's package (variants are not candidates) with its card
+    shipped = real_faces.main(["--table", str(results), "--ship-best"])
+    best = Path(shipped["shipped"])
+    assert best == results / "best_model"
+    assert {p.name for p in best.iterdir()} == {"model.json", "weights.safetensors", "README.md"}
+    card = (best / "README.md").read_text()
+    assert card.startswith("# Best model of the real-face CPU protocol: arcface (seed 0)")
+    assert "research-only data" in card and "--ship-best" in card
+    from qualiface.package.io import package_identity
+    assert package_identity(best) == package_identity(tmp_path / "runs" / "arcface-seed0" / "model")
+    assert package_identity(best) in card
+    code = real_faces.run_main(real_faces.main, common + ["--ship-best"])
+    assert code == 2 and "--table" in capsys.readouterr().err
+
     # --reevaluate: the finished run's package scored again, no training; the evaluation is
     # deterministic, so the stored results come back unchanged.
     stored = json.loads((results / "arcface-seed0.json").read_text())["run"]

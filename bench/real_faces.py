@@ -995,12 +995,15 @@ def read_run(path: Path) -> dict:
 # Settings that may differ between run files of one table (what each file ran, and where).
 PER_RUN_SETTINGS = {"methods", "seeds", "out", "runs_dir", "results_dir", "merge", "table",
                     "force", "threads", "workers", "embed_batch", "checkpoint_every", "device",
-                    "variant", "overrides", "data", "reevaluate"}
+                    "variant", "overrides", "data", "reevaluate", "ship_best"}
 
 
 def protocol_settings(settings: dict) -> dict:
-    """The settings that define what a run measured (not where or how fast it ran)."""
-    return {k: v for k, v in settings.items() if k not in PER_RUN_SETTINGS}
+    """The settings that define what a run measured (not where or how fast it ran); a setting
+    added after a file was written counts as its default there (what that run did)."""
+    defaults = asdict(RealFacesConfig())
+    merged = {**defaults, **settings}
+    return {k: v for k, v in merged.items() if k not in PER_RUN_SETTINGS}
 
 
 def check_same_protocol(run_file: Path, earlier: dict, now: dict) -> None:
@@ -1031,7 +1034,8 @@ def table_from_dir(folder: Path) -> dict:
 
     for path, data in zip(files[1:], datas[1:]):
         if protocol(data) != protocol(first):
-            differ = sorted(k for k in protocol(first) if protocol(first).get(k) != protocol(data).get(k))
+            a, b = protocol(first), protocol(data)
+            differ = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
             raise BenchError(f"{path}: protocol settings differ from {files[0]} in "
                              f"{', '.join(differ)}")
     runs = [d["run"] for d in datas]

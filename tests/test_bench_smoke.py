@@ -254,8 +254,19 @@ def test_real_faces_variant_rows_stay_apart_and_stale_results_are_refused(
     assert run["variant"] == "easy" and run["overrides"] == ["head.params.easy_margin=true"]
     assert run["config"]["head"]["params"]["easy_margin"] is True
     assert (tmp_path / "runs" / "arcface@easy-seed0").is_dir()
+    # a file written before a setting existed counts it at its default; a real difference is named
+    older = json.loads((results / "arcface-seed0.json").read_text())
+    for key in ("variant", "reevaluate", "ship_best"):
+        older["settings"].pop(key)
+    (results / "arcface-seed0.json").write_text(json.dumps(older))
     table = real_faces.main(["--table", str(results)])
     assert table["settings"]["methods"] == ["arcface", "arcface@easy"]
+    other = dict(older, settings={**older["settings"], "epochs": 3.0})
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "arcface-seed0.json").write_text(json.dumps(older))
+    (tmp_path / "elsewhere" / "cosface-seed0.json").write_text(json.dumps(other))
+    code = real_faces.run_main(real_faces.main, ["--table", str(tmp_path / "elsewhere")])
+    assert code == 2 and "differ" in (err := capsys.readouterr().err) and "epochs" in err
     protocol_run = json.loads((results / "arcface-seed0.json").read_text())["run"]
     assert protocol_run["config"]["head"]["params"].get("easy_margin", False) is False
     markdown = (results / "table.md").read_text()

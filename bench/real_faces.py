@@ -91,6 +91,14 @@ def run_label(run: dict) -> str:
     return run["method"] + (f"@{run['variant']}" if run.get("variant") else "")
 
 
+def first_seed_run(runs: list[dict], label: str, result: str | None = None) -> dict | None:
+    """The finished run of row ``label`` with the lowest seed (among those whose results hold
+    ``result``, when given): the one a plot or the shipped model stands for."""
+    finished = [r for r in runs if run_label(r) == label and "error" not in r
+                and (result is None or result in r["results"])]
+    return min(finished, key=lambda r: r["seed"], default=None)
+
+
 def label_order(labels) -> list[str]:
     """Rows in METHODS order (each method's variants right after it), then unknown names."""
     def key(label: str):
@@ -632,7 +640,7 @@ def plot_edcs(path: Path, runs: list[dict], methods: list[str]) -> Path | None:
 
     panels = {"model quality": {}, "feature norm": {}}  # score -> method -> curve
     for method in methods:
-        run = next((r for r in runs if run_label(r) == method and "error" not in r), None)
+        run = first_seed_run(runs, method)
         if run is None:
             continue
         for prefix, curves in panels.items():
@@ -664,8 +672,7 @@ def plot_quality_vs_severity(path: Path, runs: list[dict], methods: list[str]) -
     import matplotlib.pyplot as plt
     import numpy as np
 
-    chosen = [next((r for r in runs if run_label(r) == m and "error" not in r
-                    and "quality_by_severity" in r["results"]), None) for m in methods]
+    chosen = [first_seed_run(runs, m, "quality_by_severity") for m in methods]
     chosen = [r for r in chosen if r is not None]
     if not chosen:
         return None
@@ -700,8 +707,7 @@ def plot_quality_by_kind(path: Path, runs: list[dict], methods: list[str]) -> Pa
     import matplotlib.pyplot as plt
     import numpy as np
 
-    chosen = [next((r for r in runs if run_label(r) == m and "error" not in r
-                    and "spearman_by_kind" in r["results"]), None) for m in methods]
+    chosen = [first_seed_run(runs, m, "spearman_by_kind") for m in methods]
     chosen = [r for r in chosen if r is not None]
     if not chosen:
         return None
@@ -1006,11 +1012,16 @@ def protocol_settings(settings: dict) -> dict:
     return {k: v for k, v in merged.items() if k not in PER_RUN_SETTINGS}
 
 
+def protocol_differences(first: dict, second: dict) -> list[str]:
+    """The protocol settings (``protocol_settings``) in which two settings dicts differ."""
+    a, b = protocol_settings(first), protocol_settings(second)
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
 def check_same_protocol(run_file: Path, earlier: dict, now: dict) -> None:
     """Refuse to reuse a result made under other settings (or other ``--set`` overrides): the
     table would silently show a run that is not what this command asked for."""
-    a, b = protocol_settings(earlier), protocol_settings(now)
-    differ = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    differ = protocol_differences(earlier, now)
     if sorted(earlier.get("overrides") or []) != sorted(now.get("overrides") or []):
         differ.append("overrides (--set)")
     if differ:
@@ -1028,14 +1039,9 @@ def table_from_dir(folder: Path) -> dict:
         raise BenchError(f"{folder}: no run results (<method>-seed<k>.json) found")
     datas = [read_run(p) for p in files]
     first = datas[0]
-
-    def protocol(data):
-        return protocol_settings(data["settings"])
-
     for path, data in zip(files[1:], datas[1:]):
-        if protocol(data) != protocol(first):
-            a, b = protocol(first), protocol(data)
-            differ = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        differ = protocol_differences(first["settings"], data["settings"])
+        if differ:
             raise BenchError(f"{path}: protocol settings differ from {files[0]} in "
                              f"{', '.join(differ)}")
     runs = [d["run"] for d in datas]
@@ -1090,8 +1096,7 @@ def ship_best(payload: dict, folder: Path) -> Path:
     if not accuracy:
         raise BenchError(f"{folder}: no finished protocol run to ship")
     label = max(accuracy, key=accuracy.get)
-    run = min((r for r in payload["runs"] if run_label(r) == label and "error" not in r),
-              key=lambda r: r["seed"])
+    run = first_seed_run(payload["runs"], label)
     source = Path(run["run_dir"]) / "model"
     files = [source / MODEL_JSON, source / WEIGHTS_FILE]
     if not all(f.is_file() for f in files):

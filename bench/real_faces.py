@@ -584,6 +584,44 @@ def kind_table(runs: list[dict], labels: list[str]) -> tuple[list, list]:
     return header, rows
 
 
+LATE_CHECKS = 3  # a run has converged when its last this-many checks gain (almost) nothing
+
+
+def accuracy_curve(run: dict) -> list[tuple[int, float]]:
+    """(step, LFW 8-10 accuracy) after each check of one run, one per step (a resumed run may
+    have logged a step twice: the later record counts), in step order."""
+    by_step = {r["step"]: r["accuracy"] for r in run["train"].get("validation_curve") or []
+               if r.get("accuracy") is not None}
+    return sorted(by_step.items())
+
+
+def late_gain(accuracies: list[float], late: int = LATE_CHECKS) -> float | None:
+    """Best accuracy of the last ``late`` checks minus the best before them: near zero or below
+    when the curve is flat (converged), clearly positive while it still rises; None when the
+    curve is too short to tell."""
+    if len(accuracies) <= late:
+        return None
+    return max(accuracies[-late:]) - max(accuracies[:-late])
+
+
+def convergence_table(runs: list[dict], labels: list[str]) -> tuple[list, list]:
+    """Rows ``label, accuracy after each check, best, last, late gain`` (first seed of each row;
+    rows without checks are left out)."""
+    header = ["method", "LFW 8-10 acc % after each epoch", "best", "last",
+              f"gain in last {LATE_CHECKS} (pt)"]
+    rows = []
+    for label in labels:
+        run = first_seed_run(runs, label)
+        accuracies = [a for _, a in accuracy_curve(run)] if run else []
+        if not accuracies:
+            continue
+        gain = late_gain(accuracies)
+        rows.append([label, " ".join(f"{100 * a:.1f}" for a in accuracies),
+                     f"{100 * max(accuracies):.1f}", f"{100 * accuracies[-1]:.1f}",
+                     "-" if gain is None else f"{100 * gain:+.1f}"])
+    return header, rows
+
+
 def backbone_params(settings: dict) -> str:
     """`` (base_width=16)`` for the table's heading; empty without extra backbone arguments."""
     params = settings.get("backbone_params") or {}
@@ -619,6 +657,12 @@ def write_markdown(path: Path, payload: dict, header, rows) -> Path:
         lines += ["\nSpearman of each method's quality score (q) and feature norm with severity, "
                   "per degradation kind (each test image keeps one kind at every level; mean over "
                   "seeds; more negative is better):\n", markdown_table(kind_header, kind_rows)]
+    conv_header, conv_rows = convergence_table(payload["runs"], list(payload["summary"]))
+    if conv_rows:
+        lines += [f"\nConvergence (first seed): LFW 8-10 accuracy after each epoch of training "
+                  f"(monitoring only, nothing is selected on it); the last column is the best of "
+                  f"the last {LATE_CHECKS} checks minus the best before them, near 0 or below "
+                  f"once the curve is flat:\n", markdown_table(conv_header, conv_rows)]
     variants = {label: entry["overrides"] for label, entry in payload["summary"].items()
                 if entry.get("overrides")}
     if variants:
@@ -727,6 +771,37 @@ def plot_quality_by_kind(path: Path, runs: list[dict], methods: list[str]) -> Pa
     ax.set_title("Does each method's quality fall with each kind of damage? (below 0 = yes)")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize="small", ncol=min(5, len(chosen)))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_convergence(path: Path, runs: list[dict], methods: list[str]) -> Path | None:
+    """LFW 8-10 accuracy against training progress, one line per method (first seed): the
+    curves the convergence claim rests on."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = {}
+    for method in methods:
+        run = first_seed_run(runs, method)
+        curve = accuracy_curve(run) if run else []
+        if curve:
+            total = run["train"].get("steps") or curve[-1][0]
+            curves[method] = ([step / total for step, _ in curve], [100 * a for _, a in curve])
+    if not curves:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    for method, (x, y) in curves.items():
+        ax.plot(x, y, marker="o", markersize=3, label=method)
+    ax.set_xlabel("fraction of training done")
+    ax.set_ylabel("LFW folds 8-10 accuracy %")
+    ax.set_title("Convergence: accuracy after each epoch (flat at the end = converged)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -1032,7 +1107,8 @@ def check_same_protocol(run_file: Path, earlier: dict, now: dict) -> None:
 
 def table_from_dir(folder: Path) -> dict:
     """Merge every ``<method>-seed<k>.json`` of ``folder`` into ``table.json`` / ``table.md``
-    plus ``table_edc.png`` and ``table_quality_vs_severity.png``; the protocol settings of all
+    plus the plots ``table_edc.png``, ``table_quality_vs_severity.png``,
+    ``table_quality_by_kind.png`` and ``table_convergence.png``; the protocol settings of all
     files must agree (a file from another protocol is named, not silently mixed in)."""
     files = sorted(p for p in folder.glob("*-seed*.json"))
     if not files:
@@ -1068,12 +1144,15 @@ def finish(payload: dict, out_path: Path, methods: list[str], severities: list[f
     plot = plot_quality_by_kind(stem.parent / f"{stem.name}_quality_by_kind.png",
                                 payload["runs"], methods)
     payload["kind_plot"] = str(plot) if plot else None
+    plot = plot_convergence(stem.parent / f"{stem.name}_convergence.png", payload["runs"], methods)
+    payload["convergence_plot"] = str(plot) if plot else None
     write_json(out_path, payload)
     s = payload["settings"]
     scale = "" if "gpu" in payload["machine"] else " (CPU scale, not the benchmark)"
     print_table(f"real-face protocol: {s['backbone']}{scale}", header, rows)
-    print(f"wrote {out_path}, {payload['markdown']}, {payload['edc_plot']}, "
-          f"{payload['quality_plot']}", file=sys.stderr)
+    written = [out_path, payload["markdown"]] + [payload[k] for k in (
+        "edc_plot", "quality_plot", "kind_plot", "convergence_plot") if payload[k]]
+    print(f"wrote {', '.join(str(w) for w in written)}", file=sys.stderr)
     return payload
 
 

@@ -316,6 +316,30 @@ def test_reevaluation_gap_is_the_largest_numeric_difference(real_faces):
     assert gap({"a": "x"}, {"a": "y"}) == math.inf and gap(None, 0.3) == math.inf
 
 
+def test_convergence_is_the_late_gain_of_each_rows_accuracy_curve(real_faces, tmp_path):
+    def run(method, seed, accuracies, logged_twice=()):
+        curve = [{"step": 10 * (i + 1), "accuracy": a, "auc": None}
+                 for i, a in enumerate(accuracies)]
+        # a resumed run logs a check again: the later record counts
+        curve[1:1] = [{"step": 10 * (i + 1), "accuracy": 0.0, "auc": None} for i in logged_twice]
+        return {"method": method, "seed": seed, "results": {},
+                "train": {"steps": 10 * len(accuracies), "validation_curve": curve}}
+
+    assert real_faces.late_gain([0.5, 0.7, 0.8, 0.81, 0.79, 0.80]) == pytest.approx(0.01)
+    assert real_faces.late_gain([0.5, 0.6, 0.7, 0.8]) == pytest.approx(0.3)  # still rising
+    assert real_faces.late_gain([0.5, 0.6, 0.7]) is None  # too short to tell
+    runs = [run("qcface", 1, [0.1, 0.2, 0.3, 0.4]),  # not the first seed: not shown
+            run("qcface", 0, [0.50, 0.70, 0.80, 0.81, 0.79, 0.80], logged_twice=[2]),
+            run("arcface", 0, [0.6, 0.7])]
+    header, rows = real_faces.convergence_table(runs, ["arcface", "qcface", "magface"])
+    assert header[-1] == "gain in last 3 (pt)"
+    assert rows == [["arcface", "60.0 70.0", "70.0", "70.0", "-"],
+                    ["qcface", "50.0 70.0 80.0 81.0 79.0 80.0", "81.0", "80.0", "+1.0"]]
+    plot = real_faces.plot_convergence(tmp_path / "c.png", runs, ["arcface", "qcface"])
+    assert plot.stat().st_size > 0
+    assert real_faces.plot_convergence(tmp_path / "none.png", runs, ["magface"]) is None
+
+
 def test_real_faces_bad_input_is_one_clear_line(real_faces, tmp_path, capsys):
     code = real_faces.run_main(real_faces.main, ["--smoke", "--data", str(tmp_path)])
     assert code == 2 and f"{tmp_path / 'train.txt'}: not found" in capsys.readouterr().err

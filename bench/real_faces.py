@@ -128,6 +128,7 @@ class RealFacesConfig:
     test_pairs_per_fold: int = 0
     workers: int = 8
     threads: int | None = None
+    jobs: int = 1
     embed_batch: int = 256
     overrides: list[str] = field(default_factory=list)
     variant: str = ""
@@ -832,6 +833,10 @@ def parse_args(argv) -> RealFacesConfig:
                         help="use this many pairs of each test fold only; 0 = all 600")
     parser.add_argument("--workers", type=int, default=8, help="data loader workers")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="train this many rows at once, each in its own process with "
+                             "cores/jobs threads (on 2 cores, two 1-thread rows train ~1.3x "
+                             "faster in total than one 2-thread row; docs/BENCHMARKS.md)")
     parser.add_argument("--embed-batch", type=int, default=256)
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE",
@@ -875,7 +880,8 @@ def parse_args(argv) -> RealFacesConfig:
         device=args.device, seeds=parse_list(args.seeds, int, what="--seeds"),
         severities=parse_list(args.severities, float, what="--severities"), data=args.data,
         train_identities=args.train_identities, test_pairs_per_fold=args.test_pairs_per_fold,
-        workers=args.workers, threads=args.threads, embed_batch=args.embed_batch,
+        workers=args.workers, threads=args.threads, jobs=args.jobs,
+        embed_batch=args.embed_batch,
         overrides=args.overrides, variant=args.variant, smoke=args.smoke, merge=args.merge,
         table=args.table, ship_best=args.ship_best,
         preset=args.preset, force=args.force, reevaluate=args.reevaluate,
@@ -915,6 +921,8 @@ def parse_args(argv) -> RealFacesConfig:
         raise BenchError(f"--variant {cfg.variant}: give the overrides that define it with --set")
     if any(not 0 < s <= 1 for s in cfg.severities):
         raise BenchError(f"--severities must be in (0, 1], got {cfg.severities}")
+    if cfg.jobs < 1:
+        raise BenchError(f"--jobs must be >= 1, got {cfg.jobs}")
     if cfg.batch_size < 1 or cfg.epochs <= 0 or cfg.max_steps < 0:
         raise BenchError("--batch-size and --epochs must be positive, --max-steps >= 0")
     suffix = "_smoke" if cfg.smoke else ""
@@ -943,6 +951,9 @@ def main(argv=None) -> dict:
         return payload
     if cfg.merge:
         return merge_results(cfg)
+    if cfg.jobs > 1:
+        train_in_parallel(cfg, list(argv) if argv is not None else sys.argv[1:])
+        cfg.force = False  # the rows are trained now: the pass below only collects them
     if cfg.threads:
         # One thread on a shared CPU: OpenMP workers spinning for busy cores cost 10-100x.
         torch.set_num_threads(cfg.threads)
@@ -1004,7 +1015,120 @@ def main(argv=None) -> dict:
             # One file per run (with the header): runs done in other sessions merge in.
             write_json(run_file, {**{k: v for k, v in payload.items() if k != "runs"},
                                   "provenance": provenance(eval_device), "run": run})
+    if out_path == results_dir / "table.json":
+        # The folder's table holds every row trained there, in any session: rebuild it whole
+        # rather than overwrite it with this command's rows only.
+        return table_from_dir(results_dir)
     return finish(payload, out_path, cfg.methods, cfg.severities)
+
+
+# --------------------------------------------------------------------------- parallel rows
+
+PROGRESS_EVERY_S = 60.0
+
+
+def pending_rows(cfg: RealFacesConfig) -> list[tuple[str, int]]:
+    """The (method, seed) rows this command would train: no result file yet, or ``--force``."""
+    results_dir = Path(cfg.results_dir)
+    label = lambda m: run_label({"method": m, "variant": cfg.variant})  # noqa: E731
+    return [(m, s) for s in cfg.seeds for m in cfg.methods
+            if cfg.force or not (results_dir / f"{label(m)}-seed{s}.json").is_file()]
+
+
+def without_options(argv: list[str], valued: set[str], flags: set[str]) -> list[str]:
+    """``argv`` less the options in ``valued`` (with their value, as ``--x v`` or ``--x=v``) and
+    the bare ``flags``."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name in flags or (name in valued and "=" in arg):
+            continue
+        if arg in valued:
+            skip = True
+            continue
+        out.append(arg)
+    return out
+
+
+def child_command(argv: list[str], cfg: RealFacesConfig, method: str, seed: int,
+                  threads: int) -> list[str]:
+    """The command that trains one row on its own: this script with the caller's options, one
+    method and seed, its thread share, and the caller's result and run folders made explicit.
+    Its ``--out`` is its own run folder's, so that rows finishing together never write the
+    folder's table at the same time (the caller rebuilds it once all are done)."""
+    label = run_label({"method": method, "variant": cfg.variant})
+    base = without_options(argv, {"--methods", "--seeds", "--jobs", "--threads", "--out",
+                                  "--results-dir", "--runs-dir"}, {"--force"})
+    return [sys.executable, str(Path(__file__).resolve()), *base, "--methods", method,
+            "--seeds", str(seed), "--threads", str(threads), "--results-dir", cfg.results_dir,
+            "--runs-dir", cfg.runs_dir,
+            "--out", str(Path(cfg.runs_dir) / f"{label}-seed{seed}-table.json"),
+            *(["--force"] if cfg.force else [])]
+
+
+def last_progress_line(log: Path) -> str:
+    """The latest status a child printed (its progress bar redraws with carriage returns)."""
+    try:
+        with log.open("rb") as f:
+            f.seek(max(0, log.stat().st_size - 4096))
+            tail = f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    lines = [line.strip() for line in re.split(r"[\r\n]", tail) if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def train_in_parallel(cfg: RealFacesConfig, argv: list[str]) -> None:
+    """Train the pending rows ``cfg.jobs`` at a time, each as a child process with
+    ``cores / jobs`` torch threads (``--threads`` wins) and its output in
+    ``<runs_dir>/<label>-seed<k>.log``; print each child's progress every minute. Rows that
+    finish keep their result files whatever the others do; a failed row is named with its log."""
+    import os
+    import subprocess
+
+    rows = pending_rows(cfg)
+    if not rows or cfg.reevaluate:
+        return
+    threads = cfg.threads or max(1, (os.cpu_count() or 1) // cfg.jobs)
+    runs_dir = Path(cfg.runs_dir)
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    print(f"== {len(rows)} row(s), {min(cfg.jobs, len(rows))} at a time with {threads} "
+          f"thread(s) each; logs in {runs_dir}/<row>-seed<k>.log", file=sys.stderr, flush=True)
+    waiting, running, failed = list(rows), {}, []
+    last_report = time.monotonic()
+    while waiting or running:
+        while waiting and len(running) < cfg.jobs:
+            method, seed = waiting.pop(0)
+            name = f"{run_label({'method': method, 'variant': cfg.variant})}-seed{seed}"
+            log = runs_dir / f"{name}.log"
+            with log.open("w") as out:
+                proc = subprocess.Popen(child_command(argv, cfg, method, seed, threads),
+                                        stdout=out, stderr=subprocess.STDOUT)
+            running[name] = (proc, log, time.monotonic())
+            print(f"== {name}: started (log {log})", file=sys.stderr, flush=True)
+        time.sleep(0.5)
+        for name, (proc, log, started) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            del running[name]
+            minutes = (time.monotonic() - started) / 60
+            if proc.returncode == 0:
+                print(f"== {name}: done in {minutes:.0f} min", file=sys.stderr, flush=True)
+            else:
+                failed.append(f"{name} (exit {proc.returncode}; {log}: "
+                              f"{last_progress_line(log) or 'no output'})")
+                print(f"== {name}: FAILED after {minutes:.0f} min, see {log}", file=sys.stderr,
+                      flush=True)
+        if running and time.monotonic() - last_report >= PROGRESS_EVERY_S:
+            last_report = time.monotonic()
+            for name, (_, log, _) in running.items():
+                print(f"   {name}: {last_progress_line(log)}", file=sys.stderr, flush=True)
+    if failed:
+        raise BenchError(f"{len(failed)} of {len(rows)} row(s) failed (the others kept their "
+                         f"result files): " + "; ".join(failed))
 
 
 def reevaluate(earlier: dict, run_file: Path, bench, clean, degraded, kinds: list[str],
@@ -1076,7 +1200,7 @@ def read_run(path: Path) -> dict:
 # Settings that may differ between run files of one table (what each file ran, and where).
 PER_RUN_SETTINGS = {"methods", "seeds", "out", "runs_dir", "results_dir", "merge", "table",
                     "force", "threads", "workers", "embed_batch", "checkpoint_every", "device",
-                    "variant", "overrides", "data", "reevaluate", "ship_best"}
+                    "variant", "overrides", "data", "reevaluate", "ship_best", "jobs"}
 
 
 def protocol_settings(settings: dict) -> dict:

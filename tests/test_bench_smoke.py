@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -250,7 +251,10 @@ def test_real_faces_variant_rows_stay_apart_and_stale_results_are_refused(
                                         "head.params.easy_margin=true"])
     assert sorted(p.name for p in results.glob("*-seed0.json")) == [
         "arcface-seed0.json", "arcface@easy-seed0.json"]
-    run = variant["runs"][0]
+    # a row command rebuilds its folder's whole table, not a table of its own rows only
+    assert variant["settings"]["methods"] == ["arcface", "arcface@easy"]
+    assert "| arcface |" in (results / "table.md").read_text()
+    run = next(r for r in variant["runs"] if r.get("variant"))
     assert run["variant"] == "easy" and run["overrides"] == ["head.params.easy_margin=true"]
     assert run["config"]["head"]["params"]["easy_margin"] is True
     assert (tmp_path / "runs" / "arcface@easy-seed0").is_dir()
@@ -306,6 +310,38 @@ def test_real_faces_variant_rows_stay_apart_and_stale_results_are_refused(
     code = real_faces.run_main(real_faces.main, common + ["--variant", "Bad Name", "--set",
                                                           "optim.lr=0.5"])
     assert code == 2 and "Bad Name" in capsys.readouterr().err
+
+
+def test_rows_train_in_parallel_processes_and_a_failed_row_is_named(
+        real_faces, shared_data, tmp_path, capsys, monkeypatch):
+    results, runs = tmp_path / "results", tmp_path / "runs"
+    common = ["--smoke", "--data", str(shared_data), "--results-dir", str(results),
+              "--runs-dir", str(runs)]
+    payload = real_faces.main(common + ["--methods", "arcface,cosface", "--jobs", "2"])
+    assert sorted(p.name for p in results.glob("*-seed0.json")) == [
+        "arcface-seed0.json", "cosface-seed0.json"]
+    for name in ("arcface-seed0", "cosface-seed0"):
+        stored = json.loads((results / f"{name}.json").read_text())
+        assert stored["settings"]["threads"] == max(1, (os.cpu_count() or 1) // 2)
+        assert "error" not in stored["run"]
+        assert (runs / f"{name}.log").stat().st_size > 0
+    assert payload["settings"]["methods"] == ["arcface", "cosface"]
+    assert "2 row(s), 2 at a time" in capsys.readouterr().err
+    # the options the parent owns are replaced in the child's command, the others kept
+    assert real_faces.without_options(
+        ["--smoke", "--methods", "a", "--seeds=1", "--force", "--set", "x=1"],
+        {"--methods", "--seeds"}, {"--force"}) == ["--smoke", "--set", "x=1"]
+
+    # a child that fails is named with its log; the rows already done are not trained again
+    monkeypatch.setattr(real_faces, "child_command", lambda *a: [
+        sys.executable, "-c", "print('boom: bad row'); raise SystemExit(3)"])
+    code = real_faces.run_main(real_faces.main, common + ["--methods", "arcface,adaface",
+                                                          "--jobs", "2"])
+    err = capsys.readouterr().err
+    assert code == 2 and "1 of 1 row(s) failed" in err and "adaface-seed0" in err
+    assert "exit 3" in err and "boom: bad row" in err
+    code = real_faces.run_main(real_faces.main, common + ["--jobs", "0"])
+    assert code == 2 and "--jobs" in capsys.readouterr().err
 
 
 def test_reevaluation_gap_is_the_largest_numeric_difference(real_faces):

@@ -674,12 +674,28 @@ def write_markdown(path: Path, payload: dict, header, rows) -> Path:
     return path
 
 
-def plot_edcs(path: Path, runs: list[dict], methods: list[str]) -> Path | None:
-    """One EDC per method (first seed) for its quality score and, dashed, its feature norm."""
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display on a server), imported on
+    first use so that training rows do not pay for it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Lay out, write and close ``fig``; return ``path``."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+    return path
+
+
+def plot_edcs(path: Path, runs: list[dict], methods: list[str]) -> Path | None:
+    """One EDC per method (first seed) for its quality score and, dashed, its feature norm."""
+    plt = pyplot()
 
     from qualiface.eval.report import draw_edcs
 
@@ -700,10 +716,7 @@ def plot_edcs(path: Path, runs: list[dict], methods: list[str]) -> Path | None:
         draw_edcs(ax, curves, f"EDC, mixed-severity LFW 8-10: {title}",
                   ylabel=f"FNMR at FMR {EDC_FMR:g}")
         ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_quality_vs_severity(path: Path, runs: list[dict], methods: list[str]) -> Path | None:
@@ -711,10 +724,7 @@ def plot_quality_vs_severity(path: Path, runs: list[dict], methods: list[str]) -
     seed; one panel for the method's own score, one for the feature norm, each relative to the
     method's clean images (clean median 0, clean IQR 1) so that scores of different scales (a
     norm of ~20, a probability of ~0.9) share an axis."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import numpy as np
 
     chosen = [first_seed_run(runs, m, "quality_by_severity") for m in methods]
@@ -737,19 +747,13 @@ def plot_quality_vs_severity(path: Path, runs: list[dict], methods: list[str]) -
         ax.set_title(f"{name} vs severity, LFW 8-10 (falling = tracks damage)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small", ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_quality_by_kind(path: Path, runs: list[dict], methods: list[str]) -> Path | None:
     """Grouped bars: Spearman of each method's quality score with severity, per degradation
     kind (first seed); below zero = the score falls as that damage grows."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import numpy as np
 
     chosen = [first_seed_run(runs, m, "spearman_by_kind") for m in methods]
@@ -772,19 +776,13 @@ def plot_quality_by_kind(path: Path, runs: list[dict], methods: list[str]) -> Pa
     ax.set_title("Does each method's quality fall with each kind of damage? (below 0 = yes)")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize="small", ncol=min(5, len(chosen)))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_convergence(path: Path, runs: list[dict], methods: list[str]) -> Path | None:
     """LFW 8-10 accuracy against training progress, one line per method (first seed): the
     curves the convergence claim rests on."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     curves = {}
     for method in methods:
@@ -803,10 +801,7 @@ def plot_convergence(path: Path, runs: list[dict], methods: list[str]) -> Path |
     ax.set_title("Convergence: accuracy after each epoch (flat at the end = converged)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small", ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------- CLI

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from qualiface.errors import QualifaceError
-from qualiface.files import write_text_atomic
+from qualiface.files import json_ready, write_text_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "bench" / "results"
@@ -102,24 +102,9 @@ def provenance(device: str | None = None) -> dict:
     }
 
 
-def json_safe(value):
-    """NaN/Inf -> None (strict JSON), numpy scalars/arrays -> Python, recursively."""
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
-        return json_safe(value.tolist())
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
 def write_json(path: str | os.PathLike, payload: dict) -> Path:
     """Write ``payload`` as strict, indented JSON atomically (``qualiface.files``)."""
-    text = json.dumps(json_safe(payload), indent=2, allow_nan=False) + "\n"
+    text = json.dumps(json_ready(payload), indent=2, allow_nan=False) + "\n"
     return write_text_atomic(path, text)
 
 

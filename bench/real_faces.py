@@ -58,7 +58,6 @@ from common import (  # noqa: E402
     BenchError,
     fmt,
     markdown_table,
-    json_safe,
     merge,
     method_sections,
     parse_list,
@@ -1176,7 +1175,9 @@ def json_roundtrip(value):
     and stored results compare like for like."""
     import json
 
-    return json.loads(json.dumps(json_safe(value), allow_nan=False))
+    from qualiface.files import json_ready
+
+    return json.loads(json.dumps(json_ready(value), allow_nan=False))
 
 
 def read_run(path: Path) -> dict:

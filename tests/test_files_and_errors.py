@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import math
 import os
 
 import pytest
@@ -101,3 +102,19 @@ def test_family_errors_derive_from_the_root_and_keep_their_builtin(where, name, 
 
     error = getattr(importlib.import_module(where), name)
     assert issubclass(error, QualifaceError) and issubclass(error, builtin)
+
+
+def test_json_ready_holds_undefined_metrics_as_null_and_numpy_as_python(tmp_path):
+    import json
+
+    import numpy as np
+
+    from qualiface.files import json_ready
+
+    value = {"tar": float("nan"), "upper": float("inf"), 3: np.float32(0.5),
+             "folds": np.array([1, 2]), "rows": (np.int64(7), -math.inf), "where": tmp_path}
+    ready = json_ready(value)
+    assert ready == {"tar": None, "upper": None, "3": 0.5, "folds": [1, 2], "rows": [7, None],
+                     "where": str(tmp_path)}
+    assert isinstance(ready["rows"][0], int) and isinstance(ready["3"], float)
+    assert json.loads(json.dumps(ready, allow_nan=False)) == ready  # strict JSON round trip

@@ -40,6 +40,7 @@ and :func:`write_text_atomic`:
 from __future__ import annotations
 
 import errno
+import math
 import os
 import secrets
 import stat
@@ -277,3 +278,22 @@ def write_text_atomic(path: str | os.PathLike, text: str, *, encoding: str = "ut
     """Write ``text`` to ``path`` atomically (``\\n`` line ends on every platform); returns
     ``path``."""
     return write_bytes_atomic(path, text.encode(encoding))
+
+
+def json_ready(value: Any) -> Any:
+    """``value`` as strict JSON (``allow_nan=False``) can hold it, recursively: NaN and +/-Inf
+    (a metric that is undefined, such as a TAR at a FAR too few impostor pairs reach, or
+    unbounded) become ``null``; numpy arrays and scalars (anything with ``tolist``) become
+    Python values, paths become strings, and mapping keys strings. The one policy for result
+    files (evaluation reports, benchmark results)."""
+    if isinstance(value, dict):
+        return {str(k): json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
+        return json_ready(value.tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    return value

@@ -38,7 +38,7 @@ import numpy as np
 from qualiface.eval import EvaluationError
 from qualiface.eval.quality import theoretical_best_area, theoretical_best_fnmr
 from qualiface.eval.verification import area_under_curve
-from qualiface.files import write_text_atomic
+from qualiface.files import json_ready, write_text_atomic
 
 
 @dataclass
@@ -62,22 +62,6 @@ class EvalReport:
     lines: dict = field(default_factory=dict)  # plot title -> {"x", "y", "series"}
     boxes: dict = field(default_factory=dict)  # plot title -> {group: values}
     captions: dict = field(default_factory=dict)  # plot title -> caption
-
-
-def _clean(value):
-    """JSON-safe copy: numpy scalars -> Python, NaN/inf -> None."""
-    if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _clean(value.tolist())
-    if isinstance(value, (np.floating, float)):
-        value = float(value)
-        return value if math.isfinite(value) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
 
 
 def flatten_metrics(metrics: dict, prefix: str = "") -> dict[str, object]:
@@ -133,7 +117,7 @@ def _percent(value: float) -> str:
 
 def _same_numbers(first: dict, second: dict) -> bool:
     """Equal nested dicts, floats compared to 1e-9 relative (``None``/NaN equal each other)."""
-    a, b = flatten_metrics(_clean(first)), flatten_metrics(_clean(second))
+    a, b = flatten_metrics(json_ready(first)), flatten_metrics(json_ready(second))
     if a.keys() != b.keys():
         return False
     for key, x in a.items():
@@ -671,7 +655,7 @@ def _write_documents(out: Path, title: str, rows, header, figures: list[Figure],
 def _metric_rows(metrics: dict, same: dict[str, str]) -> list[tuple[str, list[str]]]:
     """The full table: every flattened metric, one ``identical to`` row per identical score."""
     rows, noted = [], set()
-    for key, value in flatten_metrics(_clean(metrics)).items():
+    for key, value in flatten_metrics(json_ready(metrics)).items():
         dup = next((d for d in same if key.startswith(f"quality.{d}.")), None)
         if dup is None:
             rows.append((key, [_format(value)]))
@@ -685,7 +669,7 @@ def write_report(report: EvalReport, out_dir: str | os.PathLike) -> Path:
     """Write metrics, curves, plots and the Markdown/HTML report into ``out_dir``; returns it."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "metrics.json", json.dumps(_clean(report.metrics), indent=2) + "\n")
+    write_text_atomic(out / "metrics.json", json.dumps(json_ready(report.metrics), indent=2) + "\n")
     aucs = {label: area_under_curve(roc) for label, roc in report.rocs.items()}
     rocs = {label: roc.downsample() for label, roc in report.rocs.items()}
     curves = {
@@ -695,7 +679,7 @@ def write_report(report: EvalReport, out_dir: str | os.PathLike) -> Path:
         "edc": {label: {"discard": c.discard_fractions, "fnmr": c.errors}
                 for label, c in report.edcs.items()},
     }
-    write_text_atomic(out / "curves.json", json.dumps(_clean(curves)) + "\n")
+    write_text_atomic(out / "curves.json", json.dumps(json_ready(curves)) + "\n")
     same = identical_scores(report.metrics)
     edcs = merge_identical_edcs({k: (c.discard_fractions, c.errors)
                                  for k, c in report.edcs.items()}, same)

@@ -1323,6 +1323,9 @@ def ship_best(payload: dict, folder: Path) -> Path:
         value = summary.get(key)
         return f"{value['mean']:.{digits}f}" if value else "-"
 
+    # How this run was made: its own result file's header (command, machine), not the table's
+    # first file, which may come from another row, machine or thread count.
+    made = (payload.get("run_provenance") or {}).get(f"{label}-seed{run['seed']}.json") or payload
     card = f"""# Best model of the real-face CPU protocol: {label} (seed {run['seed']})
 
 **Trained on research-only data.** The training images (`train.txt` of the project's shared data:
@@ -1336,9 +1339,8 @@ trained on millions of images).
   `{spec.head_name}`; quality score: {spec.quality.meaning}.
 - Files: `model.json` + `{WEIGHTS_FILE}` ({size / 2**20:.1f} MB), package sha256
   `{package_identity(target)}`.
-- Made by: `python bench/real_faces.py --preset cpu --methods {run['method']} --seeds {run['seed']}
-  --threads 2` (training {run['train']['steps']} steps, {run['train']['seconds'] / 60:.0f} min on
-  {payload['machine'].get('cpu', '?')}), picked by `python bench/real_faces.py --table {folder}
+- Made by: `{made['command']}` (training {run['train']['steps']} steps,
+  {run['train']['seconds'] / 60:.0f} min on {made['machine'].get('cpu', '?')}), picked by `python bench/real_faces.py --table {folder}
   --ship-best` as the row with the best mean 3-fold accuracy among {len(accuracy)} methods.
 - Scores (LFW folds 8-10, 1,800 pairs): accuracy {pct('severity_0:accuracy')}, TAR@FAR1e-2
   {pct('severity_0:tar_at_far_1e-2')}, AUC {num('severity_0:auc')}; quality Spearman with

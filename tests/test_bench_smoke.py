@@ -285,6 +285,8 @@ def test_real_faces_variant_rows_stay_apart_and_stale_results_are_refused(
     card = (best / "README.md").read_text()
     assert card.startswith("# Best model of the real-face CPU protocol: arcface (seed 0)")
     assert "research-only data" in card and "--ship-best" in card
+    made = json.loads((results / "arcface-seed0.json").read_text())["provenance"]["command"]
+    assert f"Made by: `{made}`" in card  # the shipped run's own command
     from qualiface.package.io import package_identity
     assert package_identity(best) == package_identity(tmp_path / "runs" / "arcface-seed0" / "model")
     assert package_identity(best) in card

@@ -46,7 +46,7 @@ import re
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -469,6 +469,35 @@ def train_and_evaluate(cfg: RealFacesConfig, method: str, seed: int, list_file: 
             **evaluation}
 
 
+# Config keys a stored row may hold differently from today's without being stale: where the
+# data was (paths differ between machines), on top of what a resume may change.
+STALE_MAY_DIFFER = ("data.params.",)
+
+
+def stale_config_keys(run: dict, settings: dict) -> list[str] | None:
+    """The config keys in which a finished row's training config differs from the one its
+    command would train with today (a shipped config or default changed since): such a row no
+    longer shows what its command reproduces. None when today's config cannot be built here
+    (the training list is not on this machine)."""
+    from qualiface.config import to_dict
+    from qualiface.errors import QualifaceError
+    from qualiface.train.checkpoint import config_differences
+
+    known = {f.name for f in fields(RealFacesConfig)}
+    cfg = RealFacesConfig(**{k: v for k, v in settings.items() if k in known})
+    cfg.overrides, cfg.variant = list(run.get("overrides") or []), run.get("variant") or ""
+    stored = run.get("config") or {}
+    list_file = Path(((stored.get("data") or {}).get("params") or {}).get("list_file", ""))
+    try:
+        today = to_dict(run_config(cfg, run["method"], run["seed"], list_file,
+                                   Path(settings.get("data") or SHARED_DATA),
+                                   Path(run.get("run_dir") or cfg.runs_dir)))
+    except (OSError, BenchError, QualifaceError, ValueError):
+        return None
+    return [key for key, _, _ in config_differences(stored, today)
+            if not key.startswith(STALE_MAY_DIFFER)]
+
+
 def variant_fields(cfg: RealFacesConfig) -> dict:
     """What a variant run stores beside its method: the name and the overrides that define it."""
     return {"variant": cfg.variant, "overrides": list(cfg.overrides)} if cfg.variant else {}
@@ -663,6 +692,11 @@ def write_markdown(path: Path, payload: dict, header, rows) -> Path:
                   f"(monitoring only, nothing is selected on it); the last column is the best of "
                   f"the last {LATE_CHECKS} checks minus the best before them, near 0 or below "
                   f"once the curve is flat:\n", markdown_table(conv_header, conv_rows)]
+    if payload.get("stale_rows"):
+        lines.append("\n**Stale rows** (trained with a config that has changed since; re-train "
+                     "with `--force`): " + "; ".join(
+                         f"`{name}`: {', '.join(f'`{k}`' for k in keys)}"
+                         for name, keys in payload["stale_rows"].items()) + ".\n")
     variants = {label: entry["overrides"] for label, entry in payload["summary"].items()
                 if entry.get("overrides")}
     if variants:
@@ -1247,6 +1281,15 @@ def table_from_dir(folder: Path) -> dict:
     payload = {k: v for k, v in first.items() if k not in ("run", "provenance")}
     payload.update(settings=settings, runs=runs, merged_from=[str(p) for p in files],
                    run_provenance={p.name: d.get("provenance") for p, d in zip(files, datas)})
+    stale = {}
+    for path, data in zip(files, datas):
+        keys = stale_config_keys(data["run"], data["settings"])
+        if keys:
+            stale[path.stem] = keys
+            print(f"warning: {path.name}: trained with a config that differs from today's in "
+                  f"{', '.join(keys)}; its row no longer shows what its command trains "
+                  f"(re-train it with --force)", file=sys.stderr, flush=True)
+    payload["stale_rows"] = stale
     return finish(payload, folder / "table.json", methods, settings["severities"])
 
 

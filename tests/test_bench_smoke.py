@@ -275,7 +275,17 @@ def test_real_faces_variant_rows_stay_apart_and_stale_results_are_refused(
     assert protocol_run["config"]["head"]["params"].get("easy_margin", False) is False
     markdown = (results / "table.md").read_text()
     assert "| arcface@easy |" in markdown and "`head.params.easy_margin=true`" in markdown
-    assert "per degradation kind" in markdown
+    assert "per degradation kind" in markdown and "Stale rows" not in markdown
+
+    # a row trained under a config that has changed since is named as stale, with the key
+    drifted = json.loads((results / "arcface-seed0.json").read_text())
+    drifted["run"]["config"]["head"]["params"]["margin"] = 0.3
+    (results / "arcface-seed0.json").write_text(json.dumps(drifted))
+    table = real_faces.main(["--table", str(results)])
+    assert table["stale_rows"] == {"arcface-seed0": ["head.params.margin"]}
+    assert "`arcface-seed0`: `head.params.margin`" in (results / "table.md").read_text()
+    assert "head.params.margin" in capsys.readouterr().err
+    (results / "arcface-seed0.json").write_text(json.dumps(older))
 
     # --ship-best: the best protocol row's package (variants are not candidates) with its card
     shipped = real_faces.main(["--table", str(results), "--ship-best"])

@@ -1111,7 +1111,7 @@ def last_progress_line(log: Path) -> str:
 
 def train_in_parallel(cfg: RealFacesConfig, argv: list[str]) -> None:
     """Train the pending rows ``cfg.jobs`` at a time, each as a child process with
-    ``cores / jobs`` torch threads (``--threads`` wins) and its output in
+    ``cores / min(jobs, rows)`` torch threads (``--threads`` wins) and its output in
     ``<runs_dir>/<label>-seed<k>.log``; print each child's progress every minute. Rows that
     finish keep their result files whatever the others do; a failed row is named with its log."""
     import os
@@ -1120,7 +1120,8 @@ def train_in_parallel(cfg: RealFacesConfig, argv: list[str]) -> None:
     rows = pending_rows(cfg)
     if not rows or cfg.reevaluate:
         return
-    threads = cfg.threads or max(1, (os.cpu_count() or 1) // cfg.jobs)
+    # Fewer rows than jobs: the cores go to the rows there are.
+    threads = cfg.threads or max(1, (os.cpu_count() or 1) // min(cfg.jobs, len(rows)))
     runs_dir = Path(cfg.runs_dir)
     runs_dir.mkdir(parents=True, exist_ok=True)
     print(f"== {len(rows)} row(s), {min(cfg.jobs, len(rows))} at a time with {threads} "

@@ -329,6 +329,7 @@ def test_rows_train_in_parallel_processes_and_a_failed_row_is_named(
     results, runs = tmp_path / "results", tmp_path / "runs"
     common = ["--smoke", "--data", str(shared_data), "--results-dir", str(results),
               "--runs-dir", str(runs)]
+    monkeypatch.setattr(real_faces, "PROGRESS_EVERY_S", 2.0)  # each child's status, often
     payload = real_faces.main(common + ["--methods", "arcface,cosface", "--jobs", "2"])
     assert sorted(p.name for p in results.glob("*-seed0.json")) == [
         "arcface-seed0.json", "cosface-seed0.json"]
@@ -338,7 +339,9 @@ def test_rows_train_in_parallel_processes_and_a_failed_row_is_named(
         assert "error" not in stored["run"]
         assert (runs / f"{name}.log").stat().st_size > 0
     assert payload["settings"]["methods"] == ["arcface", "cosface"]
-    assert "2 row(s), 2 at a time" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "2 row(s), 2 at a time" in err and "arcface-seed0: done" in err
+    assert "\n   cosface-seed0: " in err  # a progress line from the child's log
     # the options the parent owns are replaced in the child's command, the others kept
     assert real_faces.without_options(
         ["--smoke", "--methods", "a", "--seeds=1", "--force", "--set", "x=1"],

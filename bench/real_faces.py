@@ -1410,13 +1410,12 @@ def merge_results(cfg: RealFacesConfig) -> dict:
             payloads.append(json.loads(Path(path).read_text()))
         except (OSError, json.JSONDecodeError) as exc:
             raise BenchError(f"{path}: cannot read a real_faces result ({exc})") from None
-    ignore = {"methods", "seeds", "out", "runs_dir", "merge", "overrides", "variant"}
     first = payloads[0]
     for path, other in zip(cfg.merge[1:], payloads[1:]):
-        a = {k: v for k, v in first["settings"].items() if k not in ignore}
-        b = {k: v for k, v in other["settings"].items() if k not in ignore}
-        if a != b:
-            differ = sorted(k for k in a if a.get(k) != b.get(k))
+        # The same rule as --table: what was measured must agree; where and how fast (threads,
+        # workers, jobs, folders) may differ.
+        differ = protocol_differences(first["settings"], other["settings"])
+        if differ:
             raise BenchError(f"{path}: settings differ from {cfg.merge[0]} in {', '.join(differ)}")
     runs = [run for p in payloads for run in p["runs"]]
     methods = label_order(run_label(r) for r in runs)

@@ -224,8 +224,10 @@ def test_real_faces_smoke_writes_expected_outputs(real_faces, shared_data, tmp_p
         "per degradation kind")
     assert main_table.count("| qcface |") == 1 and kind_table.count("| qcface |") == 1
 
-    # --merge: a second "seed" from another job; mean and sample std over the two.
+    # --merge: a second "seed" from another job (on another thread count, which is not a
+    # difference in what was measured); mean and sample std over the two.
     other = json.loads(out.read_text())
+    other["settings"]["threads"] = 7
     for run in other["runs"]:
         run["seed"] = 1
         run["results"]["severity_0"]["summary"]["accuracy"] = 0.5
@@ -239,6 +241,10 @@ def test_real_faces_smoke_writes_expected_outputs(real_faces, shared_data, tmp_p
     assert entry["std"] == pytest.approx(abs(first_acc - 0.5) / math.sqrt(2))
     assert merged["settings"]["seeds"] == [0, 1]
     assert " ± " in merged_path.with_suffix(".md").read_text()
+    other["settings"]["epochs"] = 3.0  # a different protocol is refused, naming the key
+    second.write_text(json.dumps(other))
+    with pytest.raises(real_faces.BenchError, match="differ.*epochs"):
+        real_faces.main(["--merge", str(out), str(second), "--out", str(merged_path)])
 
 
 def test_real_faces_variant_rows_stay_apart_and_stale_results_are_refused(

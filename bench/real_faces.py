@@ -863,8 +863,7 @@ def parse_args(argv) -> RealFacesConfig:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--jobs", type=int, default=1,
                         help="train this many rows at once, each in its own process with "
-                             "cores/jobs threads (on 2 cores, two 1-thread rows train ~1.3x "
-                             "faster in total than one 2-thread row; docs/BENCHMARKS.md)")
+                             "cores/jobs threads (measured gain on 2 cores: docs/BENCHMARKS.md)")
     parser.add_argument("--embed-batch", type=int, default=256)
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE",

@@ -154,9 +154,15 @@ def parse_list(text: str, cast=str, *, what: str) -> list:
 def run_main(main, argv: Sequence[str] | None = None) -> int:
     """Run ``main(argv)``; a ``BenchError`` or any qualiface error (``QualifaceError``: config,
     data, evaluation, training...) becomes one ``error: ...`` line on stderr and exit status 2
-    instead of a traceback."""
+    instead of a traceback. A training stopped by SIGTERM/SIGINT (its checkpoint written) is
+    one ``interrupted: ...`` line and exit status 128 + the signal, as a shell reports it."""
+    from qualiface.train.loop import TrainingInterrupted
+
     try:
         main(argv)
+    except TrainingInterrupted as exc:
+        print(f"interrupted: {exc}; run the same command again to resume", file=sys.stderr)
+        return 128 + int(exc.signum)
     except (BenchError, QualifaceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -365,6 +365,21 @@ def test_rows_train_in_parallel_processes_and_a_failed_row_is_named(
     assert code == 2 and "--jobs" in capsys.readouterr().err
 
 
+def test_an_interrupted_row_is_one_line_and_the_signals_exit_status(real_faces, tmp_path,
+                                                                   capsys):
+    import signal
+
+    from qualiface.train.loop import TrainingInterrupted
+
+    def stopped(argv):
+        raise TrainingInterrupted(signal.SIGTERM, 352, tmp_path / "checkpoint.pt")
+
+    assert real_faces.run_main(stopped, []) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert err.startswith("interrupted: SIGTERM received: checkpoint written at step 352")
+    assert "run the same command again to resume" in err and "Traceback" not in err
+
+
 def test_reevaluation_gap_is_the_largest_numeric_difference(real_faces):
     gap = real_faces.largest_gap
     assert gap({"a": [1.0, 2.0], "b": "x"}, {"a": [1.0, 2.5], "b": "x"}) == 0.5

@@ -90,6 +90,11 @@ def run_label(run: dict) -> str:
     return run["method"] + (f"@{run['variant']}" if run.get("variant") else "")
 
 
+def row_name(method: str, variant: str, seed: int) -> str:
+    """One run's name: its result file ``<name>.json``, its run folder and its log."""
+    return f"{run_label({'method': method, 'variant': variant})}-seed{seed}"
+
+
 def first_seed_run(runs: list[dict], label: str, result: str | None = None) -> dict | None:
     """The finished run of row ``label`` with the lowest seed (among those whose results hold
     ``result``, when given): the one a plot or the shipped model stands for."""
@@ -438,7 +443,7 @@ def train_and_evaluate(cfg: RealFacesConfig, method: str, seed: int, list_file: 
     from qualiface.train.loop import TrainingError, train
 
     label = run_label({"method": method, "variant": cfg.variant})
-    out_dir = Path(cfg.runs_dir) / f"{label}-seed{seed}"
+    out_dir = Path(cfg.runs_dir) / row_name(method, cfg.variant, seed)
     tcfg = run_config(cfg, method, seed, list_file, data_root, out_dir)
     effective = to_dict(tcfg)
     print(f"-- effective config of {label} (seed {seed}):\n"
@@ -1018,7 +1023,7 @@ def main(argv=None) -> dict:
     for seed in cfg.seeds:
         for method in cfg.methods:
             label = run_label({"method": method, "variant": cfg.variant})
-            run_file = results_dir / f"{label}-seed{seed}.json"
+            run_file = results_dir / f"{row_name(method, cfg.variant, seed)}.json"
             if run_file.is_file() and not cfg.force:
                 earlier = read_run(run_file)
                 check_same_protocol(run_file, earlier["settings"], asdict(cfg))
@@ -1057,9 +1062,8 @@ PROGRESS_EVERY_S = 60.0
 def pending_rows(cfg: RealFacesConfig) -> list[tuple[str, int]]:
     """The (method, seed) rows this command would train: no result file yet, or ``--force``."""
     results_dir = Path(cfg.results_dir)
-    label = lambda m: run_label({"method": m, "variant": cfg.variant})  # noqa: E731
     return [(m, s) for s in cfg.seeds for m in cfg.methods
-            if cfg.force or not (results_dir / f"{label(m)}-seed{s}.json").is_file()]
+            if cfg.force or not (results_dir / f"{row_name(m, cfg.variant, s)}.json").is_file()]
 
 
 def without_options(argv: list[str], valued: set[str], flags: set[str]) -> list[str]:
@@ -1086,13 +1090,12 @@ def child_command(argv: list[str], cfg: RealFacesConfig, method: str, seed: int,
     method and seed, its thread share, and the caller's result and run folders made explicit.
     Its ``--out`` is its own run folder's, so that rows finishing together never write the
     folder's table at the same time (the caller rebuilds it once all are done)."""
-    label = run_label({"method": method, "variant": cfg.variant})
     base = without_options(argv, {"--methods", "--seeds", "--jobs", "--threads", "--out",
                                   "--results-dir", "--runs-dir"}, {"--force"})
     return [sys.executable, str(Path(__file__).resolve()), *base, "--methods", method,
             "--seeds", str(seed), "--threads", str(threads), "--results-dir", cfg.results_dir,
             "--runs-dir", cfg.runs_dir,
-            "--out", str(Path(cfg.runs_dir) / f"{label}-seed{seed}-table.json"),
+            "--out", str(Path(cfg.runs_dir) / f"{row_name(method, cfg.variant, seed)}-table.json"),
             *(["--force"] if cfg.force else [])]
 
 
@@ -1130,7 +1133,7 @@ def train_in_parallel(cfg: RealFacesConfig, argv: list[str]) -> None:
     while waiting or running:
         while waiting and len(running) < cfg.jobs:
             method, seed = waiting.pop(0)
-            name = f"{run_label({'method': method, 'variant': cfg.variant})}-seed{seed}"
+            name = row_name(method, cfg.variant, seed)
             log = runs_dir / f"{name}.log"
             with log.open("w") as out:
                 proc = subprocess.Popen(child_command(argv, cfg, method, seed, threads),
@@ -1368,7 +1371,7 @@ def ship_best(payload: dict, folder: Path) -> Path:
 
     # How this run was made: its own result file's header (command, machine), not the table's
     # first file, which may come from another row, machine or thread count.
-    made = (payload.get("run_provenance") or {}).get(f"{label}-seed{run['seed']}.json") or payload
+    made = (payload.get("run_provenance") or {}).get(f"{row_name(run['method'], run.get('variant') or '', run['seed'])}.json") or payload
     card = f"""# Best model of the real-face CPU protocol: {label} (seed {run['seed']})
 
 **Trained on research-only data.** The training images (`train.txt` of the project's shared data:

@@ -110,3 +110,32 @@ def test_rank_correlations_and_errors():
         edc([0.1, 0.9], [0, 1], [0.5], fmr=0.5)
     with pytest.raises(EvaluationError, match="not measurable"):
         edc([0.1, 0.2, 0.9], [0, 0, 1], [1, 1, 1], fmr=1e-3)
+
+
+def test_evaluate_pairs_aligns_severity_with_benchmark_images_not_feature_rows():
+    # Severity is given per benchmark image (bench.ids order); a feature set stored in another
+    # order must not shuffle it against the qualities (it used to be indexed by feature row).
+    from qualiface.eval.benchmarks import PairBenchmark, evaluate_pairs
+    from qualiface.eval.features import FeatureSet
+
+    rng = np.random.default_rng(0)
+    n = 40
+    ids = [f"img{i}" for i in range(n)]
+    bench = PairBenchmark("t", None, ids, np.arange(0, n, 2), np.arange(1, n, 2),
+                          np.arange(n // 2) % 2 == 0)
+    severity = np.repeat([0.0, 0.5, 1.0, 0.25], n // 4)
+    quality = 1.0 - severity + rng.normal(0, 0.05, n)
+    features = rng.normal(size=(n, 8)).astype(np.float32)
+    perm = rng.permutation(n)
+    stored = FeatureSet([ids[i] for i in perm], features[perm], quality[perm])
+    result = evaluate_pairs(bench, stored, severity=severity, edc_fmrs=(0.1,))
+    got = result.metrics["quality"]["model quality"]["vs_severity"]
+    expected = rank_correlations(quality.astype(np.float32), severity)
+    assert got["spearman"] == pytest.approx(expected["spearman"])
+    assert got["spearman"] < -0.9
+    by_level = result.histograms["model quality by severity"]
+    for level in (0.0, 0.25, 0.5, 1.0):
+        np.testing.assert_allclose(np.sort(by_level[f"severity {level:g}"]),
+                                   np.sort(quality[severity == level].astype(np.float32)))
+    with pytest.raises(EvaluationError, match="one value per benchmark image"):
+        evaluate_pairs(bench, stored, severity=severity[:-1], edc_fmrs=(0.1,))

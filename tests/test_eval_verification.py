@@ -60,6 +60,27 @@ def test_tar_at_far_equals_brute_force_threshold_search(seed):
         assert np.mean(scores[labels] >= threshold) == pytest.approx(tar)
 
 
+def test_tar_at_far_threshold_is_the_highest_reaching_that_tar():
+    # Genuine 0.9, 0.5; impostors 0.8, 0.7, 0.5, 0.1. At FAR 0.5 (2 false accepts allowed) the
+    # best TAR is 0.5, reached by every threshold in (0.5, 0.9]; the documented threshold is the
+    # highest of them (0.9, no false accept), as at FAR 0.25, not one just above 0.5.
+    scores = np.array([0.9, 0.5, 0.8, 0.7, 0.5, 0.1])
+    labels = np.array([1, 1, 0, 0, 0, 0], dtype=bool)
+    result = tar_at_far(roc_curve(scores, labels), [0.25, 0.5])
+    assert result[0.25] == (0.5, 0.9)
+    assert result[0.5] == (0.5, 0.9)
+    # Brute force on tied random data: the threshold is the highest candidate with FA within
+    # the budget and the reported TAR.
+    scores, labels = _random_pairs(10, n=800, levels=12)
+    result = tar_at_far(roc_curve(scores, labels), [1e-2, 1e-1])
+    candidates = np.concatenate([[np.inf], np.unique(scores), np.nextafter(np.unique(scores), np.inf)])
+    for far, (tar, threshold) in result.items():
+        allowed = np.floor(far * np.sum(~labels) + 1e-9)
+        ok = [t for t in candidates if np.sum(scores[~labels] >= t) <= allowed
+              and np.mean(scores[labels] >= t) == tar]
+        assert threshold == max(ok)
+
+
 def test_tar_at_unmeasurable_far_is_nan():
     scores, labels = _random_pairs(5, n=500)
     result = tar_at_far(roc_curve(scores, labels), [1e-4, 1e-1])

@@ -107,6 +107,32 @@ def test_vectorised_ijb_equals_naive_loops(tmp_path, mode):
         assert ident["galleries"][label]["num_mated_probes"] == mated == 15
 
 
+@pytest.mark.parametrize("mode", ["norm", "media"])
+def test_detector_score_weights_unit_features_as_insightface(tmp_path, mode):
+    # InsightFace: features normalised first (unless the norm is kept), then multiplied by the
+    # detector score, then media-averaged and summed. Scaling the raw features was undone by
+    # the per-image normalisation of 'media', so --detector-score silently did nothing there.
+    _, features = write_ijb_fixture(tmp_path)
+    protocol = load_ijb(tmp_path, "IJBC")
+    result = evaluate_ijb(protocol, features, IJBOptions(aggregation=mode, fars=(1e-1,),
+                                                         detector_score_weight=True))
+    f = features.features[features.rows(protocol.images)].astype(np.float64)
+    if mode == "media":
+        f = f / np.linalg.norm(f, axis=1, keepdims=True)
+    f = f * protocol.detector_scores[:, None]
+    templates = {}
+    for t in np.unique(protocol.template_ids):
+        idx = np.flatnonzero(protocol.template_ids == t)
+        total = sum(f[idx][protocol.media_ids[idx] == m].mean(0)
+                    for m in np.unique(protocol.media_ids[idx]))
+        templates[t] = total / np.linalg.norm(total)
+    naive = np.array([templates[a] @ templates[b]
+                      for a, b in zip(protocol.pair_first, protocol.pair_second)])
+    np.testing.assert_allclose(result.scores, naive, atol=1e-5)
+    unweighted = evaluate_ijb(protocol, features, IJBOptions(aggregation=mode, fars=(1e-1,)))
+    assert np.abs(result.scores - unweighted.scores).max() > 1e-3
+
+
 def test_ijb_format_errors_name_file_and_line(tmp_path):
     write_ijb_fixture(tmp_path)
     pair_file = tmp_path / "IJBC" / "meta" / "ijbc_template_pair_label.txt"

@@ -99,10 +99,16 @@ def evaluate_pairs(bench: PairBenchmark, features: FeatureSet, *,
                    severity: np.ndarray | None = None) -> PairResult:
     """Verification + quality metrics of one pair benchmark from its per-image features.
 
-    ``severity``: optional (N,) known degradation severity per image, for rank correlations
-    of the quality scores and per-level quality histograms.
+    ``severity``: optional (N,) known degradation severity per image, in the order of
+    ``bench.ids`` (the order every per-image array here has once ``features.rows`` has
+    gathered it), for rank correlations of the quality scores and per-level quality histograms.
     """
     rows = features.rows(bench.ids)
+    if severity is not None:
+        severity = np.asarray(severity, dtype=np.float64)
+        if severity.shape != (len(bench.ids),):
+            raise EvaluationError(f"severity: expected one value per benchmark image "
+                                  f"({len(bench.ids)}), got shape {severity.shape}")
     raw = features.features[rows]
     unit, norms = l2_normalize(raw)
     scores = score_pairs(unit, bench.first, bench.second)
@@ -136,11 +142,11 @@ def evaluate_pairs(bench: PairBenchmark, features: FeatureSet, *,
             entry[f"fmr_{fmr:.0e}"] = {**edc_summary(curve),
                                        "refixed": edc_summary(refixed)}
         if severity is not None:
-            entry["vs_severity"] = rank_correlations(per_image, np.asarray(severity)[rows])
+            entry["vs_severity"] = rank_correlations(per_image, severity)
         quality_metrics[qname] = entry
         histograms[f"pair {qname}"] = {"genuine": pq[labels], "impostor": pq[~labels]}
         if severity is not None:
-            levels = np.asarray(severity)[rows]
+            levels = severity
             histograms[f"{qname} by severity"] = {
                 f"severity {level:g}": per_image[levels == level] for level in np.unique(levels)}
     metrics["quality"] = quality_metrics

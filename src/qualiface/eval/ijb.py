@@ -100,14 +100,18 @@ def evaluate_ijb(protocol: IJBProtocol, features: FeatureSet,
     rows = features.rows(protocol.images)
     image_features = features.features[rows]
     image_quality = features.quality[rows].astype(np.float64)
+    detector_weights = None
     if options.detector_score_weight:
         if protocol.detector_scores is None:
             raise EvaluationError("detector-score weighting needs the 5-point/score file")
-        image_features = image_features * protocol.detector_scores[:, None]
+        # Applied after the mode's per-image normalisation (InsightFace: unit feature * score);
+        # scaling the raw features instead is undone by every mode that normalises images.
+        detector_weights = protocol.detector_scores
     templates = aggregate_templates(image_features, protocol.template_ids,
                                     media_ids=protocol.media_ids, quality=image_quality,
                                     mode=options.aggregation,
-                                    quality_threshold=options.quality_threshold)
+                                    quality_threshold=options.quality_threshold,
+                                    image_weights=detector_weights)
     template_row = np.searchsorted(templates.ids, protocol.template_ids)
     counts = np.bincount(template_row, minlength=len(templates.ids))
     template_quality = np.bincount(template_row, weights=image_quality,

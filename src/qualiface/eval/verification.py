@@ -135,6 +135,9 @@ def tar_at_far(roc: RocCurve, fars: Sequence[float] = DEFAULT_FARS) -> dict[floa
         # Compare counts, not rates, so 1e-3 * 1000 is exactly one false accept.
         allowed = np.floor(far * roc.num_impostor + 1e-9)
         index = int(np.searchsorted(roc.false_accepts, allowed, side="right")) - 1
+        # The last point within budget may end a horizontal stretch (only impostors crossed
+        # since the TAR was reached): go back to the first point with that TAR.
+        index = int(np.searchsorted(roc.true_accepts, roc.true_accepts[index], side="left"))
         out[far] = (float(roc.tar[index]), float(roc.thresholds[index]))
     return out
 

@@ -50,14 +50,32 @@ def _group(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def pooling_weights(template_ids, *, norms, media_ids=None, quality=None, mode: str = "norm",
-                    quality_threshold: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                    quality_threshold: float | None = None,
+                    image_weights=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-image pooling weights on the *raw* features.
 
     template_ids: (N,) template of each image; norms: (N,) raw feature norms; media_ids: (N,)
     (needed by ``media`` and ``norm``; default: every image its own media); quality: (N,)
-    (needed by ``qwfa`` / ``qwfaf``). Returns ``(unique_templates (T,), row (N,), weight (N,))``:
-    template ``row[i]`` gets ``weight[i] * raw_feature[i]`` added.
+    (needed by ``qwfa`` / ``qwfaf``); image_weights: optional (N,) factor on each image's
+    contribution *after* the mode's per-image normalisation (InsightFace's detector-score
+    weighting: ``unit feature * score`` for the unit-feature modes, ``raw feature * score`` for
+    ``norm``). Returns ``(unique_templates (T,), row (N,), weight (N,))``: template ``row[i]``
+    gets ``weight[i] * raw_feature[i]`` added.
     """
+    templates, row, weight = _pooling_weights(template_ids, norms=norms, media_ids=media_ids,
+                                              quality=quality, mode=mode,
+                                              quality_threshold=quality_threshold)
+    if image_weights is not None:
+        image_weights = np.asarray(image_weights, dtype=np.float64)
+        if image_weights.shape != weight.shape or not np.all(np.isfinite(image_weights)):
+            raise EvaluationError(f"aggregation: {len(weight)} images but image weights of "
+                                  f"shape {image_weights.shape} (or not finite)")
+        weight = weight * image_weights
+    return templates, row, weight
+
+
+def _pooling_weights(template_ids, *, norms, media_ids, quality, mode: str,
+                     quality_threshold: float | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if mode not in AGGREGATION_MODES:
         raise EvaluationError(f"unknown aggregation mode {mode!r}; known: {', '.join(AGGREGATION_MODES)}")
     template_ids = np.asarray(template_ids)
@@ -122,11 +140,13 @@ class Templates:
 
 
 def aggregate_templates(features, template_ids, *, media_ids=None, quality=None,
-                        mode: str = "norm", quality_threshold: float | None = None) -> Templates:
+                        mode: str = "norm", quality_threshold: float | None = None,
+                        image_weights=None) -> Templates:
     """Pool raw image features (N, D) into L2-normalised templates with one sparse product.
 
     See the module docstring for the modes; ``template_ids`` (N,), ``media_ids`` (N,) and
-    ``quality`` (N,) as in ``pooling_weights``. Templates come out sorted by id.
+    ``quality`` (N,) and ``image_weights`` (N,) as in ``pooling_weights``. Templates come out
+    sorted by id.
     """
     import scipy.sparse as sp  # lazy: scipy.sparse (~0.13 s); scoring stays numpy-only
 
@@ -137,7 +157,8 @@ def aggregate_templates(features, template_ids, *, media_ids=None, quality=None,
     norms = row_norms(features)
     ids, row, weight = pooling_weights(template_ids, norms=norms, media_ids=media_ids,
                                        quality=quality, mode=mode,
-                                       quality_threshold=quality_threshold)
+                                       quality_threshold=quality_threshold,
+                                       image_weights=image_weights)
     order = np.argsort(row, kind="stable")
     indptr = np.concatenate([[0], np.cumsum(np.bincount(row, minlength=len(ids)))])
     # scipy's CSR x dense product is ~3x faster here than torch's sparse CSR on CPU.

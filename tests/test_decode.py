@@ -91,6 +91,17 @@ def test_cmyk_jpeg_goes_through_pillow():
     assert torch.equal(decode_image(data), torch.from_numpy(reference.copy()))
 
 
+def test_rgba_tiff_drops_alpha_like_png():
+    # OpenCV reads a 4-channel TIFF through libtiff's RGBA path, which multiplies the colour by
+    # alpha (200 -> 100 at alpha 128): the default decode must drop alpha as it does for PNG.
+    rgba = np.dstack([_smooth_rgb(5, 6), np.full((5, 6), 128, np.uint8)])
+    data = _pil_bytes(rgba, "TIFF")
+    assert probe_image(data).format == "tiff"
+    expected = torch.from_numpy(rgba[:, :, :3].transpose(2, 0, 1).copy())
+    assert torch.equal(decode_image(data), expected)
+    assert torch.equal(decode_image(data), decode_image(_pil_bytes(rgba, "PNG")))
+
+
 def _cmyk_jpeg(rgb: np.ndarray) -> bytes:
     out = io.BytesIO()
     Image.fromarray(rgb).convert("CMYK").save(out, format="JPEG", quality=95)

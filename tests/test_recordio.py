@@ -26,6 +26,7 @@ from qualiface.data.recordio import (
     iter_records,
     pack_record,
     read_frame,
+    read_identity_names,
     rebuild_index,
     unpack_record,
 )
@@ -179,6 +180,39 @@ def test_writer_round_trip_and_insightface_record_zero(tmp_path):
         assert (data, got, header.id) == (png, label, index + 1)
     # Label 2 has no image: an empty range, so identity ranges stay contiguous.
     assert dataset.identity_ranges().tolist() == [[1, 3], [3, 4], [4, 4], [4, 7]]
+
+
+@pytest.mark.parametrize("name", ["a\x0cb", "caf\x85", "x\u2028y", "p\x1cq", "t\x1dr\x1es"])
+def test_identity_names_with_unicode_line_separators_read_back(tmp_path, name):
+    # Legal folder names that str.splitlines() would split: the pack must read back as written.
+    names = ["alice", name, "carol"]
+    with RecordIOWriter(tmp_path / "train", identity_names=names) as writer:
+        for label in range(3):
+            writer.add(_png(label), label)
+    assert read_identity_names(tmp_path) == names
+    (tmp_path / "identities.txt").write_bytes(b"0\talice\r\n1\tbob\r\n")  # CRLF tolerated
+    assert read_identity_names(tmp_path) == ["alice", "bob"]
+
+
+def test_pack_without_names_removes_a_stale_identities_file(tmp_path):
+    with RecordIOWriter(tmp_path / "train", identity_names=["alice", "bob"]) as writer:
+        writer.add(_png(1), 0)
+        writer.add(_png(2), 1)
+    # A new pack at the same place, without names: the old names do not describe it.
+    with RecordIOWriter(tmp_path / "train") as writer:
+        writer.add(_png(3), 0)
+        writer.add(_png(4), 1)
+    assert read_identity_names(tmp_path) is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["property", "train.idx", "train.rec"]
+    # A failed pack leaves the previous one, names included, untouched.
+    with RecordIOWriter(tmp_path / "train", identity_names=["x", "y"]) as writer:
+        writer.add(_png(1), 0)
+        writer.add(_png(2), 1)
+    with pytest.raises(RuntimeError, match="boom"):
+        with RecordIOWriter(tmp_path / "train") as writer:
+            writer.add(_png(1), 0)
+            raise RuntimeError("boom")
+    assert read_identity_names(tmp_path) == ["x", "y"]
 
 
 def test_writer_leaves_nothing_behind_on_failure(tmp_path):

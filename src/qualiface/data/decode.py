@@ -2,9 +2,10 @@
 
 OpenCV (``cv2.imdecode`` with ``IMREAD_COLOR``, then BGR -> RGB) is the fast default; Pillow
 is the fallback when OpenCV is missing or refuses the data, and the path for CMYK JPEGs (Adobe
-inverted CMYK is only handled correctly there). Both paths agree on every case a face dataset
-meets: grayscale is expanded to three channels, an alpha channel is dropped, 16-bit PNG is
-scaled to 8 bits (high byte), and EXIF orientation is applied (OpenCV does it by default, the
+inverted CMYK is only handled correctly there) and 4-channel TIFFs (OpenCV's TIFF reader
+multiplies the colour by alpha). Both paths agree on every case a face dataset meets: grayscale
+is expanded to three channels, an alpha channel is dropped, 16-bit PNG is scaled to 8 bits (high
+byte), and EXIF orientation is applied (OpenCV does it by default, the
 Pillow path calls ``exif_transpose``).
 
 Before any pixel is decoded the header is probed (pure Python for JPEG/PNG, Pillow's lazy
@@ -254,7 +255,10 @@ def decode_image(
     info = probe_image(buffer, name=name, max_pixels=max_pixels)
     rgb = None
     cmyk_jpeg = info.format == "jpeg" and info.channels == 4
-    if backend == "cv2" or (backend == "auto" and not cmyk_jpeg):
+    # OpenCV reads a 4-channel TIFF (RGBA) through libtiff's RGBA interface, which multiplies
+    # the colour by the alpha channel instead of dropping it: Pillow drops it, as everywhere else.
+    four_channel_tiff = info.format == "tiff" and info.channels == 4
+    if backend == "cv2" or (backend == "auto" and not (cmyk_jpeg or four_channel_tiff)):
         rgb = _decode_with_cv2(buffer)
         if rgb is None and backend == "cv2":
             raise DecodeError(name, "OpenCV could not decode the data")

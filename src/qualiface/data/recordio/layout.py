@@ -96,7 +96,14 @@ def read_identity_names(folder: str | os.PathLike) -> list[str] | None:
     except UnicodeDecodeError as exc:
         raise RecordIOError(path, exc.start, "not UTF-8 text") from None
     names: list[str] = []
-    for line_number, line in enumerate(text.splitlines(), 1):
+    # Split on "\n" only (the writer's line end; a "\r" before it is tolerated):
+    # str.splitlines() would also split on \x0c, \x1c-\x1e, \x85 and \u2028/\u2029, which a
+    # valid identity name may contain, so such a pack would not read back.
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    for line_number, line in enumerate(lines, 1):
+        line = line.removesuffix("\r")
         label, sep, name = line.partition("\t")
         if not sep or label != str(len(names)) or not name:
             raise RecordIOError(path, None, f"line {line_number}: expected "

@@ -23,7 +23,8 @@ class RecordIOWriter:
 
     Add images grouped by identity with non-decreasing labels (the identity block stores one
     contiguous record range per label). Use as a context manager: on success the temporary files
-    are renamed into place, on an exception they are removed::
+    are renamed into place (a pack without names removes an older ``identities.txt`` there, which
+    would otherwise pass for this pack's names), on an exception they are removed::
 
         with RecordIOWriter("out/train") as writer:
             writer.add(jpeg_bytes, label=0)
@@ -133,6 +134,10 @@ class RecordIOWriter:
             # Everything is complete on disk before the first rename.
             for temp, final in zip(self._temps, finals):
                 os.replace(temp, final)
+            if self.identity_names is None:
+                # An identities.txt left by an earlier pack at this place would be read as
+                # this pack's names (unpack names folders after it): it must go.
+                self.identities_path.unlink(missing_ok=True)
             self._finished = True
         except BaseException:
             self.abort()

@@ -48,6 +48,9 @@ def fit_calibration(
         raise CalibrationError(f"quality and outcomes must be equal-length 1-D, got {q.shape} and {c.shape}")
     if not np.all(np.isfinite(q)):
         raise CalibrationError("quality contains NaN or infinite values")
+    # A float32 sigmoid underflows to denormals (sigmoid(-88) = 6e-39); model.json refuses
+    # denormal numbers as corruption, so such a breakpoint would make the package unloadable.
+    q = np.where(np.abs(q) < np.finfo(np.float32).tiny, 0.0, q)
     if method == "isotonic":
         from sklearn.isotonic import IsotonicRegression  # lazy: scikit-learn (~0.8 s), needed only when fitting
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ import torch
 from torch import nn
 
 from qualiface.errors import QualifaceError
+from qualiface.files import FileWriteError, create_temp
 from qualiface.infer.model import Model, normalise_embeddings
 
 EXPORTERS = ("torchscript", "dynamo")
@@ -202,6 +204,32 @@ def export_onnx(
         raise ExportError(f"unknown exporter {exporter!r}; known: {', '.join(EXPORTERS)}")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    # Everything is written and verified under a temporary name next to ``out``, which is
+    # replaced only by a graph that passed: a failed export or verification leaves any earlier
+    # ``out`` as it was and no unverified (or half-written) file behind.
+    try:
+        fd, temp = create_temp(out)
+        os.close(fd)
+    except OSError as exc:
+        raise ExportError(str(FileWriteError(out, exc))) from None
+    try:
+        report = _export_and_verify(model, temp, fp16, opset, exporter, verify_batch_sizes, seed)
+        if not report.passed:
+            raise ExportError(
+                f"{out}: onnxruntime disagrees with PyTorch (max abs diff embedding "
+                f"{report.max_abs_diff_embedding:.3g}, norm {report.max_abs_diff_norm:.3g}, quality "
+                f"{report.max_abs_diff_quality:.3g} > tolerance {report.tolerance:.3g}); nothing written"
+            )
+        os.replace(temp, out)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    report.path = out
+    return report
+
+
+def _export_and_verify(model: Model, out: Path, fp16: bool, opset: int, exporter: str,
+                       verify_batch_sizes: tuple[int, ...], seed: int) -> ExportReport:
     original_device = model.device
     model.to("cpu")  # export and reference run on CPU, the same place onnxruntime runs here
     try:
@@ -231,11 +259,5 @@ def export_onnx(
             tolerance = FP32_TOLERANCE + FP32_RELATIVE_TOLERANCE * scale
     finally:
         model.to(original_device)
-    report = ExportReport(out, opset, fp16, exporter, diff_embedding, diff_quality, tolerance,
-                          tuple(verify_batch_sizes), diff_norm, onnx_conventions(model))
-    if not report.passed:
-        raise ExportError(
-            f"{out}: onnxruntime disagrees with PyTorch (max abs diff embedding {diff_embedding:.3g}, "
-            f"norm {diff_norm:.3g}, quality {diff_quality:.3g} > tolerance {tolerance:.3g})"
-        )
-    return report
+    return ExportReport(out, opset, fp16, exporter, diff_embedding, diff_quality, tolerance,
+                        tuple(verify_batch_sizes), diff_norm, onnx_conventions(model))

@@ -68,6 +68,12 @@ def write_table(path: str | Path, arrays: dict[str, np.ndarray]) -> Path:
         table = pa.table(columns)
         atomic_write(path, lambda handle: pq.write_table(table, handle))
     else:
+        # Every .npy in the folder is a column to read_table: one left from an earlier table
+        # (e.g. quality_calibrated of another model) would be read back as part of this one.
+        stale = sorted(p.name for p in path.glob("*.npy") if p.stem not in arrays) if path.is_dir() else []
+        if stale:
+            raise TableError(f"{path}: holds {', '.join(stale)}, which this table does not have and "
+                             "would be read back as its columns; remove them or write to a new folder")
         path.mkdir(parents=True, exist_ok=True)
         for name, array in arrays.items():
             atomic_write(path / f"{name}.npy",

@@ -93,6 +93,9 @@ class QualityCalibration:
             for key in ("coef", "intercept"):
                 if not isinstance(data.get(key), (int, float)):
                     raise CalibrationError(f"calibration.{key} must be a number, got {data.get(key)!r}")
+            if data["coef"] < 0:  # as breakpoints must rise: higher quality, never lower P
+                raise CalibrationError(f"calibration.coef must be >= 0 (a monotone increasing map), "
+                                       f"got {data['coef']!r}")
             kwargs.update(coef=float(data["coef"]), intercept=float(data["intercept"]))
         if isinstance(data.get("n_pairs"), int):
             kwargs["n_pairs"] = data["n_pairs"]

@@ -22,9 +22,9 @@ from qualiface import __version__
 from qualiface.data.transforms import IMAGE_SIZE, INPUT_MEAN, INPUT_STD
 from qualiface.files import (
     FileReadError,
+    atomic_write,
     open_regular,
     read_small_text_as,
-    write_bytes_atomic,
     write_text_atomic,
 )
 from qualiface.package.calibration import QualityCalibration
@@ -86,6 +86,10 @@ def save_model_package(
     if input_size is None:
         side = int((backbone_kwargs or {}).get("input_size", IMAGE_SIZE))
         input_size = (side, side)
+    side = getattr(backbone, "input_size", None)
+    if isinstance(side, int) and (int(input_size[0]), int(input_size[1])) != (side, side):
+        raise ValueError(f"input_size {tuple(input_size)} disagrees with the backbone, which is "
+                         f"built for {side}x{side} input")
     if isinstance(calibration, dict):
         calibration = QualityCalibration.from_dict(calibration)
     spec = ModelSpec(
@@ -106,8 +110,13 @@ def save_model_package(
     text = json.dumps(document, indent=2, allow_nan=False)  # strict JSON: a NaN would not reload elsewhere
     ModelSpec.from_json(json.loads(text), source=str(out_dir / MODEL_JSON))  # never write what we cannot read
     tensors = {**_state_tensors(backbone, "backbone."), **_state_tensors(quality_estimator, "quality.")}
-    # Weights first: model.json, written last, is what makes the folder a package.
-    write_bytes_atomic(out_dir / WEIGHTS_FILE, safetensors.torch.save(tensors, metadata={"format": FORMAT_NAME}))
+    # Weights first: model.json, written last, is what makes the folder a package. An earlier
+    # model.json goes just before the new weights replace the old ones, so a failure between
+    # the two writes leaves no package rather than new weights under the old description
+    # (its calibration, normalisation and metadata) that would load without complaint.
+    weights = safetensors.torch.save(tensors, metadata={"format": FORMAT_NAME})
+    atomic_write(out_dir / WEIGHTS_FILE, lambda handle: handle.write(weights),
+                 before_replace=lambda _: (out_dir / MODEL_JSON).unlink(missing_ok=True))
     write_text_atomic(out_dir / MODEL_JSON, text + "\n")
     return out_dir
 
@@ -135,7 +144,9 @@ def read_model_spec(path: str | Path) -> ModelSpec:
 def write_model_spec(path: str | Path, spec: ModelSpec) -> None:
     """Rewrite ``model.json`` of an existing package (e.g. after fitting a calibration)."""
     json_path = package_dir(path) / MODEL_JSON
-    write_text_atomic(json_path, json.dumps(spec.to_json(), indent=2, allow_nan=False) + "\n")
+    text = json.dumps(spec.to_json(), indent=2, allow_nan=False)
+    ModelSpec.from_json(json.loads(text), source=str(json_path))  # never replace it by one we cannot read
+    write_text_atomic(json_path, text + "\n")
 
 
 def package_dir(path: str | Path) -> Path:

@@ -74,13 +74,82 @@ def test_qcface_warmup_as_long_as_the_run_is_refused(tmp_path, warmup):
         Trainer(cfg).run()
 
 
-def test_eqface_collapsed_branch_stops_with_a_clear_error(tmp_path):
+def test_eqface_collapsed_branch_stops_with_a_clear_error(tmp_path, monkeypatch):
     # Measured on this tiny set: step 2 at the default branch_lr drives s to ~2e-5.
+    monkeypatch.setattr("qualiface.methods.eqface.EQFaceMethod.COLLAPSE_RETRIES", 0)
     pipeline = {"name": "eqface", "eqface": {"branch_steps": 5, "finetune_steps": 5}}
     trainer = Trainer(config(tmp_path, "eqface", pipeline, steps=10))
-    with pytest.raises(PipelineError, match="EQFace step 2 collapsed: .*mean s = .*branch_lr"):
+    with pytest.raises(PipelineError, match="EQFace step 2 collapsed at lr 0.01: .*mean s = .*branch_lr"):
         trainer.run()
     assert inner_head(trainer.head).stage == 2  # stopped before step 3 trained anything
+
+
+def step_two_snapshots(trainer):
+    """Record, at every entry into EQFace's step 2, the backbone and the branch as it starts."""
+    entries = []
+    original = trainer.method.enter_phase
+
+    def spy(phase, backbone, head, steps_per_epoch):
+        original(phase, backbone, head, steps_per_epoch)
+        if phase.stage == 2:
+            entries.append({"lr": phase.lr,
+                            "branch": {k: v.clone() for k, v in inner_head(head).quality_branch.state_dict().items()},
+                            "backbone": {k: v.clone() for k, v in backbone.state_dict().items()}})
+
+    trainer.method.enter_phase = spy
+    return entries
+
+
+def test_eqface_collapse_restarts_step_two_from_a_fresh_branch_at_lower_lr(tmp_path):
+    # Step 2 collapses at lr 0.01 (test above); the method restarts it with a re-initialised
+    # branch at 0.001, then 0.0001, keeping step 1's backbone, and goes on to step 3 once the
+    # branch no longer collapses -- instead of throwing step 1 away.
+    pipeline = {"name": "eqface", "eqface": {"branch_steps": 5, "finetune_steps": 5}}
+    trainer = Trainer(config(tmp_path, "eqface", pipeline, steps=10))
+    entries = step_two_snapshots(trainer)
+    result = trainer.run()
+    lrs = [entry["lr"] for entry in entries]
+    assert lrs[0] == 0.01 and len(lrs) >= 2
+    assert lrs == pytest.approx([0.01 * 0.1 ** k for k in range(len(lrs))])
+    events = [r["message"] for r in records(tmp_path, "event")]
+    restarts = [m for m in events if "restarting step 2 from a fresh branch" in m]
+    assert len(restarts) == len(lrs) - 1
+    assert inner_head(trainer.head).stage == 3
+    assert result.global_step == 10 + 5 * len(lrs) + 5
+    for earlier, later in zip(entries, entries[1:]):
+        # same step-1 backbone; a branch reset to a fresh draw (not the collapsed one)
+        assert all(torch.equal(later["backbone"][k], v) for k, v in earlier["backbone"].items())
+        assert not torch.equal(later["branch"]["layers.0.weight"], earlier["branch"]["layers.0.weight"])
+        bound = 1 / (inner_head(trainer.head).quality_branch.feature_dim ** 0.5)
+        assert float(later["branch"]["layers.0.weight"].abs().max()) <= bound
+        assert torch.equal(later["branch"]["layers.1.running_mean"],
+                           torch.zeros_like(later["branch"]["layers.1.running_mean"]))
+
+
+def test_eqface_restart_resumes_exactly(tmp_path):
+    # Stopped right after a collapse (the checkpoint written at the restart), the run resumes
+    # with the same attempt, the same fresh branch and the same final weights.
+    pipeline = {"name": "eqface", "eqface": {"branch_steps": 5, "finetune_steps": 5}}
+    straight = Trainer(config(tmp_path / "straight", "eqface", pipeline, steps=10))
+    straight.run()
+
+    stopped = Trainer(config(tmp_path / "stopped", "eqface", pipeline, steps=10))
+    original = stopped.save_checkpoint
+
+    def stop_after_restart():
+        original()
+        if stopped.method.reset_branch:
+            raise KeyboardInterrupt  # killed once the restart is on disk, before step 2 reran
+
+    stopped.save_checkpoint = stop_after_restart
+    with pytest.raises(KeyboardInterrupt):
+        stopped.run()
+    resumed = Trainer(config(tmp_path / "stopped", "eqface", pipeline, steps=10, resume=True))
+    resumed.run()
+    assert resumed.method.branch_attempt == straight.method.branch_attempt >= 1
+    for ours, theirs in ((resumed.backbone, straight.backbone), (resumed.head, straight.head)):
+        for (name, a), (_, b) in zip(ours.state_dict().items(), theirs.state_dict().items()):
+            assert torch.equal(a, b), name
 
 
 def test_eqface_three_steps_with_qwdf(tmp_path):

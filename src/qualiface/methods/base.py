@@ -13,7 +13,9 @@ owns everything about the method except the loss maths, which stays in its head
   the method's head needs from the backbone, e.g. EQFace's ``feature_dim``);
 * ``phases()`` (``Phase`` list), ``enter_phase`` / ``trainable`` (what trains in a phase),
   ``before_step(phase, step, head)`` (per-step switches), ``after_phase(phase, ctx)`` (work
-  between phases, through the narrow ``MethodContext``), ``describe`` (start-up summary);
+  between phases, through the narrow ``MethodContext``; it may ask for the phase again),
+  ``describe`` (start-up summary), ``state_dict`` / ``load_state_dict`` (the method's own
+  progress, kept in the checkpoint);
 * its extra inputs: ``needs_features`` (the backbone's pre-embedding features go to the head)
   and ``second_view(images, generator)`` (a second input view, or ``None``);
 * ``quality_estimator(head)`` and the score's ``quality_meaning`` / ``quality_range`` (what a
@@ -181,8 +183,20 @@ class Method:
     def before_step(self, phase: Phase, step: int, head: nn.Module) -> None:
         """Called before every optimizer step (``step`` counts within the phase)."""
 
-    def after_phase(self, phase: Phase, ctx: MethodContext) -> None:
-        """Called once a phase has finished (not on resume into a later phase)."""
+    def after_phase(self, phase: Phase, ctx: MethodContext) -> bool:
+        """Called once a phase has finished (not on resume into a later phase). True: run the
+        same phase again (the method changed its state, so ``phases()`` may now give it other
+        settings), e.g. EQFace's step 2 restarted after a collapse; False: go on."""
+        return False
+
+    def state_dict(self) -> dict:
+        """The method's own progress that ``phases()`` or the hooks depend on (JSON-able
+        values), saved in every checkpoint; empty for a method without any."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore ``state_dict()`` on resume (an empty dict: a checkpoint from before the
+        method had state, or a fresh run)."""
 
     def describe(self, phase: Phase, steps_per_epoch: int, total_steps: int) -> list[str]:
         """What the method switches during ``phase``, in steps, for the start-up summary."""

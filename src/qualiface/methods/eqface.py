@@ -6,8 +6,11 @@ Under ``pipeline.name=eqface`` (options ``pipeline.eqface``):
    ``train.epochs``/``train.steps`` at ``optim.lr``;
 2. ``eqface-2-branch``: the backbone is frozen (eval mode, so its BN statistics stay fixed too)
    and only the quality branch trains; afterwards the branch scores (a sample of) the training
-   set: a collapsed branch (mean s below ``collapse_below``) stops the run, and with
-   ``s_th > 0`` QWDF drops the samples whose quality s_i < ``s_th``;
+   set. A collapsed branch (mean s below ``collapse_below``) is re-initialised and step 2 runs
+   again at a tenth of its learning rate, up to ``COLLAPSE_RETRIES`` times, then the run stops
+   with a clear error; step 1's training is never lost to a retry (the backbone and centres
+   are frozen in step 2, so restarting step 2 needs nothing but a fresh branch). With
+   ``s_th > 0`` QWDF then drops the samples whose quality s_i < ``s_th``;
 3. ``eqface-3-finetune``: the branch is frozen and backbone + centres retrain with s_i as
    per-sample weights.
 
@@ -17,6 +20,7 @@ Quality: the branch output s in (0, 1) on the backbone's features.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -34,8 +38,10 @@ class EQFaceConfig:
     samples with quality below ``s_th`` are dropped for step 3.
 
     ``collapse_below``: after step 2 the branch scores (a sample of) the training set; a mean
-    quality below this stops the run with a clear error, because s_i ~ 0 scales every logit
-    to ~0 and step 3 then learns nothing (its loss sits at ln C). 0 disables the check.
+    quality below this means the branch collapsed: s_i ~ 0 scales every logit to ~0 and step 3
+    would learn nothing (its loss sits at ln C). Step 2 then restarts from a fresh branch at a
+    tenth of its lr (``EQFaceMethod.COLLAPSE_RETRIES`` times at most, then a clear error).
+    0 disables the check.
 
     ``rewarm``: repeat the schedule's learning-rate warm-up at the start of steps 2 and 3. Off
     by default: the paper describes none (steps 2-3 start from a trained backbone at a 10x lower
@@ -67,6 +73,27 @@ class EQFaceMethod(Method):
 
     # Enough samples for a stable mean without scoring a whole large training set twice.
     COLLAPSE_SAMPLE = 4096
+    # A collapsed step 2 restarts from a fresh branch at RETRY_LR_FACTOR times its last lr, at
+    # most this often: the paper traces the collapse to a too-fast branch, and two tenfold
+    # cuts cover a hundredfold range without turning a real failure into an endless loop.
+    COLLAPSE_RETRIES = 2
+    RETRY_LR_FACTOR = 0.1
+
+    def __init__(self, head_name: str, **kwargs) -> None:
+        super().__init__(head_name, **kwargs)
+        self.branch_attempt = 0  # restarts of step 2 after a collapse so far
+        self.reset_branch = False  # the next entry into step 2 starts from a fresh branch
+
+    def state_dict(self) -> dict:
+        return {"branch_attempt": self.branch_attempt, "reset_branch": self.reset_branch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.branch_attempt = int(state.get("branch_attempt", 0))
+        self.reset_branch = bool(state.get("reset_branch", False))
+
+    def branch_lr(self) -> float:
+        """Step 2's learning rate for the current attempt."""
+        return self.options.branch_lr * self.RETRY_LR_FACTOR ** self.branch_attempt
 
     def head_params(self, params: dict, *, feature_dim: int) -> dict:
         # The quality branch reads the backbone's features: its input size comes from there.
@@ -78,7 +105,7 @@ class EQFaceMethod(Method):
         b, e = self.base, self.options
         return [
             Phase("eqface-1-backbone", b.epochs, b.steps, b.lr, stage=1),
-            Phase("eqface-2-branch", e.branch_epochs, e.branch_steps, e.branch_lr, stage=2,
+            Phase("eqface-2-branch", e.branch_epochs, e.branch_steps, self.branch_lr(), stage=2,
                   freeze_backbone=True, warmup=e.rewarm),
             Phase("eqface-3-finetune", e.finetune_epochs, e.finetune_steps, e.finetune_lr, stage=3,
                   warmup=e.rewarm),
@@ -88,6 +115,10 @@ class EQFaceMethod(Method):
                     steps_per_epoch: int) -> None:
         if phase.stage is not None:
             inner_head(head).stage = phase.stage
+        if phase.stage == 2 and self.reset_branch:
+            # Seeded by the attempt, so a resumed run draws the same fresh branch.
+            reinitialise(inner_head(head).quality_branch, seed=self.branch_attempt)
+            self.reset_branch = False
         super().enter_phase(phase, backbone, head, steps_per_epoch)
 
     def trainable(self, phase: Phase, backbone: nn.Module, head: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -100,25 +131,35 @@ class EQFaceMethod(Method):
         named += [(f"head.{n}", p) for n, p in head.named_parameters() if id(p) in wanted]
         return named
 
-    def after_phase(self, phase: Phase, ctx: MethodContext) -> None:
+    def after_phase(self, phase: Phase, ctx: MethodContext) -> bool:
         eq = self.options
         s_th = eq.s_th
         if phase.stage != 2 or (s_th <= 0 and eq.collapse_below <= 0):
-            return
+            return False
         limit = None if s_th > 0 else self.COLLAPSE_SAMPLE
         indices, quality = ctx.score_samples(limit=limit)
         mean = float(quality.mean()) if len(quality) else 0.0
         if eq.collapse_below > 0 and mean < eq.collapse_below:
+            collapsed = (f"EQFace step 2 collapsed at lr {phase.lr:g}: the quality branch gives a "
+                         f"mean s = {mean:.2g} over {len(quality)} training samples (below "
+                         f"pipeline.eqface.collapse_below={eq.collapse_below:g})")
+            if self.branch_attempt < self.COLLAPSE_RETRIES:
+                self.branch_attempt += 1
+                self.reset_branch = True
+                ctx.note(f"{collapsed}; restarting step 2 from a fresh branch at lr "
+                         f"{self.branch_lr():g} (retry {self.branch_attempt} of "
+                         f"{self.COLLAPSE_RETRIES})")
+                return True
             raise PipelineError(
-                f"EQFace step 2 collapsed: the quality branch gives a mean s = {mean:.2g} over "
-                f"{len(quality)} training samples (below pipeline.eqface.collapse_below="
-                f"{eq.collapse_below:g}); s scales every logit, so step 3 would learn nothing "
-                f"(loss stuck at ln C). Restart from the step-1 checkpoint with a lower "
-                f"pipeline.eqface.branch_lr or a shorter step 2 (branch_epochs/branch_steps)"
+                f"{collapsed}, after {self.COLLAPSE_RETRIES} restarts at ever lower lr; s scales "
+                f"every logit, so step 3 would learn nothing (loss stuck at ln C). Train again "
+                f"(a new output folder) with a lower pipeline.eqface.branch_lr or a shorter "
+                f"step 2 (branch_epochs/branch_steps), or check that step 1 learned (its "
+                f"training accuracy in metrics.jsonl)"
             )
         ctx.note(f"EQFace step 2: mean quality s = {mean:.3f} over {len(quality)} samples")
         if s_th <= 0:
-            return
+            return False
         keep = indices[quality >= s_th]
         if len(keep) < ctx.samples_per_step:
             raise PipelineError(
@@ -129,3 +170,24 @@ class EQFaceMethod(Method):
         dropped = len(indices) - len(keep)
         ctx.note(f"QWDF: dropped {dropped} of {len(indices)} training samples with quality < {s_th} "
                  f"({len(keep)} kept for step 3)")
+        return False
+
+
+def reinitialise(branch: nn.Module, seed: int) -> None:
+    """PyTorch's default initialisation of ``branch``'s Linear and BatchNorm layers, drawn
+    from a generator seeded with ``seed`` (the global random state stays untouched)."""
+    import torch
+    from torch import nn
+
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        for module in branch.modules():
+            if isinstance(module, nn.Linear):
+                # nn.Linear's default: weight and bias uniform in +-1/sqrt(fan_in)
+                bound = 1.0 / math.sqrt(module.in_features)
+                for tensor in (module.weight, module.bias):
+                    if tensor is not None:
+                        fresh = torch.empty(tensor.shape).uniform_(-bound, bound, generator=generator)
+                        tensor.copy_(fresh)
+            elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.reset_parameters()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
@@ -73,6 +74,24 @@ class MetricsLogger:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                     self._writer.add_scalar(f"{kind}/{key}", value, step)
+
+    def offset(self) -> int:
+        """Bytes of ``metrics.jsonl`` written so far (0 when disabled): a checkpoint records it so
+        that a resume from that checkpoint can drop what was logged after it (``rewind``)."""
+        if not self.enabled:
+            return 0
+        self._file.flush()
+        return os.fstat(self._file.fileno()).st_size  # append mode: every write lands at the end
+
+    def rewind(self, offset: int) -> None:
+        """Cut ``metrics.jsonl`` back to its first ``offset`` bytes: the records written after
+        the checkpoint a run resumes from, whose steps it is about to redo (kept, they would be
+        logged twice; a record torn by the kill goes too). A file already shorter is left as is."""
+        if not self.enabled:
+            return
+        self._file.flush()
+        if 0 <= offset < os.fstat(self._file.fileno()).st_size:
+            self._file.truncate(offset)
 
     def note(self, step: int, message: str) -> None:
         """A human-readable event (also printed): skipped steps, phase changes, filtering."""

@@ -22,7 +22,7 @@ report), ``schedule``, ``optim``, ``precision``, ``data``, ``logging``.
 Host syncs. Everything a step measures stays a device tensor until a record is logged; the one
 read per optimizer step is the skip decision (see ``train.step``). A micro-batch with a NaN
 loss therefore does not cut the step short: all micro-batches run, then the whole step is
-skipped (weights, optimizer and loss scale untouched).
+skipped (weights, running statistics, optimizer and loss scale untouched).
 
 The per-step pieces are public for benchmarks and custom loops: ``plan()``,
 ``prepare_phase(phase)`` and ``train_step(micro_batches)``. Single process: the plain head;
@@ -58,7 +58,8 @@ from qualiface.train.logging import MetricsLogger, Throughput, console, training
 from qualiface.train.optim import build_optimizer, set_lr
 from qualiface.train.precision import autocast, configure_kernels, make_scaler, resolve_precision
 from qualiface.train.schedule import build_schedule
-from qualiface.train.step import SkippedStep, StepSums, forward, metrics_to_host, skip_step, unscale_and_clip
+from qualiface.train.step import (SkippedStep, StepSums, forward, metrics_to_host, restore_buffers, skip_step,
+                                  snapshot_buffers, unscale_and_clip)
 from qualiface.train.validate import build_validator
 
 __all__ = ["Trainer", "TrainerContext", "TrainResult", "TrainingError", "TrainingInterrupted",
@@ -148,6 +149,7 @@ class Trainer:
                 console.print(f"resuming from {source} at step {self.global_step}")
             else:
                 console.print(f"[yellow]resume=true but no checkpoint in {self.out_dir}; starting fresh[/]")
+                self.logger.rewind(0)  # records of a run killed before its first checkpoint: redone
         if self.is_main:
             self.print_summary()
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -160,9 +162,10 @@ class Trainer:
                 while self.phase_index < len(phases):
                     phase = phases[self.phase_index]
                     self._run_phase(phase, progress, task)
-                    self.method.after_phase(phase, self.context)
-                    self.phase_index += 1
+                    if not self.method.after_phase(phase, self.context):
+                        self.phase_index += 1
                     self.phase_step = 0
+                    phases = self.method.phases()  # a repeated phase may come with new settings
                     if self.phase_index < len(phases):
                         self.optimizer = None
                         self.save_checkpoint()  # stage marker: resume starts the next phase
@@ -227,6 +230,10 @@ class Trainer:
         """
         accum = len(micro_batches)
         sums = StepSums(accum, self.num_classes)
+        # The forward moves running statistics (BatchNorm, the heads' EMAs, QGFace's queue): a
+        # skipped step puts them back, or the one overflowing batch that made it non-finite
+        # would leave NaN in them for good (a head's EMA: every later step NaN too).
+        buffers = snapshot_buffers(self.backbone, self.head)
         self.optimizer.zero_grad(set_to_none=True)
         for k, (images, labels) in enumerate(micro_batches):
             if self.cfg.data.flip:
@@ -246,6 +253,7 @@ class Trainer:
         flags = torch.stack([sums.finite, torch.isfinite(total_norm).to(sums.finite.device)])
         loss_ok, gradient_ok = all_ranks_true(flags, self.device)  # the step's one host sync
         if not (loss_ok and gradient_ok):
+            restore_buffers(buffers)
             return skip_step(self.scaler, self.optimizer, loss_ok)
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -387,6 +395,12 @@ class Trainer:
             "data": {"seed": self.cfg.train.seed, "indices": self.indices,
                      "epoch_and_position": list(divmod(self.phase_step, max(1, self.plan().steps_per_epoch)))},
             "config": to_dict(self.cfg),
+            # The log as of this checkpoint (a resume drops what was written after it, since it
+            # redoes those steps) and the last step's metrics (the model package and report of a
+            # run resumed after its last step report them).
+            "metrics_offset": self.logger.offset(),
+            "last_metrics": self.last_metrics,
+            "method": self.method.state_dict(),
         }
         ckpt.save_run_checkpoint(self.out_dir, state, rank=self.dist.rank, world_size=self.dist.world_size)
         barrier()
@@ -394,8 +408,20 @@ class Trainer:
     def load_checkpoint(self) -> Path:
         """Restore model, head, counters and data position; optimizer/RNG on phase entry
         (``_enter_phase``). Returns the file resumed from (``ckpt.load_run_checkpoint``)."""
-        state, source = ckpt.load_run_checkpoint(self.out_dir, to_dict(self.cfg), rank=self.dist.rank,
-                                                 world_size=self.dist.world_size, note=self.logger.note)
+        notes: list[tuple[int, str]] = []  # logged after the rewind below, not cut by it
+        try:
+            state, source = ckpt.load_run_checkpoint(self.out_dir, to_dict(self.cfg), rank=self.dist.rank,
+                                                     world_size=self.dist.world_size,
+                                                     note=lambda step, message: notes.append((step, message)))
+        except Exception:
+            for step, message in notes:  # refused: its warnings still reach the log
+                self.logger.note(step, message)
+            raise
+        offset = state.get("metrics_offset")
+        if isinstance(offset, int):
+            self.logger.rewind(offset)
+        for step, message in notes:
+            self.logger.note(step, message)
         ckpt.load_module_state(self.backbone, state["backbone"], what="backbone", path=source)
         if self.sharded:
             self.head.load_full_state_dict(state["head"])
@@ -408,6 +434,9 @@ class Trainer:
         self.global_step = int(state["global_step"])
         self.nonfinite_streak = int(state["nonfinite_streak"])
         self.indices = state["data"]["indices"]
+        self.method.load_state_dict(state.get("method") or {})  # before phases() is asked
+        last = state.get("last_metrics")
+        self._last_metrics, self._step_metrics = (dict(last) if isinstance(last, dict) else {}), None
         self._resume_state = state
         return source
 

@@ -3,7 +3,8 @@
 ``forward`` runs one micro-batch through backbone and head; ``StepSums`` keeps the step's
 running sums (loss, finite flag, embedding norm, accuracy, the heads' metrics) as device
 tensors; ``unscale_and_clip`` unscales fp16 gradients and clips (or only measures) their norm;
-``skip_step`` undoes a step whose loss or gradient was NaN/Inf without touching the weights;
+``skip_step`` undoes a step whose loss or gradient was NaN/Inf without touching the weights
+(``snapshot_buffers`` / ``restore_buffers``: nor the running statistics its forward moved);
 ``metrics_to_host`` reads a step's metrics back in one transfer when the loop logs them.
 
 Host syncs. A GPU step must not wait for the GPU: everything a step measures stays a device
@@ -137,6 +138,27 @@ def unscale_and_clip(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimi
     if clip > 0:
         return clip_grad_norm_(trainable, clip, sharded=sharded)
     return gradient_norm(trainable)
+
+
+def snapshot_buffers(*modules: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(buffer, copy)`` for every buffer of ``modules`` (BatchNorm running statistics, the
+    heads' EMAs, QGFace's queue): they change inside the forward, so a skipped step puts them
+    back with ``restore_buffers``. Device-side copies, no host sync."""
+    seen: set[int] = set()
+    pairs = []
+    for module in modules:
+        for buffer in module.buffers():
+            if id(buffer) not in seen:
+                seen.add(id(buffer))
+                pairs.append((buffer, buffer.detach().clone()))
+    return pairs
+
+
+@torch.no_grad()
+def restore_buffers(snapshot: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Put the buffers of ``snapshot_buffers`` back as they were before the step."""
+    for buffer, saved in snapshot:
+        buffer.copy_(saved)
 
 
 def skip_step(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer, loss_ok: bool) -> SkippedStep:

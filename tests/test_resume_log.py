@@ -1,0 +1,99 @@
+"""What a resumed run leaves besides its weights: ``metrics.jsonl`` holds each step's record once
+(the records a killed run wrote after its last checkpoint are redone, not repeated), and the
+model package / report of a run resumed after its last step still carry its final metrics.
+In-process, tiny stand-in model; a "kill" is an exception out of a step (the records already
+written stay on disk, as after a SIGKILL)."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import pytest
+
+from qualiface.config import from_dict
+from qualiface.train.loop import Trainer, TrainingInterrupted
+from stand_ins import Blobs, LinearBackbone  # noqa: F401  (registers test-linear / test-blobs)
+
+
+class Killed(Exception):
+    pass
+
+
+def settings(out, resume=False, **train) -> dict:
+    values = {"steps": 8, "batch_size": 8, "device": "cpu", "output_dir": str(out), "log_every": 1,
+              "checkpoint_every": 4, "progress": False, "seed": 3, "resume": resume}
+    values.update(train)
+    return {
+        "model": {"backbone": "test-linear", "params": {}},
+        "head": {"name": "adaface", "params": {}},
+        "data": {"name": "test-blobs", "params": {"num": 48}, "num_workers": 0},
+        "optim": {"lr": 0.1},
+        "schedule": {"kind": "cosine", "warmup_steps": 2},
+        "train": values,
+    }
+
+
+def stopped_run(out, at_step: int, how: str, **train) -> None:
+    """Run until step ``at_step`` completes, then die (``kill``: no checkpoint, the log as it
+    is) or get SIGTERM (``term``: the loop writes a checkpoint and stops)."""
+    trainer = Trainer(from_dict(settings(out, **train)))
+    step = trainer.train_step
+
+    def stopping(micro_batches):
+        result = step(micro_batches)
+        if trainer.global_step + 1 == at_step:
+            if how == "kill":
+                raise Killed
+            trainer._stop_signal = signal.SIGTERM
+        return result
+
+    trainer.train_step = stopping
+    with pytest.raises(Killed if how == "kill" else TrainingInterrupted):
+        trainer.run()
+    trainer.logger.close()  # what the process's death would do
+
+
+def records(out) -> list[dict]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # time and throughput are wall-clock: everything else must match the uninterrupted run
+    return [{k: v for k, v in row.items() if k not in ("time", "images_per_s")} for row in rows]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight")
+    Trainer(from_dict(settings(out))).run()
+    return out
+
+
+@pytest.mark.parametrize("kill_after", [2, 6], ids=["before-any-checkpoint", "after-a-checkpoint"])
+def test_a_killed_and_resumed_run_logs_every_step_once(straight, tmp_path, kill_after):
+    out = tmp_path / "run"
+    stopped_run(out, kill_after + 1, "kill")  # steps 1..kill_after logged, then the kill
+    Trainer(from_dict(settings(out, resume=True))).run()
+    assert records(out) == records(straight)
+
+
+def test_metrics_written_after_the_last_checkpoint_are_dropped_before_the_resume_notes(tmp_path):
+    out = tmp_path / "run"
+    stopped_run(out, 7, "kill", checkpoint_every=2)  # checkpoints at 2, 4, 6; records 1-6
+    (out / "checkpoint.pt").write_bytes(b"torn")  # falls back to the previous checkpoint (step 4)
+    Trainer(from_dict(settings(out, resume=True, checkpoint_every=2))).run()
+    steps = [(row["kind"], row["step"]) for row in records(out)]
+    assert steps[:4] == [("train", 1), ("train", 2), ("train", 3), ("train", 4)]
+    assert steps[4][0] == "event" and "warning" in records(out)[4]["message"]  # the fallback note
+    assert steps[5:] == [("train", s) for s in range(5, 9)]
+
+
+def test_a_run_stopped_at_its_last_step_keeps_its_final_metrics(straight, tmp_path):
+    out = tmp_path / "run"
+    stopped_run(out, 8, "term")  # SIGTERM during the last step: checkpoint at step 8
+    result = Trainer(from_dict(settings(out, resume=True))).run()
+    def package_metrics(run):
+        return json.loads((run / "model" / "model.json").read_text())["metadata"]["last_metrics"]
+
+    expected = package_metrics(straight)
+    assert expected["loss"] > 0 and result.last_metrics == expected
+    assert package_metrics(out) == expected
+    assert records(out) == records(straight)

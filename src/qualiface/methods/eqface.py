@@ -176,8 +176,8 @@ class EQFaceMethod(Method):
 def reinitialise(branch: nn.Module, seed: int) -> None:
     """PyTorch's default initialisation of ``branch``'s Linear and BatchNorm layers, drawn
     from a generator seeded with ``seed`` (the global random state stays untouched)."""
-    import torch
-    from torch import nn
+    import torch  # lazy: methods/ imports no torch at import time (the config parser reads it)
+    from torch import nn  # lazy: as above
 
     generator = torch.Generator(device="cpu").manual_seed(seed)
     with torch.no_grad():

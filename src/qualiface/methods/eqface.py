@@ -20,7 +20,6 @@ Quality: the branch output s in (0, 1) on the backbone's features.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -174,20 +173,13 @@ class EQFaceMethod(Method):
 
 
 def reinitialise(branch: nn.Module, seed: int) -> None:
-    """PyTorch's default initialisation of ``branch``'s Linear and BatchNorm layers, drawn
-    from a generator seeded with ``seed`` (the global random state stays untouched)."""
+    """Re-draw ``branch``'s layers with PyTorch's own default initialisation
+    (``reset_parameters``), from the random state seeded with ``seed``; the global random
+    state is restored afterwards, so the rest of the run draws as it would have."""
     import torch  # lazy: methods/ imports no torch at import time (the config parser reads it)
-    from torch import nn  # lazy: as above
 
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    with torch.no_grad():
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
         for module in branch.modules():
-            if isinstance(module, nn.Linear):
-                # nn.Linear's default: weight and bias uniform in +-1/sqrt(fan_in)
-                bound = 1.0 / math.sqrt(module.in_features)
-                for tensor in (module.weight, module.bias):
-                    if tensor is not None:
-                        fresh = torch.empty(tensor.shape).uniform_(-bound, bound, generator=generator)
-                        tensor.copy_(fresh)
-            elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+            if module is not branch and hasattr(module, "reset_parameters"):
                 module.reset_parameters()

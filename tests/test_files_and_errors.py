@@ -74,6 +74,28 @@ def test_other_errors_propagate_unchanged_and_leave_no_temp_file(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_atomic_path_replaces_only_after_the_block_succeeds(tmp_path):
+    out = tmp_path / "onnx" / "model.onnx"  # the folder is created
+    with files.atomic_path(out) as temp:
+        assert temp.parent == out.parent and temp.exists() and temp != out
+        temp.write_bytes(b"first")
+    assert out.read_bytes() == b"first"
+    with pytest.raises(RuntimeError, match="check failed"):
+        with files.atomic_path(out) as temp:
+            temp.write_bytes(b"unverified")
+            raise RuntimeError("check failed")
+    assert out.read_bytes() == b"first"  # the previous file is kept
+    assert sorted(p.name for p in out.parent.iterdir()) == ["model.onnx"]  # no temp file
+
+
+def test_atomic_path_reports_a_full_disk_as_a_write_error_naming_the_file(tmp_path):
+    out = tmp_path / "model.onnx"
+    with pytest.raises(files.FileWriteError, match=r"model\.onnx: could not write: disk full"):
+        with files.atomic_path(out):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_one_data_error_under_one_root():
     from qualiface.data.decode import DataError as data_error
     from qualiface.data.recordio import RecordIOError

@@ -35,6 +35,9 @@ and :func:`write_text_atomic`:
   (an ``OSError``) whose ``str`` is ``"<file>: could not write: <problem>"``, with ``disk full``
   spelled out for ``ENOSPC``/``EDQUOT``. Writers that catch the OS error themselves and raise
   their own (torch's zip writer reports only "unexpected pos") still surface the OS error.
+
+A writer that needs a file *name* rather than a handle (the ONNX exporter) uses
+:func:`atomic_path`, the same contract as a context manager around a temporary path.
 """
 
 from __future__ import annotations
@@ -44,7 +47,8 @@ import math
 import os
 import secrets
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -267,6 +271,38 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], *,
         raise
     _fsync_dir(path.parent)
     return path
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary path next to ``path`` for a writer that needs a file name.
+
+    When the ``with`` block ends normally the file is fsync'ed and renamed over ``path`` and the
+    folder fsync'ed, as :func:`atomic_write` does; when it raises (a failed export, a check
+    that did not pass) the temporary file is removed and any previous ``path`` is left as it
+    was. An ``OSError`` of the creation, fsync or rename becomes :class:`FileWriteError`.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, temp = create_temp(path)
+        os.close(fd)
+    except OSError as exc:
+        raise FileWriteError(path, exc) from exc
+    try:
+        yield temp
+        fd = os.open(temp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temp, path)
+    except BaseException as exc:
+        temp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and not isinstance(exc, FileWriteError):
+            raise FileWriteError(path, exc) from exc
+        raise
+    _fsync_dir(path.parent)
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +34,7 @@ import torch
 from torch import nn
 
 from qualiface.errors import QualifaceError
-from qualiface.files import FileWriteError, create_temp
+from qualiface.files import FileWriteError, atomic_path
 from qualiface.infer.model import Model, normalise_embeddings
 
 EXPORTERS = ("torchscript", "dynamo")
@@ -203,27 +202,21 @@ def export_onnx(
     if exporter not in EXPORTERS:
         raise ExportError(f"unknown exporter {exporter!r}; known: {', '.join(EXPORTERS)}")
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     # Everything is written and verified under a temporary name next to ``out``, which is
     # replaced only by a graph that passed: a failed export or verification leaves any earlier
     # ``out`` as it was and no unverified (or half-written) file behind.
     try:
-        fd, temp = create_temp(out)
-        os.close(fd)
-    except OSError as exc:
-        raise ExportError(str(FileWriteError(out, exc))) from None
-    try:
-        report = _export_and_verify(model, temp, fp16, opset, exporter, verify_batch_sizes, seed)
-        if not report.passed:
-            raise ExportError(
-                f"{out}: onnxruntime disagrees with PyTorch (max abs diff embedding "
-                f"{report.max_abs_diff_embedding:.3g}, norm {report.max_abs_diff_norm:.3g}, quality "
-                f"{report.max_abs_diff_quality:.3g} > tolerance {report.tolerance:.3g}); nothing written"
-            )
-        os.replace(temp, out)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
+        with atomic_path(out) as temp:
+            report = _export_and_verify(model, temp, fp16, opset, exporter, verify_batch_sizes, seed)
+            if not report.passed:
+                raise ExportError(
+                    f"{out}: onnxruntime disagrees with PyTorch (max abs diff embedding "
+                    f"{report.max_abs_diff_embedding:.3g}, norm {report.max_abs_diff_norm:.3g}, "
+                    f"quality {report.max_abs_diff_quality:.3g} > tolerance "
+                    f"{report.tolerance:.3g}); nothing written"
+                )
+    except FileWriteError as exc:
+        raise ExportError(str(exc)) from None
     report.path = out
     return report
 

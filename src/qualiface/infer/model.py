@@ -52,7 +52,7 @@ from qualiface.package.io import (  # noqa: F401  (re-exported: package I/O)
     save_model_package,
     write_model_spec,
 )
-from qualiface.package.validate import check_dtypes, check_finite, load_into
+from qualiface.package.validate import check_dtypes, check_finite, input_size_problem, load_into
 
 
 class NonFiniteOutputError(ModelPackageError):
@@ -172,14 +172,10 @@ class Model:
                 f"{folder / MODEL_JSON}: 'backbone.embedding_size' is {spec.embedding_size} but the "
                 f"rebuilt backbone produces {backbone.embedding_size}"
             )
-        side = getattr(backbone, "input_size", None)
-        if isinstance(side, int) and tuple(spec.input_size) != (side, side):
-            # Stride-2 convolutions round, so a smaller input can still reach the FC layer with
-            # the right shape: the network would run on images it was never built for.
-            raise ModelPackageError(
-                f"{folder / MODEL_JSON}: 'input.size' is {list(spec.input_size)} but the backbone "
-                f"is built for {side}x{side} input ('backbone.kwargs.input_size')"
-            )
+        problem = input_size_problem(backbone, spec.input_size)
+        if problem is not None:
+            raise ModelPackageError(f"{folder / MODEL_JSON}: 'input.size': {problem} "
+                                    "('backbone.kwargs.input_size')")
         quality_state = {k[len("quality."):]: v for k, v in tensors.items() if k.startswith("quality.")}
         try:
             estimator = build_quality_estimator(spec.quality.config, state_dict=quality_state)

@@ -38,6 +38,7 @@ from qualiface.package.format import (
     ModelSpec,
     QualitySpec,
 )
+from qualiface.package.validate import input_size_problem
 
 
 def _quality_spec(estimator: nn.Module) -> QualitySpec:
@@ -86,10 +87,9 @@ def save_model_package(
     if input_size is None:
         side = int((backbone_kwargs or {}).get("input_size", IMAGE_SIZE))
         input_size = (side, side)
-    side = getattr(backbone, "input_size", None)
-    if isinstance(side, int) and (int(input_size[0]), int(input_size[1])) != (side, side):
-        raise ValueError(f"input_size {tuple(input_size)} disagrees with the backbone, which is "
-                         f"built for {side}x{side} input")
+    problem = input_size_problem(backbone, input_size)
+    if problem is not None:
+        raise ValueError(f"{out_dir}: {problem}")
     if isinstance(calibration, dict):
         calibration = QualityCalibration.from_dict(calibration)
     spec = ModelSpec(

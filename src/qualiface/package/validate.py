@@ -13,6 +13,21 @@ from torch import nn
 from qualiface.package.format import ModelPackageError
 
 
+def input_size_problem(backbone: nn.Module, input_size) -> str | None:
+    """Why ``input_size`` (H, W) does not suit ``backbone``, or None when it does.
+
+    Backbones that end in a fixed-size FC layer say the square side they are built for
+    (``backbone.input_size``). Stride-2 convolutions round, so a smaller input can still reach
+    that layer with the right shape: the network would run, silently, on images it was never
+    built for. Both the package writer and the loader refuse such a pair, each with its error.
+    """
+    side = getattr(backbone, "input_size", None)
+    if isinstance(side, int) and (int(input_size[0]), int(input_size[1])) != (side, side):
+        return (f"input size {[int(input_size[0]), int(input_size[1])]} disagrees with the "
+                f"backbone, which is built for {side}x{side} input")
+    return None
+
+
 def load_into(module: nn.Module, tensors: dict[str, torch.Tensor], prefix: str, source: str) -> None:
     """Strict load with errors that say which tensor is missing, extra or mis-shaped."""
     expected = module.state_dict()

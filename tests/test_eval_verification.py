@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 from sklearn.metrics import roc_curve as sk_roc_curve
+from sklearn.model_selection import KFold
 
 from qualiface.eval import EvaluationError
 from qualiface.eval.verification import (
     area_under_curve,
     best_accuracy_threshold,
+    default_folds,
     equal_error_rate,
     evaluate_verification,
     kfold_accuracy,
@@ -123,6 +125,38 @@ def test_kfold_uses_other_folds_only_and_accepts_protocol_folds():
     assert result.std == pytest.approx(np.std(result.accuracies))
     default = kfold_accuracy(scores, labels, num_folds=3)
     np.testing.assert_allclose(default.accuracies, result.accuracies)  # contiguous == 8,9,10
+
+
+def _kfold_ids(n: int, k: int = 10) -> np.ndarray:
+    """Fold id per pair as sklearn's unshuffled KFold assigns the test folds."""
+    ids = np.full(n, -1)
+    for fold, (_, test) in enumerate(KFold(n_splits=k, shuffle=False).split(np.zeros(n))):
+        ids[test] = fold
+    return ids
+
+
+@pytest.mark.parametrize("n", [10, 11, 13, 19, 1003, 5999, 6000, 7001, 12_005])
+def test_default_folds_match_sklearn_kfold(n):
+    # .bin sets carry no folds: their split must be the conventional one, where the first
+    # n % 10 folds get the extra pairs (an even spread moved pairs between folds).
+    folds = default_folds(n)
+    np.testing.assert_array_equal(folds, _kfold_ids(n))
+    sizes = np.bincount(folds, minlength=10)
+    assert sizes.tolist() == [n // 10 + (fold < n % 10) for fold in range(10)]
+    assert np.all(np.diff(folds) >= 0)  # contiguous, in file order
+
+
+def test_default_folds_keep_lfw_6000_and_feed_kfold_accuracy():
+    np.testing.assert_array_equal(default_folds(6000), np.repeat(np.arange(10), 600))  # unchanged
+    scores, labels = _random_pairs(11, n=1003, levels=25)  # 1003: folds of 101 x 3, 100 x 7
+    default = kfold_accuracy(scores, labels)
+    np.testing.assert_array_equal(default.fold_ids, _kfold_ids(1003))
+    explicit = kfold_accuracy(scores, labels, _kfold_ids(1003))
+    np.testing.assert_array_equal(default.accuracies, explicit.accuracies)
+    metrics = evaluate_verification(scores, labels).metrics()
+    assert metrics["fold_accuracies"] == default.accuracies.tolist()
+    with pytest.raises(EvaluationError, match="num_folds must be >= 1, got 0"):
+        default_folds(100, 0)
 
 
 def test_evaluate_verification_metrics_dict_and_bad_input():

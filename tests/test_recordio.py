@@ -280,9 +280,13 @@ def test_truncated_file_and_bad_index_are_reported(tmp_path):
     assert len(RecordIODataset(packed)) == 3
 
 
-def test_label_out_of_range_is_reported(packed):
-    (packed.parent / "property").write_text("2,8,8\n")  # claims 2 classes, label 2 exists
-    dataset = RecordIODataset(packed)
+def test_label_out_of_range_is_reported(tmp_path):
+    # A flat pack: with an identity block, 'property' must agree with it (tested below).
+    with RecordIOWriter(tmp_path / "train", identity_block=False) as writer:
+        for label in range(3):
+            writer.add(_png(label), label)
+    (tmp_path / "property").write_text("2,8,8\n")  # claims 2 classes, label 2 exists
+    dataset = RecordIODataset(tmp_path / "train.rec")
     assert dataset[1][1] == 1
     with pytest.raises(RecordIOError, match=r"label 2.0 out of range \[0, 2\)"):
         dataset[2]
@@ -405,3 +409,39 @@ def test_index_pointing_inside_another_record_is_refused_on_read(tmp_path):
     assert dataset[1][1] == 0  # the hidden record itself reads fine on its own...
     with pytest.raises(RecordIOError, match="overlapping records"):
         dataset[0]  # ...but the record around it would read the same bytes again
+
+
+def test_property_disagreeing_with_the_identity_block_is_refused(packed):
+    # The writer's pack holds 3 identities; a 'property' from another pack says otherwise.
+    prop = packed.parent / "property"
+    for wrong in ("2,8,8\n", "5,8,8\n"):
+        prop.write_text(wrong)
+        with pytest.raises(RecordIOError) as info:
+            RecordIODataset(packed)
+        message = str(info.value)
+        assert message.startswith(f"{prop}: 'property' says {wrong[0]} classes but record 0 of")
+        assert str(packed) in message and "lists 3 identities (records 4..6)" in message
+        assert "\n" not in message
+    prop.write_text("3,8,8\n")
+    assert RecordIODataset(packed).num_classes == 3
+
+
+def test_records_after_the_identity_block_are_ignored_with_a_warning(packed, caplog):
+    idx = packed.with_suffix(".idx")
+    with caplog.at_level("WARNING", logger="qualiface.data.recordio.dataset"):
+        assert RecordIODataset(packed).identity_block == (4, 7)
+    assert not caplog.records  # the writer's own pack reads silently
+    # Two images appended after the block (keys 7 and 8): the block does not cover them.
+    data = packed.read_bytes()
+    lines = idx.read_text()
+    for key in (7, 8):
+        lines += f"{key}\t{len(data)}\n"
+        data += frame_record(pack_record(0.0, _png(key), record_id=key))
+    packed.write_bytes(data)
+    idx.write_text(lines)
+    with caplog.at_level("WARNING", logger="qualiface.data.recordio.dataset"):
+        dataset = RecordIODataset(packed)
+    assert len(dataset) == 3 and dataset.num_classes == 3
+    [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warning.startswith(f"{packed}: ignoring 2 record(s) after the identity block "
+                              "(keys 7..8)")

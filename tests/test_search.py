@@ -171,3 +171,56 @@ def test_every_gallery_command_takes_the_gallery_as_the_same_option(tmp_path):
         assert params["gallery"].param_type_name == "option" and params["gallery"].opts == ["--gallery", "-g"]
         positional = [p.name for p in params.values() if p.param_type_name == "argument"]
         assert positional == ([] if name == "info" else ["embeddings"])
+
+
+def test_extending_an_ivf_gallery_keeps_its_probe_setting(tmp_path):
+    # Extending rebuilds the IVF cells; the probe count must follow the user's choice, not
+    # fall back to the default 8 (which silently made an exact gallery approximate).
+    pytest.importorskip("faiss")
+    from qualiface.infer.search import enrol
+
+    ids, vectors, queries = _data(n=1200, q=60)
+    first, second = slice(0, 600), slice(600, 1200)
+    # visiting every cell (15 of 15) is exact; after growing to 1200 templates (30 cells) too
+    enrol(tmp_path / "exact", ids[first], vectors[first], backend="ivf", nlist=15, nprobe=15)
+    grown, before = enrol(tmp_path / "exact", ids[second], vectors[second])
+    order, scores = _brute_force(vectors, queries, k=10)
+    for g in (grown, Gallery.load(tmp_path / "exact")):
+        assert before == 600 and g.nlist == 30 and g.nprobe == 30
+        result = g.search(queries, k=10)
+        assert np.array_equal(result.indices, order)
+        np.testing.assert_allclose(result.scores, scores, atol=1e-5)
+    # a number the user chose is kept ...
+    enrol(tmp_path / "three", ids[first], vectors[first], backend="ivf", nlist=15, nprobe=3)
+    assert enrol(tmp_path / "three", ids[second], vectors[second])[0].nprobe == 3
+    # ... clamped to the new cell count (here all 4 cells: exact again) ...
+    enrol(tmp_path / "ten", ids[first], vectors[first], backend="ivf", nlist=15, nprobe=10)
+    clamped, _ = enrol(tmp_path / "ten", ids[second], vectors[second], nlist=4)
+    assert (clamped.nlist, clamped.nprobe) == (4, 4)
+    assert np.array_equal(clamped.search(queries, k=10).indices, order)
+    # ... and an explicit nprobe on the extending call wins
+    enrol(tmp_path / "given", ids[first], vectors[first], backend="ivf", nlist=15, nprobe=15)
+    assert enrol(tmp_path / "given", ids[second], vectors[second], nprobe=5)[0].nprobe == 5
+    # an exact gallery converted to IVF stays exact unless told otherwise
+    enrol(tmp_path / "flat", ids[first], vectors[first], backend="exact")
+    converted, _ = enrol(tmp_path / "flat", ids[second], vectors[second], backend="ivf")
+    assert converted.nprobe == converted.nlist
+    assert np.array_equal(converted.search(queries, k=10).indices, order)
+
+
+def test_cli_enrol_into_an_ivf_gallery_keeps_its_probes(tmp_path):
+    pytest.importorskip("faiss")
+    rng = np.random.default_rng(5)
+    runner = CliRunner()
+    for part, (nlist, people) in enumerate([(4, range(0, 40)), (6, range(40, 80))]):
+        names = [f"p{p}/0.jpg" for p in people]
+        table = tmp_path / f"{part}.npz"
+        write_table(table, {"ids": np.array(names),
+                            "embeddings": rng.standard_normal((40, 16)).astype(np.float32)})
+        # the first enrolment chooses 2 probes; the second (6 cells) names none
+        extra = ["--backend", "ivf", "--nprobe", "2"] if part == 0 else []
+        result = runner.invoke(app, ["search", "enrol", str(table), "-g", str(tmp_path / "g"),
+                                     "--mode", "mean", "--nlist", str(nlist), *extra])
+        assert result.exit_code == 0, result.output
+    info = json.loads(runner.invoke(app, ["search", "info", "-g", str(tmp_path / "g")]).output)
+    assert (info["size"], info["nlist"], info["nprobe"]) == (80, 6, 2)

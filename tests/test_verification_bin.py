@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from sklearn.model_selection import KFold
 
 from qualiface.data import DATASETS
 from qualiface.data.safe_pickle import PickleFormatError, UnsafePickleError, safe_load, safe_loads
@@ -21,6 +22,9 @@ from qualiface.data.verification_bin import (
     load_verification_bin,
     write_verification_bin,
 )
+from qualiface.eval.benchmarks import bin_benchmark, evaluate_pairs
+from qualiface.eval.features import FeatureSet
+from qualiface.eval.verification import kfold_accuracy
 
 
 def _png(value: int) -> bytes:
@@ -170,3 +174,26 @@ def test_safe_load_reads_files(tmp_path):
     path = tmp_path / "plain.pkl"
     path.write_bytes(pickle.dumps([1, 2, 3]))
     assert safe_load(path) == [1, 2, 3]
+
+
+def test_a_bin_is_scored_on_the_conventional_ten_folds(tmp_path):
+    # A .bin carries no folds: 203 pairs must split as sklearn's unshuffled KFold (and
+    # InsightFace) split them, 21 pairs in each of the first 3 folds and 20 in the other 7.
+    rng = np.random.default_rng(0)
+    issame = (rng.random(203) < 0.5).tolist()
+    path = write_verification_bin(tmp_path / "odd.bin", [_png(7)] * 406, issame)
+    bench = bin_benchmark(path)
+    assert bench.folds is None  # the default split applies
+    first = rng.standard_normal((203, 16))
+    second = np.where(np.array(issame)[:, None], first, 0) + rng.standard_normal((203, 16))
+    features = np.empty((406, 16))
+    features[bench.first], features[bench.second] = first, second
+    result = evaluate_pairs(bench, FeatureSet(bench.ids, features, rng.uniform(0.1, 1.0, 406)))
+    folds = np.empty(203, np.int64)
+    for fold, (_, test) in enumerate(KFold(n_splits=10, shuffle=False).split(np.zeros(203))):
+        folds[test] = fold
+    unit = features / np.linalg.norm(features, axis=1, keepdims=True)
+    scores = np.sum(unit[bench.first] * unit[bench.second], axis=1)
+    expected = kfold_accuracy(scores, np.array(issame), folds)
+    np.testing.assert_allclose(result.metrics["verification"]["fold_accuracies"],
+                               expected.accuracies)

@@ -55,7 +55,11 @@ def enrol_command(
     mode: str = typer.Option("qwfa", "--mode", help="Pooling of several images per identity: qwfa, mean, norm."),
     backend: str = typer.Option("auto", "--backend", help="auto, exact, flat (faiss) or ivf (faiss)."),
     nlist: int | None = typer.Option(None, "--nlist", help="IVF cells (default ~4 sqrt(N))."),
-    nprobe: int = typer.Option(8, "--nprobe", help="IVF cells visited per query (nlist = exact)."),
+    nprobe: int | None = typer.Option(
+        None, "--nprobe",
+        help="IVF cells visited per query (nlist = exact; default 8, or the setting of the "
+        "gallery being extended).",
+    ),
     replace: bool = typer.Option(
         False, "--replace", help="Replace an existing gallery instead of adding to it."
     ),

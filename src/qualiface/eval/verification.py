@@ -191,8 +191,17 @@ class KFoldAccuracy:
 
 
 def default_folds(num_pairs: int, num_folds: int = 10) -> np.ndarray:
-    """Contiguous, near-equal folds in file order: fold id (N,) in ``[0, num_folds)``."""
-    return (np.arange(num_pairs) * num_folds) // max(num_pairs, 1)
+    """Contiguous, near-equal folds in file order: fold id (N,) in ``[0, num_folds)``.
+
+    The split of ``sklearn.model_selection.KFold(num_folds, shuffle=False)``, which InsightFace's
+    ``.bin`` evaluation uses: the first ``num_pairs % num_folds`` folds hold one pair more, so
+    accuracies stay comparable with published ones when the count is not a multiple of 10.
+    """
+    if num_folds < 1:
+        raise EvaluationError(f"num_folds must be >= 1, got {num_folds}")
+    sizes = np.full(num_folds, num_pairs // num_folds)
+    sizes[: num_pairs % num_folds] += 1
+    return np.repeat(np.arange(num_folds), sizes)
 
 
 def kfold_accuracy(scores, labels, folds=None, num_folds: int = 10) -> KFoldAccuracy:

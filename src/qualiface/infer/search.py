@@ -57,6 +57,7 @@ GALLERY_JSON_LIMIT = 4 * 2**20
 _V1_FILES = {"arrays": "gallery.npz", "index": "index.faiss"}
 BACKENDS = ("exact", "flat", "ivf")
 AUTO_EXACT_LIMIT = 100_000  # above this many templates "auto" picks IVF
+DEFAULT_NPROBE = 8  # IVF cells a query visits unless the user says otherwise
 
 
 class GalleryError(QualifaceError, ValueError):
@@ -175,7 +176,7 @@ class Gallery:
         *,
         backend: str = "auto",
         nlist: int | None = None,
-        nprobe: int = 8,
+        nprobe: int = DEFAULT_NPROBE,
         quality=None,
         metadata: dict | None = None,
         seed: int = 0,
@@ -444,8 +445,22 @@ def gallery_lock(folder: str | Path, *, exclusive: bool) -> Iterator[None]:
         os.close(fd)  # closing releases the lock
 
 
+def _kept_nprobe(existing: Gallery, nlist: int) -> int:
+    """The probe count an extended IVF gallery of ``nlist`` cells gets from ``existing``.
+
+    Extending rebuilds the cells (~4 sqrt(N) of them unless ``nlist`` is given), so the old
+    probe count would mean something else afterwards. An exact gallery (exact or flat backend,
+    or IVF visiting every cell) stays exact and visits all the new cells: turning it approximate
+    would silently lose matches. A number of probes the user chose is kept, clamped to the new
+    cell count.
+    """
+    if existing.backend != "ivf" or existing.nprobe >= existing.nlist:
+        return nlist
+    return min(existing.nprobe, nlist)
+
+
 def enrol(folder: str | Path, ids, embeddings, *, replace: bool = False, backend: str = "auto",
-          nlist: int | None = None, nprobe: int = 8, quality=None,
+          nlist: int | None = None, nprobe: int | None = None, quality=None,
           metadata: dict | None = None) -> tuple[Gallery, int]:
     """Add templates to the gallery in ``folder`` (creating it) -> ``(gallery, templates before)``.
 
@@ -454,6 +469,9 @@ def enrol(folder: str | Path, ids, embeddings, *, replace: bool = False, backend
     its templates are kept, the new ones appended (``backend="auto"`` keeps its backend); a
     template id that is already enrolled, a different dimension or quality present on one side
     only is refused (the message says to pass ``replace=True`` to start a new gallery instead).
+
+    ``nprobe=None`` means 8 for a new gallery and, for an extended one, the probe setting it
+    already had (see :func:`_kept_nprobe`); a number given here is used as it is.
     """
     folder = Path(folder)
     with gallery_lock(folder, exclusive=True):
@@ -461,7 +479,8 @@ def enrol(folder: str | Path, ids, embeddings, *, replace: bool = False, backend
         if not replace and (folder / GALLERY_JSON).exists():
             existing = Gallery._load_locked(folder)
         if existing is None:
-            gallery = Gallery.build(ids, embeddings, backend=backend, nlist=nlist, nprobe=nprobe,
+            gallery = Gallery.build(ids, embeddings, backend=backend, nlist=nlist,
+                                    nprobe=DEFAULT_NPROBE if nprobe is None else nprobe,
                                     quality=quality, metadata=metadata)
             gallery._save_locked(folder)
             return gallery, 0
@@ -489,9 +508,11 @@ def enrol(folder: str | Path, ids, embeddings, *, replace: bool = False, backend
             np.concatenate([existing.ids, new.ids]),
             np.concatenate([existing.vectors(), new.embeddings]),
             backend=existing.backend if backend == "auto" else backend, nlist=nlist,
-            nprobe=nprobe,
+            nprobe=1,  # any valid value: the cell count is only known once built; set below
             quality=merged_quality,
             metadata={**(metadata or {}), "enrolments": enrolments},
         )
+        if gallery.backend == "ivf":
+            gallery.set_nprobe(_kept_nprobe(existing, gallery.nlist) if nprobe is None else nprobe)
         gallery._save_locked(folder)
         return gallery, existing.size

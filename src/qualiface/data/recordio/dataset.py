@@ -13,6 +13,7 @@ instance can be handed to DataLoader workers (fork or spawn).
 
 from __future__ import annotations
 
+import logging
 import math
 import mmap
 import os
@@ -36,6 +37,8 @@ from qualiface.data.recordio.layout import read_property, resolve_paths
 #: Classes a dataset may have beyond its image count (sparse labels); see _check_num_classes.
 MAX_CLASSES_WITHOUT_IMAGES = 1 << 16
 
+logger = logging.getLogger(__name__)
+
 
 def _integral_label(value: float, limit: int | None) -> int | None:
     if not math.isfinite(value) or value != int(value) or value < 0:
@@ -51,7 +54,8 @@ class RecordIODataset(torch.utils.data.Dataset):
     """InsightFace ``.rec`` -> ``(uint8 (3, H, W) RGB, int label)`` with random access via ``.idx``.
 
     ``path``: the folder, the prefix (``dir/train``) or the ``.rec`` / ``.idx`` path.
-    ``num_classes``: from ``property``, else the identity block, else a scan of all headers.
+    ``num_classes``: from ``property`` (which must agree with the identity block when both
+    exist), else the identity block, else a scan of all headers.
     ``meta(i)``: ``{"record": key, "id": header id, "offset": byte offset, "path": rec}``.
     """
 
@@ -82,6 +86,22 @@ class RecordIODataset(torch.utils.data.Dataset):
         else:
             self._num_classes = self._scan_num_classes()
         self._check_num_classes(prop is not None)
+        if prop is not None and self.identity_block is not None:
+            self._check_property_matches_block(prop[0])
+
+    def _check_property_matches_block(self, num_classes: int) -> None:
+        """Refuse a ``property`` whose class count differs from record 0's identity range.
+
+        Both come from the same pack, so a mismatch means one of them belongs to another pack
+        (a stale ``property`` left in the folder, say). The head would then be sized for the
+        wrong number of identities, or labels past ``property``'s count would fail mid-epoch.
+        """
+        first, end = self.identity_block
+        if num_classes != end - first:
+            raise RecordIOError(self.property_path, None,
+                                f"'property' says {num_classes} classes but record 0 of "
+                                f"{self.rec_path} lists {end - first} identities (records "
+                                f"{first}..{end - 1}); the two do not describe the same pack")
 
     def _check_num_classes(self, from_property: bool) -> None:
         """Refuse a class count the records cannot back (the head allocates one row per class).
@@ -123,6 +143,13 @@ class RecordIODataset(torch.utils.data.Dataset):
             raise RecordIOError(self.idx_path, None, f"record 0 says records {first}..{end - 1} "
                                                      f"are identity headers but the index lists "
                                                      f"{headers} of them")
+        # Records past the block are neither images nor identity headers: nothing reads them,
+        # so a pack with images appended after its block would silently train without them.
+        beyond = keys[keys >= end]
+        if beyond.size:
+            logger.warning("%s: ignoring %d record(s) after the identity block (keys %d..%d): "
+                           "record 0 says the identity headers end at record %d", self.rec_path,
+                           beyond.size, int(beyond[0]), int(beyond[-1]), end - 1)
         self.identity_block = (first, end)
         self._all_keys, self._all_offsets = keys, offsets
         self._image_keys, self._image_offsets = keys[is_image], offsets[is_image]

@@ -11,7 +11,6 @@ import json
 import os
 import pickle
 import resource
-import time
 
 import numpy as np
 import pytest
@@ -73,17 +72,20 @@ def test_sparse_labels_of_a_small_subset_are_still_accepted(tmp_path):
 # ----------------------------------------------------------------------------- backbone totals
 
 
+# A refusal that read or allocated first would hang for minutes or die of memory: the timeout
+# marks such a hang as a failure. It is not a speed target, so it is far above a loaded CI core.
+@pytest.mark.timeout(120)
 def test_backbone_size_is_bounded_in_total_before_anything_is_allocated():
     from qualiface.backbones import BackboneSizeError, backbone_size, build_backbone
 
-    before, start = _max_rss_mb(), time.monotonic()
+    before = _max_rss_mb()
     # Each argument is within its own limit; together ~44G parameters (hundreds of GB).
     with pytest.raises(BackboneSizeError, match=r"iresnet200 \(base_width=1024, input_size=1024\) "
                                                 r"would have 44274M parameters"):
         build_backbone("iresnet200", base_width=1024, input_size=1024)
     with pytest.raises(BackboneSizeError, match="activations per image"):
         build_backbone("iresnet50", input_size=1024)
-    assert time.monotonic() - start < 20 and _max_rss_mb() - before < 500
+    assert _max_rss_mb() - before < 500
     # The standard nets stay well inside the limits.
     parameters, activations = backbone_size("iresnet100")
     assert parameters == 65_156_160 and 20e6 < activations < 40e6
@@ -120,6 +122,7 @@ EXPECTED = {"zero": "a character device, not a regular", "fifo": "a FIFO",
             "huge": "too large for a"}
 
 
+@pytest.mark.timeout(120)  # reading /dev/zero or a writerless FIFO would never end
 @pytest.mark.parametrize("kind", ["zero", "fifo", "huge"])
 def test_devices_fifos_and_huge_files_as_small_files_are_refused_unread(specials, tmp_path, kind):
     from qualiface.config import ConfigError, load_config
@@ -127,7 +130,6 @@ def test_devices_fifos_and_huge_files_as_small_files_are_refused_unread(specials
     from qualiface.infer.model import ModelPackageError, read_model_spec
 
     path = specials[kind]
-    start = time.monotonic()
     with pytest.raises(ConfigError, match=EXPECTED[kind]):
         load_config(path)
     with pytest.raises(DatasetError, match=EXPECTED[kind]):
@@ -138,7 +140,6 @@ def test_devices_fifos_and_huge_files_as_small_files_are_refused_unread(specials
     os.symlink(path, package / "model.json")
     with pytest.raises(ModelPackageError, match=EXPECTED[kind]):
         read_model_spec(package)
-    assert time.monotonic() - start < 10
 
 
 def test_pairs_and_bin_files_must_be_regular(specials):
@@ -156,6 +157,7 @@ def test_pairs_and_bin_files_must_be_regular(specials):
 # ----------------------------------------------------------------------------- .bin and pairs
 
 
+@pytest.mark.timeout(120)  # copying 20 GB would take minutes or die of memory
 @pytest.mark.parametrize("kind, protocol", [(bytes, 4), (bytearray, 5)])
 def test_bin_referencing_one_buffer_20k_times_is_refused(tmp_path, kind, protocol):
     from qualiface.data.safe_pickle import PickleTooLargeError
@@ -165,10 +167,10 @@ def test_bin_referencing_one_buffer_20k_times_is_refused(tmp_path, kind, protoco
     path = tmp_path / "evil.bin"
     path.write_bytes(pickle.dumps(([blob] * 20_000, [True] * 10_000), protocol=protocol))
     assert path.stat().st_size < 2 << 20  # the pickle memo stores the buffer once
-    before, start = _max_rss_mb(), time.monotonic()
+    before = _max_rss_mb()
     with pytest.raises(PickleTooLargeError, match="evil.bin: refused: references more than"):
         read_bin_entries(path)  # would copy 20 GB
-    assert time.monotonic() - start < 10 and _max_rss_mb() - before < 500
+    assert _max_rss_mb() - before < 500
 
 
 def test_pairs_file_with_more_lines_than_its_header_stops_at_the_first_extra(tmp_path):

@@ -26,10 +26,11 @@ Protocol (``../shared/data/README.md``, kept fixed):
   (a good score is strongly negative).
 
 Runs are resumable and their results merge across sessions: each (method, seed) writes one
-JSON (config, commit, machine, date, metrics) to ``--results-dir``; a run whose file exists is
-skipped, and a killed run resumes from its last checkpoint in ``--runs-dir``. ``--table DIR``
-only merges the run files of a folder into ``table.md`` / ``table.json`` and draws the EDC and
-quality-vs-severity plots. ``--preset cpu`` is the 2-core CPU protocol of ``docs/BENCHMARKS.md``.
+JSON (config, commit, the commit of each start and resume of its training, machine, date,
+metrics) to ``--results-dir``; a run whose file exists is skipped, and a killed run resumes from
+its last checkpoint in ``--runs-dir``. ``--table DIR`` only merges the run files of a folder into
+``table.md`` / ``table.json`` and draws the EDC and quality-vs-severity plots. ``--preset cpu``
+is the 2-core CPU protocol of ``docs/BENCHMARKS.md``.
 
     python bench/real_faces.py --preset cpu --methods qcface --seeds 0     # one row, CPU
     python bench/real_faces.py --table bench/results/real_faces_cpu        # the table + plots
@@ -57,6 +58,7 @@ from common import (  # noqa: E402
     SHARED_DATA,
     BenchError,
     fmt,
+    git_commit,
     markdown_table,
     merge,
     method_sections,
@@ -433,7 +435,8 @@ def train_and_evaluate(cfg: RealFacesConfig, method: str, seed: int, list_file: 
     """Train (or resume) one (method, seed) and evaluate its model package.
 
     The seconds spent training are added up over every invocation in ``bench_time.json`` of
-    the run folder, so a run resumed across sessions still reports its whole training time.
+    the run folder, so a run resumed across sessions still reports its whole training time;
+    ``train.commits`` lists the commit of every start and resume (``record_start``).
     """
     import json
 
@@ -448,6 +451,7 @@ def train_and_evaluate(cfg: RealFacesConfig, method: str, seed: int, list_file: 
     effective = to_dict(tcfg)
     print(f"-- effective config of {label} (seed {seed}):\n"
           + yaml.safe_dump(effective, sort_keys=False), file=sys.stderr, flush=True)
+    commits = record_start(out_dir)
     clock = out_dir / "bench_time.json"
     spent = json.loads(clock.read_text())["train_seconds"] if clock.is_file() else 0.0
     started = time.perf_counter()
@@ -470,8 +474,27 @@ def train_and_evaluate(cfg: RealFacesConfig, method: str, seed: int, list_file: 
             "config": effective,
             "train": {"steps": result.global_step, "seconds": spent,
                       "images_per_s": images / spent if spent > 0 else None,
-                      "last_metrics": last, "validation_curve": validation_curve(out_dir)},
+                      "last_metrics": last, "validation_curve": validation_curve(out_dir),
+                      "commits": commits},
             **evaluation}
+
+
+START_LOG = "bench_commits.txt"
+
+
+def record_start(out_dir: Path) -> list[str]:
+    """Append the commit this invocation trains on to ``bench_commits.txt`` of the run folder
+    and return every start's commit so far, oldest first ("unknown" outside a git checkout).
+    A row resumed across commits trained partly on each, which its ``git_commit`` (the HEAD
+    when the row is written) does not show. Written before training, so a killed session's
+    commit is kept too."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log = out_dir / START_LOG
+    if not log.is_file() and any(out_dir.glob("checkpoint*.pt")):
+        log.write_text("unrecorded\n")  # trained before this log existed, on unknown commits
+    with log.open("a") as handle:
+        handle.write(f"{git_commit() or 'unknown'}\n")
+    return log.read_text().split()
 
 
 # Config keys a stored row may hold differently from today's without being stale: where the

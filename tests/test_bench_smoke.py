@@ -380,6 +380,46 @@ def test_an_interrupted_row_is_one_line_and_the_signals_exit_status(real_faces, 
     assert "run the same command again to resume" in err and "Traceback" not in err
 
 
+def test_a_row_resumed_across_commits_lists_the_commit_of_each_start(
+        real_faces, shared_data, tmp_path, monkeypatch):
+    import signal
+
+    from qualiface.train import loop
+
+    results, runs = tmp_path / "results", tmp_path / "runs"
+    common = ["--smoke", "--methods", "arcface", "--data", str(shared_data),
+              "--results-dir", str(results), "--runs-dir", str(runs)]
+    train = loop.train
+
+    def killed(cfg, **kwargs):
+        raise loop.TrainingInterrupted(signal.SIGTERM, 1, Path(cfg.train.output_dir))
+
+    # the first start dies on one commit, the resume finishes the row on another
+    monkeypatch.setattr(real_faces, "git_commit", lambda: "1" * 40)
+    monkeypatch.setattr(loop, "train", killed)
+    with pytest.raises(loop.TrainingInterrupted):
+        real_faces.main(common)
+    monkeypatch.setattr(real_faces, "git_commit", lambda: "2" * 40)
+    monkeypatch.setattr(loop, "train", train)
+    real_faces.main(common)
+    row_file = results / "arcface-seed0.json"
+    row = json.loads(row_file.read_text())
+    assert row["run"]["train"]["commits"] == ["1" * 40, "2" * 40]
+    assert "git_commit" in row and "git_commit" in row["provenance"]  # kept as they were
+
+    # a run folder trained before the log existed: its earlier commits are marked unknown
+    (runs / "arcface-seed0" / "bench_commits.txt").unlink()
+    real_faces.main(common + ["--force"])
+    assert json.loads(row_file.read_text())["run"]["train"]["commits"] == ["unrecorded", "2" * 40]
+
+    # a row written before ``commits`` existed is still a current row of the table
+    older = json.loads(row_file.read_text())
+    del older["run"]["train"]["commits"]
+    row_file.write_text(json.dumps(older))
+    table = real_faces.main(["--table", str(results)])
+    assert table["stale_rows"] == {} and table["settings"]["methods"] == ["arcface"]
+
+
 def test_reevaluation_gap_is_the_largest_numeric_difference(real_faces):
     gap = real_faces.largest_gap
     assert gap({"a": [1.0, 2.0], "b": "x"}, {"a": [1.0, 2.5], "b": "x"}) == 0.5

@@ -1,17 +1,20 @@
-"""What a resumed run leaves besides its weights: ``metrics.jsonl`` holds each step's record once
-(the records a killed run wrote after its last checkpoint are redone, not repeated), and the
-model package / report of a run resumed after its last step still carry its final metrics.
-In-process, tiny stand-in model; a "kill" is an exception out of a step (the records already
-written stay on disk, as after a SIGKILL)."""
+"""What a resumed run leaves besides its weights: ``metrics.jsonl`` and TensorBoard hold each
+step's record once (the records a killed run wrote after its last checkpoint are redone, not
+repeated), the records' ``time`` goes on across the resume, and the model package / report of a
+run resumed after its last step still carry its final metrics. In-process, tiny stand-in model;
+a "kill" is an exception out of a step (the records already written stay on disk, as after a
+SIGKILL)."""
 
 from __future__ import annotations
 
 import json
 import signal
+import time
 
 import pytest
 
 from qualiface.config import from_dict
+from qualiface.train.checkpoint import load_checkpoint, save_checkpoint
 from qualiface.train.loop import Trainer, TrainingInterrupted
 from stand_ins import Blobs, LinearBackbone  # noqa: F401  (registers test-linear / test-blobs)
 
@@ -34,14 +37,17 @@ def settings(out, resume=False, **train) -> dict:
     }
 
 
-def stopped_run(out, at_step: int, how: str, **train) -> None:
+def stopped_run(out, at_step: int, how: str, pause: float = 0.0, **train) -> None:
     """Run until step ``at_step`` completes, then die (``kill``: no checkpoint, the log as it
-    is) or get SIGTERM (``term``: the loop writes a checkpoint and stops)."""
+    is) or get SIGTERM (``term``: the loop writes a checkpoint and stops). The first step takes
+    ``pause`` seconds longer (a run whose clock is well ahead of a new process's)."""
     trainer = Trainer(from_dict(settings(out, **train)))
     step = trainer.train_step
 
     def stopping(micro_batches):
         result = step(micro_batches)
+        if trainer.global_step == 0:
+            time.sleep(pause)
         if trainer.global_step + 1 == at_step:
             if how == "kill":
                 raise Killed
@@ -97,3 +103,44 @@ def test_a_run_stopped_at_its_last_step_keeps_its_final_metrics(straight, tmp_pa
     assert expected["loss"] > 0 and result.last_metrics == expected
     assert package_metrics(out) == expected
     assert records(out) == records(straight)
+
+
+def killed_and_resumed(out, older_checkpoint: bool = False) -> None:
+    """Steps 1-6 logged, the kill in step 7, the resume from the checkpoint of step 4 (steps
+    5-8 redone). The first step is a second slow, so the killed run's clock is ahead of the
+    resumed process's and the two event files are named in different seconds (TensorBoard
+    reads them in name order, as after a real restart). ``older_checkpoint``: as written before
+    the checkpoint held ``elapsed_s``."""
+    stopped_run(out, 7, "kill", pause=1.1)
+    if older_checkpoint:
+        state = load_checkpoint(out / "checkpoint.pt")
+        state.pop("elapsed_s", None)
+        save_checkpoint(out / "checkpoint.pt", state)
+    Trainer(from_dict(settings(out, resume=True))).run()
+
+
+def tensorboard_scalars(out, tag: str = "train/loss") -> list[tuple[int, float]]:
+    """``(step, value)`` of ``tag`` as TensorBoard shows the run (it applies the purges)."""
+    accumulators = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    events = accumulators.EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    return [(event.step, event.value) for event in events.Scalars(tag)]
+
+
+def test_tensorboard_shows_each_step_once_after_a_kill_and_resume(straight, tmp_path):
+    out = tmp_path / "run"
+    killed_and_resumed(out)
+    assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 2  # one per run
+    assert [step for step, _ in tensorboard_scalars(out)] == list(range(1, 9))
+    assert tensorboard_scalars(out) == tensorboard_scalars(straight)
+
+
+@pytest.mark.parametrize("older_checkpoint", [False, True], ids=["elapsed_s", "older-checkpoint"])
+def test_the_time_field_goes_on_across_a_resume(tmp_path, older_checkpoint):
+    out = tmp_path / "run"
+    killed_and_resumed(out, older_checkpoint)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows if row["kind"] == "train"] == list(range(1, 9))
+    times = [row["time"] for row in rows]
+    # the resumed records count on from the killed run's (its slow first step included)
+    assert times == sorted(times) and times[-1] >= 1.1

@@ -1,9 +1,10 @@
 """Training output: a rich progress bar, ``metrics.jsonl`` and (optionally) TensorBoard.
 
 Only rank 0 writes. Every record is one JSON object per line with at least ``step`` (global
-optimizer step), ``phase`` and ``time`` (seconds since the logger started), so a run can be
-plotted with a few lines of pandas; the same scalars go to TensorBoard when it imports. Each line
-is strict JSON: an undefined value (NaN) is ``null``, an infinite one the string ``"inf"``.
+optimizer step), ``phase`` and ``time`` (seconds since the run started; a resumed run counts on
+from its checkpoint), so a run can be plotted with a few lines of pandas; the same scalars go to
+TensorBoard when it imports. Each line is strict JSON: an undefined value (NaN) is ``null``, an
+infinite one the string ``"inf"``.
 """
 
 from __future__ import annotations
@@ -50,17 +51,28 @@ class MetricsLogger:
         self.path = Path(out_dir) / "metrics.jsonl"
         self.start = time.time()
         self._writer = None
+        # The TensorBoard writer opens at the first scalar, not here: a resume must first tell
+        # it from which step on to discard the killed run's events (``resume``), and
+        # SummaryWriter takes that ``purge_step`` only when it is created.
+        self._open_tensorboard = enabled and tensorboard
+        self._purge_step: int | None = None
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = self.path.open("a")
-        if tensorboard:
+
+    def _tensorboard(self):
+        """The SummaryWriter (opened on the first call), or None when TensorBoard is off."""
+        if self._open_tensorboard:
+            self._open_tensorboard = False  # one try: a failure is reported once
             try:
                 from torch.utils.tensorboard import SummaryWriter  # lazy: tensorboard (~1.2 s), optional at run time (ImportError handled)
 
-                self._writer = SummaryWriter(log_dir=str(Path(out_dir) / "tensorboard"))
+                self._writer = SummaryWriter(log_dir=str(self.path.parent / "tensorboard"),
+                                             purge_step=self._purge_step)
             except Exception as exc:  # tensorboard is optional; metrics.jsonl is the record
                 log.info("TensorBoard logging off (%s)", exc)
+        return self._writer
 
     def log(self, step: int, record: dict, *, kind: str = "train") -> None:
         """Write one record (floats/ints/strings) for global optimizer step ``step``."""
@@ -70,10 +82,15 @@ class MetricsLogger:
         row.update({k: _clean(v) for k, v in record.items()})
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
-        if self._writer is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-                    self._writer.add_scalar(f"{kind}/{key}", value, step)
+        scalars = {key: value for key, value in record.items() if isinstance(value, (int, float))
+                   and not isinstance(value, bool) and math.isfinite(value)}
+        if scalars and (writer := self._tensorboard()) is not None:
+            for key, value in scalars.items():
+                writer.add_scalar(f"{kind}/{key}", value, step)
+
+    def elapsed(self) -> float:
+        """Seconds on the clock of the ``time`` field (a checkpoint records it, ``resume``)."""
+        return time.time() - self.start
 
     def offset(self) -> int:
         """Bytes of ``metrics.jsonl`` written so far (0 when disabled): a checkpoint records it so
@@ -92,6 +109,40 @@ class MetricsLogger:
         self._file.flush()
         if 0 <= offset < os.fstat(self._file.fileno()).st_size:
             self._file.truncate(offset)
+
+    def resume(self, offset: int | None, *, step: int, elapsed: float | None) -> None:
+        """Go on with the log of a run resumed from its checkpoint at global step ``step``
+        (``step`` -1: no checkpoint, everything is redone). The records written after the
+        checkpoint go (``rewind(offset)``; None, a checkpoint older than ``metrics_offset``:
+        all kept), TensorBoard discards its events after ``step`` (else the redone steps would
+        show twice), and the ``time`` field goes on from ``elapsed`` seconds instead of 0 (None,
+        a checkpoint from before it was stored: from the last record's ``time``)."""
+        if not self.enabled:
+            return
+        if offset is not None:
+            self.rewind(offset)
+        self._purge_step = step + 1
+        if self._writer is not None:  # already open: reopen it, the purge is set on creation
+            self._writer.close()
+            self._writer, self._open_tensorboard = None, True
+        if elapsed is None:
+            elapsed = self._last_time()
+        self.start = time.time() - elapsed
+
+    def _last_time(self) -> float:
+        """The ``time`` of the last whole record in ``metrics.jsonl``; 0.0 when there is none."""
+        self._file.flush()
+        with self.path.open("rb") as handle:
+            handle.seek(max(0, handle.seek(0, os.SEEK_END) - 65536))  # a record is < 1 KiB
+            lines = handle.read().splitlines()
+        for line in reversed(lines):
+            try:
+                value = json.loads(line).get("time")
+            except (ValueError, AttributeError):
+                continue  # a line torn by the kill, or cut by the seek
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+        return 0.0
 
     def note(self, step: int, message: str) -> None:
         """A human-readable event (also printed): skipped steps, phase changes, filtering."""

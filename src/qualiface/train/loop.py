@@ -149,7 +149,8 @@ class Trainer:
                 console.print(f"resuming from {source} at step {self.global_step}")
             else:
                 console.print(f"[yellow]resume=true but no checkpoint in {self.out_dir}; starting fresh[/]")
-                self.logger.rewind(0)  # records of a run killed before its first checkpoint: redone
+                # records of a run killed before its first checkpoint: all redone
+                self.logger.resume(0, step=-1, elapsed=0.0)
         if self.is_main:
             self.print_summary()
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -400,6 +401,8 @@ class Trainer:
             # run resumed after its last step report them).
             "metrics_offset": self.logger.offset(),
             "last_metrics": self.last_metrics,
+            # The log's clock, so the ``time`` of a resumed run's records goes on from here.
+            "elapsed_s": self.logger.elapsed(),
             "method": self.method.state_dict(),
         }
         ckpt.save_run_checkpoint(self.out_dir, state, rank=self.dist.rank, world_size=self.dist.world_size)
@@ -417,9 +420,12 @@ class Trainer:
             for step, message in notes:  # refused: its warnings still reach the log
                 self.logger.note(step, message)
             raise
-        offset = state.get("metrics_offset")
-        if isinstance(offset, int):
-            self.logger.rewind(offset)
+        # Checkpoints written before a key existed lack it: resume() then keeps the whole log
+        # (no metrics_offset) or goes on from its last record's time (no elapsed_s).
+        offset, elapsed = state.get("metrics_offset"), state.get("elapsed_s")
+        self.logger.resume(offset if isinstance(offset, int) else None,
+                           step=int(state["global_step"]),
+                           elapsed=float(elapsed) if isinstance(elapsed, (int, float)) else None)
         for step, message in notes:
             self.logger.note(step, message)
         ckpt.load_module_state(self.backbone, state["backbone"], what="backbone", path=source)

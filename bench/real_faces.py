@@ -1350,9 +1350,10 @@ SHIP_LIMIT_BYTES = 20 * 1024 * 1024
 
 def ship_best(payload: dict, folder: Path) -> Path:
     """Copy the model package of the protocol row (not a variant) with the best mean clean
-    accuracy, its first seed, to ``folder/best_model`` with a model card (``README.md``): what it
-    is, how it was made, its scores, and that it was trained on research-only data. Refused
-    when the package is over ``SHIP_LIMIT_BYTES`` or its run folder is gone."""
+    accuracy, its lowest seed whose package is still on disk, to ``folder/best_model`` with a
+    model card (``README.md``): what it is, how it was made, its scores, and that it was trained
+    on research-only data. Refused when the package is over ``SHIP_LIMIT_BYTES`` or the run
+    folders of every seed are gone."""
     import shutil
 
     from qualiface.files import write_text_atomic
@@ -1364,12 +1365,19 @@ def ship_best(payload: dict, folder: Path) -> Path:
     if not accuracy:
         raise BenchError(f"{folder}: no finished protocol run to ship")
     label = max(accuracy, key=accuracy.get)
-    run = first_seed_run(payload["runs"], label)
+    # The lowest seed whose package is still on disk: run folders do not always survive
+    # between sessions, and any seed of the row is a fair model of it (the card names it).
+    finished = sorted((r for r in payload["runs"] if run_label(r) == label and "error" not in r),
+                      key=lambda r: r["seed"])
+    kept = [r for r in finished
+            if all((Path(r["run_dir"]) / "model" / f).is_file() for f in (MODEL_JSON, WEIGHTS_FILE))]
+    if not kept:
+        seeds = ", ".join(str(r["seed"]) for r in finished)
+        raise BenchError(f"{finished[0]['run_dir']}: the package of {label} is gone for every "
+                         f"seed ({seeds}); re-train one to ship it")
+    run = kept[0]
     source = Path(run["run_dir"]) / "model"
     files = [source / MODEL_JSON, source / WEIGHTS_FILE]
-    if not all(f.is_file() for f in files):
-        raise BenchError(f"{source}: the package of {label} (seed {run['seed']}) is gone; "
-                         f"re-train it to ship it")
     size = sum(f.stat().st_size for f in files)
     if size > SHIP_LIMIT_BYTES:
         raise BenchError(f"{source}: {size / 2**20:.1f} MB, over the {SHIP_LIMIT_BYTES // 2**20} "

@@ -473,3 +473,31 @@ def test_components_bench_smoke(tmp_path):
         assert results[key] > 0, key
     assert results["search_ivf_nprobe8_recall_at_10"] <= 1.0
     assert payload["results"] == results
+
+
+def test_ship_best_falls_back_to_a_seed_whose_package_survived(real_faces, tmp_path):
+    """Run folders do not always survive between sessions: the best row ships from the lowest
+    seed whose package is still there, and the card names that seed."""
+    from test_infer_model import make_package
+
+    from qualiface.package.io import package_identity
+
+    make_package(tmp_path / "runs" / "qcface-seed1" / "model", seed=1)
+
+    def run(seed):
+        return {"method": "qcface", "seed": seed, "results": {},
+                "run_dir": str(tmp_path / "runs" / f"qcface-seed{seed}"),
+                "train": {"steps": 10, "seconds": 60.0}}
+
+    payload = {"summary": {"qcface": {"severity_0:accuracy": {"mean": 0.9}},
+                           "arcface": {"severity_0:accuracy": {"mean": 0.8}}},
+               "runs": [run(0), run(1), run(2)], "settings": {},
+               "command": "python bench/real_faces.py ...", "machine": {"cpu": "test cpu"}}
+    best = real_faces.ship_best(payload, tmp_path / "table")
+    assert package_identity(best) == package_identity(tmp_path / "runs" / "qcface-seed1" / "model")
+    assert (best / "README.md").read_text().startswith(
+        "# Best model of the real-face CPU protocol: qcface (seed 1)")
+
+    payload["runs"] = [run(0), run(2)]  # no seed left on disk: refused, naming the seeds
+    with pytest.raises(real_faces.BenchError, match=r"qcface is gone for every seed \(0, 2\)"):
+        real_faces.ship_best(payload, tmp_path / "other")

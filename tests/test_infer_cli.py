@@ -52,7 +52,8 @@ def test_embed_calibrated_needs_a_calibration(tmp_path):
     assert result.exit_code == 1 and "no calibration" in result.output.replace("\n", " ")
 
 
-def test_calibrate_cli_stores_calibration_used_by_embed(tmp_path):
+def _calibrate_args(tmp_path) -> list[str]:
+    """A tiny package and a 24-pair set over 12 people: `export calibrate` without --fmr/--out."""
     make_package(tmp_path / "pkg")
     people = [f"Person_{i}" for i in range(12)]
     images = random_images(24, seed=3)
@@ -61,9 +62,13 @@ def test_calibrate_cli_stores_calibration_used_by_embed(tmp_path):
     lines += [f"{p}\t1\t2" for p in people]
     lines += [f"{people[i]}\t1\t{people[(i + 1) % 12]}\t2" for i in range(12)]
     (tmp_path / "pairs.txt").write_text("\n".join(lines) + "\n")
-    result = CliRunner().invoke(app, ["export", "calibrate", "--model", str(tmp_path / "pkg"), "--pairs",
-                                      str(tmp_path / "pairs.txt"), "--images", str(tmp_path / "lfw"),
-                                      "--fmr", "0.1", "--out", str(tmp_path / "calibrated")])
+    return ["export", "calibrate", "--model", str(tmp_path / "pkg"), "--pairs", str(tmp_path / "pairs.txt"),
+            "--images", str(tmp_path / "lfw")]
+
+
+def test_calibrate_cli_stores_calibration_used_by_embed(tmp_path):
+    result = CliRunner().invoke(app, [*_calibrate_args(tmp_path), "--fmr", "0.1", "--out",
+                                      str(tmp_path / "calibrated")])
     assert result.exit_code == 0, result.output
     calibration = read_model_spec(tmp_path / "calibrated").calibration
     assert calibration is not None and calibration.n_pairs == 24 and calibration.fmr == 0.1
@@ -124,3 +129,38 @@ def test_rejected_tsv_escapes_names_that_would_forge_columns_or_rows(tmp_path):
     name, reason, _detail = rows[0].split("\t")
     assert name == "x.jpg\\tlow-quality\\tforged\\nother\\\\.jpg" and reason == "unreadable"
     assert name.encode().decode("unicode_escape") == forged  # reversible
+
+
+def _one_line_error(result, *needles: str) -> None:
+    output = result.output.replace("\n", " ")
+    assert result.exit_code == 1, result.output
+    assert type(result.exception) is SystemExit and "Traceback" not in result.output
+    assert "error: " in output, result.output
+    for needle in needles:
+        assert needle in output, result.output
+
+
+def test_calibrate_refuses_an_fmr_outside_0_1_and_writes_nothing(tmp_path):
+    # `--fmr 2` (meant: 2e-2) fitted a threshold below every impostor and stored it, exit 0.
+    result = CliRunner().invoke(app, [*_calibrate_args(tmp_path), "--fmr", "2", "--out",
+                                      str(tmp_path / "calibrated")])
+    _one_line_error(result, "FMR must lie strictly between 0 and 1, got 2")
+    assert not (tmp_path / "calibrated").exists()
+
+
+def test_calibrate_out_below_a_file_is_one_line(tmp_path):
+    # The weights copy and model.json write ran outside the error handling: a traceback after
+    # all the embedding work.
+    (tmp_path / "taken").write_text("a file\n")
+    result = CliRunner().invoke(app, [*_calibrate_args(tmp_path), "--fmr", "0.1", "--out",
+                                      str(tmp_path / "taken" / "calibrated")])
+    _one_line_error(result, str(tmp_path / "taken" / "calibrated"), f"{tmp_path / 'taken'} is a file, not a folder")
+
+
+def test_embed_with_a_device_typo_is_one_line(tmp_path):
+    # torch.device("gpu") raised a RuntimeError listing twenty device types, as a traceback.
+    make_package(tmp_path / "pkg")
+    _write_images(tmp_path / "faces", random_images(1), ["a/1.jpg"])
+    result = CliRunner().invoke(app, ["embed", str(tmp_path / "faces"), "--model", str(tmp_path / "pkg"),
+                                      "--out", str(tmp_path / "e.npz"), "--device", "gpu"])
+    _one_line_error(result, "device 'gpu' is not a device name")

@@ -92,3 +92,65 @@ def test_a_wrong_size_image_in_a_training_folder_is_skipped_and_reported(tmp_pat
     assert "Traceback" not in result.output
     reported = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
     assert reported and f"{odd}: image is 20x20, expected 16x16" in reported[0]
+
+
+# ------------------------------------------------------------------- round 5: output below a file
+
+
+def _enrol_input(tmp_path) -> pathlib.Path:
+    import numpy as np
+
+    from qualiface.infer.io import write_table
+
+    embeddings = np.eye(4, 8, dtype=np.float32)
+    return write_table(tmp_path / "e.npz", {"ids": np.array([f"p{i}/1.jpg" for i in range(4)]),
+                                            "embeddings": embeddings, "quality": np.ones(4)})
+
+
+def _rec(tmp_path) -> pathlib.Path:
+    from qualiface.data.recordio import RecordIOWriter
+
+    with RecordIOWriter(tmp_path / "rec" / "train", identity_names=["a", "b"]) as writer:
+        for label in (0, 1):
+            writer.add(encode_jpeg(torch.full((3, 16, 16), 60 * label, dtype=torch.uint8)), label)
+    return tmp_path / "rec"
+
+
+def _face_and_landmarks(tmp_path) -> list[str]:
+    (tmp_path / "faces").mkdir()
+    (tmp_path / "faces" / "1.jpg").write_bytes(encode_jpeg(torch.zeros((3, 64, 64), dtype=torch.uint8)))
+    (tmp_path / "lm.txt").write_text("1.jpg 20 25 44 25 32 35 22 45 42 45\n")
+    return [str(tmp_path / "faces")]
+
+
+# Each command with an output below the file tmp/taken: a NotADirectoryError / FileExistsError
+# traceback from mkdir before; now `error: <output>: could not write: <tmp/taken> is a file`.
+@pytest.mark.parametrize("command", ["search enrol", "search query", "data unpack", "align", "demo"])
+def test_an_output_below_a_file_is_one_line_naming_it(tmp_path, command):
+    (tmp_path / "taken").write_text("a file\n")
+    out = tmp_path / "taken" / "out"
+    if command == "search enrol":
+        args = ["search", "enrol", str(_enrol_input(tmp_path)), "--gallery", str(out)]
+    elif command == "search query":
+        table = _enrol_input(tmp_path)
+        assert CliRunner().invoke(app, ["search", "enrol", str(table), "--gallery",
+                                        str(tmp_path / "g")]).exit_code == 0
+        out = tmp_path / "taken" / "q.npz"
+        args = ["search", "query", str(table), "--gallery", str(tmp_path / "g"), "--out", str(out)]
+    elif command == "data unpack":
+        args = ["data", "unpack", str(_rec(tmp_path)), str(out)]
+    elif command == "align":
+        args = ["align", *_face_and_landmarks(tmp_path), str(out), "--landmarks", str(tmp_path / "lm.txt")]
+    else:
+        args = ["demo", "--out", str(out), "--steps", "1", "--no-progress"]
+    result = CliRunner().invoke(app, args)
+    _one_line_error(result, str(out), f"{tmp_path / 'taken'} is a file, not a folder")
+
+
+def test_unpack_onto_an_existing_file_is_refused_and_keeps_it(tmp_path):
+    (tmp_path / "taken").write_text("a file\n")
+    for extra in ([], ["--overwrite"]):
+        result = CliRunner().invoke(app, ["data", "unpack", str(_rec(tmp_path)), str(tmp_path / "taken"),
+                                          *extra])
+        _one_line_error(result, f"{tmp_path / 'taken'}: exists and is a file, not a folder")
+    assert (tmp_path / "taken").read_text() == "a file\n"

@@ -260,3 +260,41 @@ def test_options_of_a_method_not_being_run_are_not_a_config_change():
     # switching the pipeline is a change, and so are both methods' sections then
     current["pipeline"]["name"] = "none"
     assert ("pipeline.name", "eqface", "none") in config_differences(saved, current)
+
+
+# ----------------------------------------------------------------------------- bad input, round 5
+
+
+def test_a_device_typo_is_one_line_naming_the_key(tmp_path):
+    # torch.device("gpu") raised a RuntimeError listing twenty device types, as a traceback.
+    result = runner.invoke(app, ["train", str(_config_file(tmp_path, tmp_path / "run")),
+                                 "device=gpu"])
+    _one_line_error(result, "train.device", "'gpu' is not a device name")
+
+
+def test_an_empty_config_file_is_refused_not_trained_with_every_default(tmp_path, monkeypatch):
+    # An empty (or truncated to nothing) YAML used to start IResNet-50 on the defaults,
+    # writing into runs/train of the current folder.
+    import qualiface.train.loop
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(qualiface.train.loop, "train", lambda cfg: pytest.fail("trained the defaults"))
+    for text in ("", "# only a comment\n"):
+        config = tmp_path / "empty.yaml"
+        config.write_text(text)
+        result = runner.invoke(app, ["train", str(config)])
+        _one_line_error(result, str(config), "empty config")
+
+
+def test_a_start_that_failed_before_its_first_step_does_not_block_the_rerun(tmp_path):
+    # Too few images for one step fails after the output folder and an empty metrics.jsonl
+    # exist; the corrected rerun was refused as "holds a previous run (metrics.jsonl)".
+    out = tmp_path / "run"
+    config = _config_file(tmp_path, out, steps=1)
+    failed = runner.invoke(app, ["train", str(config), "batch_size=100000"])
+    assert failed.exit_code == 1 and "fewer than one step" in failed.output, failed.output
+    assert (out / "metrics.jsonl").stat().st_size == 0
+    rerun = runner.invoke(app, ["train", str(config)])
+    assert rerun.exit_code == 0, rerun.output
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
+            if json.loads(line)["kind"] == "train"] == [1]

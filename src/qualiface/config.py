@@ -612,8 +612,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Trainin
                               missing=f"no such config file (shipped configs: "
                                       f"{', '.join(shipped_config_names())})")
     data = _load_yaml(text, str(path))
-    if data is None:
-        data = {}
+    if data is None:  # an empty or truncated file would silently train every default (IResNet-50)
+        raise ConfigError(f"{path}: empty config (no keys); start from a shipped one, e.g. "
+                          "configs/demo_nano.yaml")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     root = project_root()

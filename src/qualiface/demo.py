@@ -54,6 +54,7 @@ from qualiface.eval.benchmarks import PairBenchmark, evaluate_pairs
 from qualiface.eval.features import extract_features, resize_to
 from qualiface.eval.quality import rank_correlations
 from qualiface.eval.report import SEVERITY_CAPTION, EvalReport, write_report
+from qualiface.files import make_folder
 from qualiface.infer.model import package_embed_fn
 from qualiface.progress import make_progress
 from qualiface.scoring.similarity import l2_normalize
@@ -572,7 +573,7 @@ def run_demo(options: DemoOptions) -> DemoResult:
         _console().print(f"qualiface demo -> {out} (torch threads: {threads})")
         phase_start = time.perf_counter()
         _phase(1, "generating data")
-        out.mkdir(parents=True, exist_ok=True)
+        make_folder(out)  # FileWriteError (one line in the CLI) when --out is below a file
         seed = cfg.train.seed
         if options.data is not None:
             held_out, data_summary = prepare_real_data(cfg, options, out / "data", seed)

@@ -172,6 +172,25 @@ def describe_os_error(exc: OSError) -> str:
     return str(exc)
 
 
+def make_folder(path: str | os.PathLike, *, output: str | os.PathLike | None = None) -> Path:
+    """``mkdir -p path``; an ``OSError`` becomes a :class:`FileWriteError` naming ``output`` (the
+    file the folder is made for, when given) or ``path``.
+
+    An output folder below a file (``--out faces.npz/x``) or in a read-only folder otherwise
+    ends in a bare ``NotADirectoryError`` / ``FileExistsError`` traceback from deep inside a
+    command, and mkdir's own message names neither the output nor which part is in the way.
+    """
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            exc = NotADirectoryError(f"{blocker} is a file, not a folder")
+        raise FileWriteError(output or path, exc) from None
+    return path
+
+
 def _fsync_dir(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)

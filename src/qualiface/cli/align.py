@@ -35,7 +35,7 @@ def command(
     """Detect faces and landmarks and warp them to the 112x112 five-point template."""
     import cv2
 
-    from qualiface.files import write_text_atomic
+    from qualiface.files import make_folder, write_text_atomic
     from qualiface.infer.align import AlignReport, iter_align, make_detector, read_landmark_file
     from qualiface.infer.images import list_images
     from qualiface.progress import make_progress
@@ -45,6 +45,7 @@ def command(
     try:
         faces = read_landmark_file(landmarks) if landmarks is not None else None
         detector = None if faces is not None else make_detector(detector_name, points=points)
+        make_folder(dst)  # before any work: DST below a file or in a read-only folder
     except (QualifaceError, ValueError) as exc:
         raise fail(str(exc)) from None
     total = len(faces) if faces is not None else len(list_images(src))

@@ -127,6 +127,7 @@ def unpack(
     """Unpack a RecordIO dataset into <identity>/<record>.<ext> (names from identities.txt)."""
     from qualiface.data.decode import probe_image
     from qualiface.data.recordio import RecordIODataset, read_identity_names
+    from qualiface.files import describe_os_error, make_folder
 
     try:
         dataset = RecordIODataset(rec)
@@ -135,11 +136,16 @@ def unpack(
         raise fail(str(exc)) from None
     if names is not None and len(names) != dataset.num_classes:
         names = None  # identities.txt belongs to another pack: fall back to label numbers
+    if out_folder.exists() and not out_folder.is_dir():  # --overwrite replaces folders only
+        raise fail(f"{out_folder}: exists and is a file, not a folder; choose another output")
     if out_folder.exists() and any(out_folder.iterdir()) and not overwrite:
         raise fail(f"{out_folder} exists and is not empty; pass --overwrite to replace it")
-    out_folder.parent.mkdir(parents=True, exist_ok=True)
     # Build under a temporary name next to the target so a failure leaves no half folder.
-    staging = Path(tempfile.mkdtemp(dir=out_folder.parent, prefix=f".{out_folder.name}."))
+    try:
+        make_folder(out_folder.parent)
+        staging = Path(tempfile.mkdtemp(dir=out_folder.parent, prefix=f".{out_folder.name}."))
+    except OSError as exc:  # below a file or read-only (make_folder's FileWriteError is one)
+        raise fail(f"{out_folder}: could not write: {describe_os_error(exc)}") from None
     try:
         with _progress() as progress:
             task = progress.add_task("unpacking", total=len(dataset))

@@ -41,7 +41,7 @@ def command(
     import numpy as np
     import torch
 
-    from qualiface.files import write_text_atomic
+    from qualiface.files import FileWriteError, write_text_atomic
     from qualiface.infer.images import ImageFileBatches, list_images
     from qualiface.infer.io import write_table
     from qualiface.infer.model import Model, NonFiniteOutputError
@@ -106,6 +106,8 @@ def command(
         table["quality_calibrated"] = result.calibrated_quality.numpy()[keep]
     try:
         write_table(out, table)
+    except FileWriteError as exc:  # already "<out>: could not write: <problem>"
+        raise fail(str(exc)) from None
     except (QualifaceError, OSError) as exc:
         raise fail(f"{out}: cannot write ({exc})") from None
     console.print(f"wrote {int(keep.sum())} embeddings (D={loaded.embedding_size}) to {out}")

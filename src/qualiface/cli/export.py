@@ -100,6 +100,7 @@ def calibrate_command(
     import numpy as np
 
     from qualiface.data.lfw import read_pairs
+    from qualiface.files import FileWriteError, describe_os_error, make_folder
     from qualiface.infer.calibrate import calibrate_from_pairs, rejection_threshold_for_fnmr
     from qualiface.infer.model import Model
     from qualiface.package.calibration import CalibrationError
@@ -129,11 +130,16 @@ def calibrate_command(
         raise fail(str(exc)) from None
 
     target = Path(out) if out else Path(model)
-    if out:
-        target.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(Path(model) / WEIGHTS_FILE, target / WEIGHTS_FILE)
     loaded.spec.calibration = calibration
-    write_model_spec(target, loaded.spec)
+    try:
+        if out:
+            make_folder(target)
+            shutil.copy2(Path(model) / WEIGHTS_FILE, target / WEIGHTS_FILE)
+        write_model_spec(target, loaded.spec)
+    except FileWriteError as exc:  # --out below a file, a read-only folder, a full disk
+        raise fail(str(exc)) from None
+    except OSError as exc:  # the weights copy
+        raise fail(f"{target / WEIGHTS_FILE}: could not write: {describe_os_error(exc)}") from None
     console.print(
         f"calibrated on {calibration.n_pairs} pairs: threshold {calibration.threshold:.4f} at FMR {fmr:g}, "
         f"pair accuracy {calibration.accuracy:.3f}; wrote {target / MODEL_JSON}"

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from qualiface.errors import QualifaceError
-from qualiface.files import atomic_write
+from qualiface.files import atomic_write, make_folder
 
 
 class TableError(QualifaceError, ValueError):
@@ -49,7 +49,7 @@ def write_table(path: str | Path, arrays: dict[str, np.ndarray]) -> Path:
     arrays = {name: _storable(a) for name, a in arrays.items()}
     _check_lengths(arrays, str(path))
     fmt = table_format(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent, output=path)  # FileWriteError naming the table, as the writes below
     if fmt == "npz":
         atomic_write(path, lambda handle: np.savez(handle, **arrays))
     elif fmt == "parquet":
@@ -74,7 +74,7 @@ def write_table(path: str | Path, arrays: dict[str, np.ndarray]) -> Path:
         if stale:
             raise TableError(f"{path}: holds {', '.join(stale)}, which this table does not have and "
                              "would be read back as its columns; remove them or write to a new folder")
-        path.mkdir(parents=True, exist_ok=True)
+        make_folder(path)
         for name, array in arrays.items():
             atomic_write(path / f"{name}.npy",
                          lambda handle, array=array: np.save(handle, array, allow_pickle=False))

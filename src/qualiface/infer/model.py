@@ -150,6 +150,11 @@ class Model:
         Needs only ``model.json`` and ``weights.safetensors``: no training config, no pickle.
         Raises :class:`ModelPackageError` naming the file and key on any inconsistency.
         """
+        try:
+            torch.device(device)
+        except RuntimeError:  # torch's message lists twenty device types; `--device gpu` is a typo
+            raise ModelPackageError(f"device '{device}' is not a device name (use cpu, cuda or "
+                                    "cuda:<index>)") from None
         if str(device).startswith("cuda") and not torch.cuda.is_available():
             raise ModelPackageError(f"device '{device}' requested but CUDA is not available")
         folder = package_dir(path)

@@ -40,6 +40,7 @@ from qualiface.errors import QualifaceError
 from qualiface.files import (
     FileWriteError,
     atomic_write,
+    make_folder,
     read_small_text_as,
     write_bytes_atomic,
     write_text_atomic,
@@ -428,7 +429,7 @@ def gallery_lock(folder: str | Path, *, exclusive: bool) -> Iterator[None]:
     """
     folder = Path(folder)
     if exclusive:
-        folder.mkdir(parents=True, exist_ok=True)
+        make_folder(folder)  # a gallery path below a file: one line naming it, no traceback
     # Readers never create the lock file: a folder without one has had no writer of this format.
     flags = (os.O_RDWR | os.O_CREAT if exclusive else os.O_RDONLY) | getattr(os, "O_CLOEXEC", 0)
     try:

@@ -54,6 +54,10 @@ def threshold_at_fmr(scores, labels, fmr: float) -> float:
     With ``k = floor(fmr * impostors)`` false matches allowed, that is the smallest float
     above the (k+1)-th highest impostor score (accept = ``score >= threshold``).
     """
+    # NaN, 0 or `--fmr 2` (a typo for 2e-2) would give a threshold that accepts every impostor,
+    # which a calibration would then store without a word.
+    if not 0.0 < fmr < 1.0:
+        raise EvaluationError(f"FMR must lie strictly between 0 and 1, got {fmr:g}")
     scores, labels = check_pairs(scores, labels, "EDC")
     impostor = np.sort(scores[~labels].astype(np.float64))[::-1]
     allowed = int(np.floor(fmr * len(impostor) + 1e-9))

@@ -35,7 +35,11 @@ def resolve_device(requested: str, dist_device: torch.device) -> torch.device:
     """``auto`` -> the process group's device (cuda:<local_rank> or cpu); else as given."""
     if requested == "auto":
         return dist_device
-    device = torch.device(requested)
+    try:
+        device = torch.device(requested)
+    except RuntimeError:  # e.g. `device=gpu`: torch's own message is a traceback from deep inside
+        raise ConfigError(f"train.device: '{requested}' is not a device name (use auto, cpu, cuda "
+                          "or cuda:<index>)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"train.device={requested} but CUDA is not available")
     return device

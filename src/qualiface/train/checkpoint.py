@@ -304,6 +304,9 @@ def existing_run_files(out_dir: str | Path) -> list[Path]:
     if not out_dir.is_dir():
         return []
     found = [out_dir / name for name in RUN_FILES if (out_dir / name).is_file()]
+    # A start that failed before its first record (too few images for one step, a bad device)
+    # leaves an empty metrics.jsonl: nothing to lose, so it must not block the corrected rerun.
+    found = [p for p in found if not (p.name == "metrics.jsonl" and p.stat().st_size == 0)]
     return found + sorted(out_dir.glob("checkpoint-rank*.pt"))
 
 

@@ -63,7 +63,8 @@ def test_unknown_key_names_key_and_file(tmp_path):
     "override, field",
     [("optim.lr=fast", "optim.lr"), ("train.batch_size=1.5", "train.batch_size"),
      ("train.resume=3", "train.resume"), ("train.batch_size=true", "train.batch_size"),
-     ("schedule.milestones=4", "schedule.milestones")],
+     ("schedule.milestones=4", "schedule.milestones"),
+     ("schedule.milestones=[8, a]", "schedule.milestones")],  # each element is checked
 )
 def test_type_errors_name_the_field(tmp_path, override, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):

@@ -134,7 +134,7 @@ class ScheduleConfig:
     warmup_steps: int = 0
     power: float = 2.0
     min_lr: float = 0.0
-    milestones: list = field(default_factory=list)
+    milestones: list[float] = field(default_factory=list)  # epochs; checked element by element
     gamma: float = 0.1
 
 

@@ -85,7 +85,14 @@ def test_malformed_override_and_yaml(tmp_path):
         apply_overrides({}, ["optim.lr"])
     bad = tmp_path / "bad.yaml"
     bad.write_text("optim: [unclosed\n")
-    with pytest.raises(ConfigError, match="bad.yaml"):
+    with pytest.raises(ConfigError, match="bad.yaml") as caught:
+        load_config(bad)
+    # One line that says where, not PyYAML's several lines quoting "<unicode string>".
+    assert "\n" not in str(caught.value) and "unicode string" not in str(caught.value)
+    assert str(caught.value).endswith("(line 2, column 1)")
+    bad.write_text("train:\n  epochs: 1\n  batch_size: 8: 9\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: invalid YAML: mapping values are not "
+                                          r"allowed here \(line 3, column 16\)$"):
         load_config(bad)
     with pytest.raises(ConfigError, match="missing.yaml"):
         load_config(tmp_path / "missing.yaml")

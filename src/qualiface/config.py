@@ -519,6 +519,21 @@ _ConfigLoader.add_implicit_resolver(
 )
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line for a YAML error: the problem and where it is ("line 3, column 7").
+
+    PyYAML's own text spans several lines, quotes the source as ``"<unicode string>"`` (the
+    text was read first, through the bounded reader) and repeats the offending line.
+    """
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    context = getattr(exc, "context", None)
+    text = f"{context}, {problem}" if context else problem
+    if mark is not None:
+        return f"{text} (line {mark.line + 1}, column {mark.column + 1})"
+    return text
+
+
 def _load_yaml(text: str, where: str) -> Any:
     """Safe-load ``text`` (``_ConfigLoader``) with the size and depth bounds; ``ConfigError``
     names ``where``."""
@@ -532,7 +547,7 @@ def _load_yaml(text: str, where: str) -> Any:
         _check_yaml_size(root)
         return loader.construct_document(root)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{where}: invalid YAML: {exc}") from None
+        raise ConfigError(f"{where}: invalid YAML: {_yaml_problem(exc)}") from None
     except ValueError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     except RecursionError:  # the parser recurses once per nesting level

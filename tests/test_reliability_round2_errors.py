@@ -125,7 +125,8 @@ def _face_and_landmarks(tmp_path) -> list[str]:
 
 # Each command with an output below the file tmp/taken: a NotADirectoryError / FileExistsError
 # traceback from mkdir before; now `error: <output>: could not write: <tmp/taken> is a file`.
-@pytest.mark.parametrize("command", ["search enrol", "search query", "data unpack", "align", "demo"])
+@pytest.mark.parametrize("command", ["search enrol", "search query", "data unpack", "data pack",
+                                     "align", "demo"])
 def test_an_output_below_a_file_is_one_line_naming_it(tmp_path, command):
     (tmp_path / "taken").write_text("a file\n")
     out = tmp_path / "taken" / "out"
@@ -139,6 +140,11 @@ def test_an_output_below_a_file_is_one_line_naming_it(tmp_path, command):
         args = ["search", "query", str(table), "--gallery", str(tmp_path / "g"), "--out", str(out)]
     elif command == "data unpack":
         args = ["data", "unpack", str(_rec(tmp_path)), str(out)]
+    elif command == "data pack":  # was "[Errno 20] Not a directory: <folder>", no output named
+        (tmp_path / "src" / "person").mkdir(parents=True)
+        (tmp_path / "src" / "person" / "1.jpg").write_bytes(
+            encode_jpeg(torch.zeros((3, 64, 64), dtype=torch.uint8)))
+        args = ["data", "pack", str(tmp_path / "src"), str(out / "train")]
     elif command == "align":
         args = ["align", *_face_and_landmarks(tmp_path), str(out), "--landmarks", str(tmp_path / "lm.txt")]
     else:

@@ -15,7 +15,7 @@ import numpy as np
 from qualiface.data.decode import probe_image
 from qualiface.data.recordio.format import FLOAT32_EXACT, frame_record, pack_record
 from qualiface.data.recordio.layout import IDENTITIES_FILE, PROPERTY_FILE, identity_name_problem
-from qualiface.files import create_temp
+from qualiface.files import create_temp, make_folder
 
 
 class RecordIOWriter:
@@ -40,7 +40,7 @@ class RecordIOWriter:
         self.identity_names = list(identity_names) if identity_names is not None else None
         self.identity_block = identity_block
         self.validate_images = validate_images
-        self.rec_path.parent.mkdir(parents=True, exist_ok=True)
+        make_folder(self.rec_path.parent, output=self.rec_path)  # one line naming the .rec
         self._temps: list[Path] = []
         self._rec = self._open_temp(self.rec_path, "wb")
         self._idx = self._open_temp(self.idx_path, "w")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -39,6 +40,52 @@ def test_failing_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert state["step"] == 1 and torch.equal(state["w"], torch.ones(3))
     # no temp files left; the digest file vouches for the surviving checkpoint
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "checkpoint.pt.sha256"]
+
+
+class _Killed(BaseException):
+    """Stands in for SIGKILL: nothing after the raise point runs (not even ``except Exception``)."""
+
+
+def test_kill_between_keeping_previous_and_publishing_leaves_checkpoint_in_place(tmp_path, monkeypatch):
+    # The rename of the new file over checkpoint.pt is the one that "never happens": the file a
+    # resume reads first must still be there, hold the last complete state and verify.
+    import os
+
+    path = tmp_path / "checkpoint.pt"
+    ckpt.save_checkpoint(path, {"step": 1, "w": torch.ones(3)})
+    ckpt.save_checkpoint(path, {"step": 2, "w": torch.full((3,), 2.0)})
+    real_replace = os.replace
+
+    def killed_before_publishing(src, dst):
+        if Path(dst) == path:
+            raise _Killed
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_before_publishing)
+    with pytest.raises(_Killed):
+        ckpt.save_checkpoint(path, {"step": 3, "w": torch.zeros(3)})
+    monkeypatch.undo()
+    assert ckpt.verify_digest(path) and ckpt.load_checkpoint(path)["step"] == 2
+    previous = ckpt.previous_path(path)
+    assert ckpt.verify_digest(previous) and ckpt.load_checkpoint(previous)["step"] == 2
+    assert ckpt.load_for_resume(path).state["step"] == 2
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_previous_is_kept_on_a_filesystem_without_hard_links(tmp_path, monkeypatch):
+    import os
+
+    def no_links(src, dst):
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    path = tmp_path / "checkpoint.pt"
+    for step in (1, 2, 3):
+        ckpt.save_checkpoint(path, {"step": step})
+    assert ckpt.load_checkpoint(path)["step"] == 3
+    assert ckpt.load_checkpoint(ckpt.previous_path(path))["step"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "checkpoint.previous.pt", "checkpoint.pt", "checkpoint.pt.sha256"]
 
 
 def test_unpicklable_object_is_refused_at_load(tmp_path):

@@ -16,7 +16,9 @@ a wrong weight or counter. Every checkpoint's sha256 is recorded in ``<name>.sha
 checkpoint it replaces is kept as ``<stem>.previous<suffix>`` (``checkpoint.previous.pt``), so
 ``load_for_resume`` can fall back to it, with a warning, when the latest one is corrupt or missing.
 The digest file is written first, allowing the old and the new content for each name, and
-narrowed after the renames, so a crash at any point leaves every file that exists verifiable.
+narrowed after the renames, so a crash at any point leaves every file that exists verifiable;
+the previous version is kept through a hard link, so once written ``checkpoint.pt`` never goes
+missing, not even for the moment between the two renames.
 """
 
 from __future__ import annotations
@@ -140,6 +142,29 @@ def verify_digest(path: str | Path) -> bool:
     return True
 
 
+def _keep_as_previous(path: Path, previous: Path) -> None:
+    """Make ``previous`` hold what ``path`` holds now, without ``path`` ever going missing.
+
+    A hard link to the current file is renamed over ``previous``, so ``path`` keeps its content
+    until the new checkpoint replaces it: a process killed between the two renames still leaves
+    ``checkpoint.pt`` in place (a plain rename would leave only the previous file for that
+    moment). On a filesystem without hard links it falls back to that rename, which
+    ``load_for_resume`` survives through the previous file.
+    """
+    link = path.with_name(f".{path.name}.{os.getpid()}.previous.tmp")
+    try:
+        link.unlink(missing_ok=True)  # left by a process that was killed right here
+        os.link(path, link)
+    except OSError:
+        os.replace(path, previous)
+        return
+    try:
+        os.replace(link, previous)
+    except BaseException:
+        link.unlink(missing_ok=True)
+        raise
+
+
 def save_checkpoint(path: str | Path, state: dict, *, keep_previous: bool = True) -> None:
     """Write ``state`` atomically to ``path`` (the previous file survives any failure).
 
@@ -163,7 +188,7 @@ def save_checkpoint(path: str | Path, state: dict, *, keep_previous: bool = True
             during[previous.name] = recorded[previous.name]
         _write_digests(path, during)
         if rotate:
-            os.replace(path, previous)
+            _keep_as_previous(path, previous)
         final = {path.name: {new}}
         if previous.name in during:
             final[previous.name] = old_current if rotate else during[previous.name]

@@ -996,6 +996,8 @@ def parse_args(argv) -> RealFacesConfig:
 def main(argv=None) -> dict:
     import torch
 
+    from qualiface.devices import DeviceError, parse_device
+
     cfg = parse_args(argv)
     if cfg.ship_best and not cfg.table:
         raise BenchError("--ship-best goes with --table DIR (it ships from that table)")
@@ -1012,8 +1014,10 @@ def main(argv=None) -> dict:
     if cfg.threads:
         # One thread on a shared CPU: OpenMP workers spinning for busy cores cost 10-100x.
         torch.set_num_threads(cfg.threads)
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise BenchError(f"--device {cfg.device} but CUDA is not available here")
+    try:
+        parse_device(cfg.device)
+    except DeviceError as exc:
+        raise BenchError(f"--device: {exc}") from None
     eval_device = "cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu"
     data_root = Path(cfg.data).resolve()
     check_data(data_root)

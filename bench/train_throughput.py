@@ -473,11 +473,14 @@ def parse_args(argv) -> ThroughputConfig:
 def main(argv=None) -> dict:
     import torch
 
+    from qualiface.devices import DeviceError, parse_device
+
     cfg = parse_args(argv)
     out_path = Path(cfg.out)
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise BenchError(f"--device {cfg.device} but CUDA is not available here "
-                         "(use --device cpu, or --smoke for a CPU smoke run)")
+    try:
+        parse_device(cfg.device)
+    except DeviceError as exc:
+        raise BenchError(f"--device: {exc} (use --device cpu, or --smoke for a CPU smoke run)") from None
     if cfg.precision == "fp16" and not cfg.device.startswith("cuda"):
         raise BenchError("--precision fp16 needs a CUDA device")
     torch.backends.cudnn.benchmark = cfg.cudnn_benchmark

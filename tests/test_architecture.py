@@ -68,7 +68,7 @@ WINGS = ("train", "eval", "infer")
 FRONT_ENDS = ("cli", "demo")
 
 
-@pytest.mark.parametrize("low", ["errors", "files", "registry", "progress", "threads", "scoring"])
+@pytest.mark.parametrize("low", ["errors", "files", "registry", "progress", "threads", "devices", "scoring"])
 def test_low_modules_import_no_layer_above(low):
     assert violations(low, ("data", "backbones", "heads", *WINGS, *FRONT_ENDS)) == []
 

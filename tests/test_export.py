@@ -60,6 +60,29 @@ def test_unknown_exporter_is_rejected(tmp_path):
         export_onnx(Model.load(tmp_path / "pkg"), tmp_path / "m.onnx", exporter="magic")
 
 
+@pytest.mark.parametrize("opset", [3, 9, 99])
+def test_an_opset_outside_the_supported_range_is_one_line_and_writes_nothing(tmp_path, capfd, opset):
+    # opset 9 made torch print its whole IR graph before failing on IResNet's strided slice.
+    from qualiface.infer.export import MIN_OPSET, supported_opsets
+
+    make_package(tmp_path / "pkg")
+    result = CliRunner().invoke(app, ["export", "onnx", "--model", str(tmp_path / "pkg"),
+                                      "--out", str(tmp_path / "m.onnx"), "--opset", str(opset)])
+    newest = supported_opsets().stop - 1
+    assert result.exit_code == 1
+    assert f"opset {opset} is not supported: use {MIN_OPSET} to {newest}" in result.output.replace("\n", " ")
+    assert "graph(" not in result.output + capfd.readouterr().err
+    assert not list(tmp_path.glob("*.onnx")) and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_the_lowest_supported_opset_exports_and_verifies(tmp_path):
+    from qualiface.infer.export import MIN_OPSET
+
+    make_package(tmp_path / "pkg")
+    report = export_onnx(Model.load(tmp_path / "pkg"), tmp_path / "m.onnx", opset=MIN_OPSET)
+    assert report.passed and report.opset == MIN_OPSET
+
+
 def test_cli_reports_max_abs_diff(tmp_path):
     make_package(tmp_path / "pkg")
     result = CliRunner().invoke(app, ["export", "onnx", "--model", str(tmp_path / "pkg"), "--out", str(tmp_path / "c.onnx")])

@@ -164,3 +164,32 @@ def test_embed_with_a_device_typo_is_one_line(tmp_path):
     result = CliRunner().invoke(app, ["embed", str(tmp_path / "faces"), "--model", str(tmp_path / "pkg"),
                                       "--out", str(tmp_path / "e.npz"), "--device", "gpu"])
     _one_line_error(result, "device 'gpu' is not a device name")
+
+
+def test_embed_into_the_image_folder_is_refused_before_embedding(tmp_path, monkeypatch):
+    # `--out faces/` (a folder: the .npy-folder format) scattered ids.npy, embeddings.npy ...
+    # among the input images; the check now runs before any image is embedded.
+    make_package(tmp_path / "pkg")
+    _write_images(tmp_path / "faces", random_images(2), ["a/1.jpg", "b/2.jpg"])
+    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "faces").rglob("*"))
+
+    def not_expected(*args, **kwargs):
+        raise AssertionError("embedded before the output was checked")
+
+    monkeypatch.setattr(Model, "embed", not_expected)
+    result = CliRunner().invoke(app, ["embed", str(tmp_path / "faces"), "--model", str(tmp_path / "pkg"),
+                                      "--out", str(tmp_path / "faces")])
+    _one_line_error(result, "faces: is a folder holding other files (a, b)")
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "faces").rglob("*")) == before
+
+
+def test_a_table_folder_of_its_own_columns_is_rewritten(tmp_path):
+    from qualiface.infer.io import TableError, write_table
+
+    out = tmp_path / "table"
+    write_table(out, {"ids": np.array(["x", "y"]), "quality": np.array([1.0, 2.0])})
+    write_table(out, {"ids": np.array(["z"]), "quality": np.array([3.0])})  # same columns: replaced
+    assert read_table(out)["ids"].tolist() == ["z"]
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(TableError, match="holding other files \\(notes.txt\\)"):
+        write_table(out, {"ids": np.array(["z"]), "quality": np.array([3.0])})

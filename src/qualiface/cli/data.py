@@ -127,7 +127,7 @@ def unpack(
     """Unpack a RecordIO dataset into <identity>/<record>.<ext> (names from identities.txt)."""
     from qualiface.data.decode import probe_image
     from qualiface.data.recordio import RecordIODataset, read_identity_names
-    from qualiface.files import describe_os_error, make_folder
+    from qualiface.files import FileWriteError, make_folder
 
     try:
         dataset = RecordIODataset(rec)
@@ -142,10 +142,10 @@ def unpack(
         raise fail(f"{out_folder} exists and is not empty; pass --overwrite to replace it")
     # Build under a temporary name next to the target so a failure leaves no half folder.
     try:
-        make_folder(out_folder.parent)
+        make_folder(out_folder.parent, output=out_folder)
         staging = Path(tempfile.mkdtemp(dir=out_folder.parent, prefix=f".{out_folder.name}."))
-    except OSError as exc:  # below a file or read-only (make_folder's FileWriteError is one)
-        raise fail(f"{out_folder}: could not write: {describe_os_error(exc)}") from None
+    except OSError as exc:  # below a file, read-only: one "<out_folder>: could not write" line
+        raise fail(str(exc if isinstance(exc, FileWriteError) else FileWriteError(out_folder, exc))) from None
     try:
         with _progress() as progress:
             task = progress.add_task("unpacking", total=len(dataset))

@@ -43,7 +43,7 @@ def command(
 
     from qualiface.files import FileWriteError, write_text_atomic
     from qualiface.infer.images import ImageFileBatches, list_images
-    from qualiface.infer.io import write_table
+    from qualiface.infer.io import table_destination_problem, write_table
     from qualiface.infer.model import Model, NonFiniteOutputError
     from qualiface.progress import make_progress
 
@@ -53,6 +53,10 @@ def command(
         raise fail(str(exc)) from None
     if calibrated and loaded.calibration is None:
         raise fail(f"{model}: --calibrated given but the package has no calibration (run 'qualiface export calibrate')")
+    columns = ["ids", "embeddings", "norms", "quality"] + (["quality_calibrated"] if loaded.calibration else [])
+    problem = table_destination_problem(out, columns)  # before the embedding, not after it
+    if problem:
+        raise fail(problem)
     try:
         paths = list_images(inputs)
     except FileNotFoundError as exc:

@@ -31,7 +31,7 @@ def onnx_command(
     model: Path = typer.Option(..., "--model", "-m", help="Model package directory."),
     out: Path = typer.Option(..., "--out", "-o", help="Output .onnx file."),
     fp16: bool = typer.Option(False, "--fp16", help="float16 weights/compute (float32 input and outputs)."),
-    opset: int = typer.Option(17, "--opset", help="ONNX opset version."),
+    opset: int = typer.Option(17, "--opset", help="ONNX opset version (11 up to the newest the installed torch writes)."),
     exporter: str = typer.Option("torchscript", "--exporter", help="torchscript (default) or dynamo."),
 ) -> None:
     """Export to ONNX and verify with onnxruntime against PyTorch on random inputs."""

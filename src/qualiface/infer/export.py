@@ -38,6 +38,22 @@ from qualiface.files import FileWriteError, atomic_path
 from qualiface.infer.model import Model, normalise_embeddings
 
 EXPORTERS = ("torchscript", "dynamo")
+# The lowest opset our networks export under: below 10 ONNX has no strided Slice (IResNet's
+# feature maps need one) and torch answers with its whole IR graph printed to the terminal; 11
+# is the lowest this package verifies against onnxruntime.
+MIN_OPSET = 11
+
+
+def supported_opsets() -> range:
+    """The opsets ``export_onnx`` accepts: ``MIN_OPSET`` up to the newest the installed torch
+    writes (read from torch, whose newest grows with its version; 20 if it cannot be read)."""
+    try:
+        from torch.onnx import _constants  # lazy: private module, read only when exporting
+
+        newest = int(_constants.ONNX_MAX_OPSET)
+    except (ImportError, AttributeError, TypeError, ValueError):
+        newest = 20
+    return range(MIN_OPSET, newest + 1)
 MODEL_JSON_KEY = "qualiface.model_json"
 # Tolerance = absolute + relative * (largest |output|), as in numpy.allclose. The relative part
 # matters only for large outputs (an untrained deep net can emit values ~1e5, where float32
@@ -201,6 +217,10 @@ def export_onnx(
     """
     if exporter not in EXPORTERS:
         raise ExportError(f"unknown exporter {exporter!r}; known: {', '.join(EXPORTERS)}")
+    opsets = supported_opsets()
+    if opset not in opsets:
+        raise ExportError(f"opset {opset} is not supported: use {opsets.start} to {opsets.stop - 1} "
+                          "(default 17)")
     out = Path(out)
     # Everything is written and verified under a temporary name next to ``out``, which is
     # replaced only by a graph that passed: a failed export or verification leaves any earlier

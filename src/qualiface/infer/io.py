@@ -43,6 +43,31 @@ def _storable(array) -> np.ndarray:
     return array
 
 
+def table_destination_problem(path: str | Path, columns) -> str | None:
+    """Why a table with ``columns`` must not be written to ``path``, or None when it may.
+
+    Only a folder of ``.npy`` files can go wrong: the folder *is* the table, so every ``.npy`` in
+    it is read back as a column (one left by an earlier table, e.g. another model's
+    ``quality_calibrated``, would join this one), and an existing folder holding other files is
+    somebody's data (``embed faces/ --out faces/`` would scatter columns among the images).
+    Commands call this before their work, ``write_table`` again before writing.
+    """
+    path = Path(path)
+    if table_format(path) != "npy-folder" or not path.is_dir():
+        return None
+    entries = sorted(path.iterdir())
+    foreign = [entry.name for entry in entries if entry.suffix != ".npy" or not entry.is_file()]
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        return (f"{path}: is a folder holding other files ({shown}); a table folder holds only its "
+                "own .npy columns: write to a new folder, or name a .npz or .parquet file")
+    stale = [entry.name for entry in entries if entry.stem not in set(columns)]
+    if stale:
+        return (f"{path}: holds {', '.join(stale)}, which this table does not have and would be "
+                "read back as its columns; remove them or write to a new folder")
+    return None
+
+
 def write_table(path: str | Path, arrays: dict[str, np.ndarray]) -> Path:
     """Write equal-length arrays (1-D or 2-D) to ``path`` in the format its suffix names."""
     path = Path(path)
@@ -68,12 +93,9 @@ def write_table(path: str | Path, arrays: dict[str, np.ndarray]) -> Path:
         table = pa.table(columns)
         atomic_write(path, lambda handle: pq.write_table(table, handle))
     else:
-        # Every .npy in the folder is a column to read_table: one left from an earlier table
-        # (e.g. quality_calibrated of another model) would be read back as part of this one.
-        stale = sorted(p.name for p in path.glob("*.npy") if p.stem not in arrays) if path.is_dir() else []
-        if stale:
-            raise TableError(f"{path}: holds {', '.join(stale)}, which this table does not have and "
-                             "would be read back as its columns; remove them or write to a new folder")
+        problem = table_destination_problem(path, arrays)
+        if problem:
+            raise TableError(problem)
         make_folder(path)
         for name, array in arrays.items():
             atomic_write(path / f"{name}.npy",

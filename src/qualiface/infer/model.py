@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from qualiface.backbones import build_backbone
+from qualiface.devices import DeviceError, parse_device
 from qualiface.heads.quality import build_quality_estimator
 from qualiface.infer.images import as_uint8_batch
 from qualiface.package.calibration import CalibrationError, QualityCalibration  # noqa: F401
@@ -115,6 +116,13 @@ class EmbedResult:
     calibrated_quality: torch.Tensor | None
 
 
+def _checked_device(device: str | torch.device) -> torch.device:
+    try:
+        return parse_device(device)
+    except DeviceError as exc:
+        raise ModelPackageError(f"device {exc}") from None
+
+
 class Model:
     """A loaded model package, ready to embed images (eval mode, no grad, batched)."""
 
@@ -130,7 +138,7 @@ class Model:
 
     def to(self, device: str | torch.device) -> Model:
         """Move the network to ``device`` (in place); returns self."""
-        self.device = torch.device(device)
+        self.device = _checked_device(device)
         self.module.to(self.device)
         self._mean, self._std = self._mean.to(self.device), self._std.to(self.device)
         return self
@@ -150,13 +158,7 @@ class Model:
         Needs only ``model.json`` and ``weights.safetensors``: no training config, no pickle.
         Raises :class:`ModelPackageError` naming the file and key on any inconsistency.
         """
-        try:
-            torch.device(device)
-        except RuntimeError:  # torch's message lists twenty device types; `--device gpu` is a typo
-            raise ModelPackageError(f"device '{device}' is not a device name (use cpu, cuda or "
-                                    "cuda:<index>)") from None
-        if str(device).startswith("cuda") and not torch.cuda.is_available():
-            raise ModelPackageError(f"device '{device}' requested but CUDA is not available")
+        device = _checked_device(device)  # before reading anything: a typo is the cheap error
         folder = package_dir(path)
         spec = read_model_spec(folder)
         weights_path = folder / WEIGHTS_FILE

@@ -19,6 +19,7 @@ from qualiface.backbones import BackboneSizeError, build_backbone
 from qualiface.config import ConfigError, TrainingConfig
 from qualiface.data import build_dataset
 from qualiface.data.robust import require_image_size
+from qualiface.devices import DeviceError, parse_device
 from qualiface.train.data import cached_size_bytes, decode_all
 from qualiface.train.distributed import DistInfo
 from qualiface.train.sharded import ShardedHead
@@ -36,13 +37,9 @@ def resolve_device(requested: str, dist_device: torch.device) -> torch.device:
     if requested == "auto":
         return dist_device
     try:
-        device = torch.device(requested)
-    except RuntimeError:  # e.g. `device=gpu`: torch's own message is a traceback from deep inside
-        raise ConfigError(f"train.device: '{requested}' is not a device name (use auto, cpu, cuda "
-                          "or cuda:<index>)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={requested} but CUDA is not available")
-    return device
+        return parse_device(requested)
+    except DeviceError as exc:
+        raise ConfigError(f"train.device: {exc}; or auto") from None
 
 
 def build_dataset_and_backbone(cfg: TrainingConfig, device: torch.device):

@@ -144,3 +144,29 @@ def test_the_time_field_goes_on_across_a_resume(tmp_path, older_checkpoint):
     times = [row["time"] for row in rows]
     # the resumed records count on from the killed run's (its slow first step included)
     assert times == sorted(times) and times[-1] >= 1.1
+
+
+def test_a_record_logged_after_the_checkpoint_of_its_own_step_shows_once(tmp_path):
+    # The final checkpoint is saved at the last step, then the final validation is logged at
+    # that same step. A kill after the validation and a resume redo it: TensorBoard showed it
+    # twice (the purge began one step later), or, purged from that step, lost the train record
+    # logged before the checkpoint. Both must appear once, as in metrics.jsonl.
+    from qualiface.train.logging import MetricsLogger
+
+    out = tmp_path / "run"
+    killed = MetricsLogger(out)
+    for step in (1, 2):
+        killed.log(step, {"loss": 3.0 - step})
+    offset = killed.offset()  # the checkpoint at step 2
+    killed.log(2, {"accuracy": 0.25}, kind="val")
+    killed.log(2, {"message": "killed after this"}, kind="event")
+    killed.close()
+    time.sleep(1.1)  # the resumed run's event file is named one second later, as in real life
+
+    resumed = MetricsLogger(out)
+    resumed.resume(offset, step=2, elapsed=5.0)
+    resumed.log(2, {"accuracy": 0.75}, kind="val")
+    resumed.close()
+    assert tensorboard_scalars(out, "train/loss") == [(1, 2.0), (2, 1.0)]
+    assert tensorboard_scalars(out, "val/accuracy") == [(2, 0.75)]
+    assert [(row["kind"], row["step"]) for row in records(out)] == [("train", 1), ("train", 2), ("val", 2)]

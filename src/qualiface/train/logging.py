@@ -43,6 +43,13 @@ def _clean(value):
     return value
 
 
+def _scalars(record: dict) -> dict:
+    """The entries TensorBoard gets: finite numbers (not bools, not a record's bookkeeping)."""
+    return {key: value for key, value in record.items()
+            if key not in ("kind", "step", "time") and isinstance(value, (int, float))
+            and not isinstance(value, bool) and math.isfinite(value)}
+
+
 class MetricsLogger:
     """Appends JSON lines to ``out_dir/metrics.jsonl`` and mirrors scalars to TensorBoard."""
 
@@ -56,6 +63,7 @@ class MetricsLogger:
         # SummaryWriter takes that ``purge_step`` only when it is created.
         self._open_tensorboard = enabled and tensorboard
         self._purge_step: int | None = None
+        self._replay: list[dict] = []  # kept records of the resume step, re-sent after the purge
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -70,6 +78,9 @@ class MetricsLogger:
 
                 self._writer = SummaryWriter(log_dir=str(self.path.parent / "tensorboard"),
                                              purge_step=self._purge_step)
+                for row in self._replay:
+                    self._add_scalars(self._writer, row["kind"], row["step"], row)
+                self._replay = []
             except Exception as exc:  # tensorboard is optional; metrics.jsonl is the record
                 log.info("TensorBoard logging off (%s)", exc)
         return self._writer
@@ -82,11 +93,13 @@ class MetricsLogger:
         row.update({k: _clean(v) for k, v in record.items()})
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
-        scalars = {key: value for key, value in record.items() if isinstance(value, (int, float))
-                   and not isinstance(value, bool) and math.isfinite(value)}
-        if scalars and (writer := self._tensorboard()) is not None:
-            for key, value in scalars.items():
-                writer.add_scalar(f"{kind}/{key}", value, step)
+        if _scalars(record) and (writer := self._tensorboard()) is not None:
+            self._add_scalars(writer, kind, step, record)
+
+    @staticmethod
+    def _add_scalars(writer, kind: str, step: int, record: dict) -> None:
+        for key, value in _scalars(record).items():
+            writer.add_scalar(f"{kind}/{key}", value, step)
 
     def elapsed(self) -> float:
         """Seconds on the clock of the ``time`` field (a checkpoint records it, ``resume``)."""
@@ -121,7 +134,11 @@ class MetricsLogger:
             return
         if offset is not None:
             self.rewind(offset)
-        self._purge_step = step + 1
+        # TensorBoard purges whole steps, and the checkpoint's own step holds records from both
+        # sides of it: the train record logged before the save (kept), and the final validation
+        # logged after it (redone). Purge from that step and re-send the kept ones.
+        self._purge_step = max(step, 0)
+        self._replay = [row for row in self._tail_records() if row.get("step") == step] if step >= 0 else []
         if self._writer is not None:  # already open: reopen it, the purge is set on creation
             self._writer.close()
             self._writer, self._open_tensorboard = None, True
@@ -129,17 +146,27 @@ class MetricsLogger:
             elapsed = self._last_time()
         self.start = time.time() - elapsed
 
-    def _last_time(self) -> float:
-        """The ``time`` of the last whole record in ``metrics.jsonl``; 0.0 when there is none."""
+    def _tail_records(self) -> list[dict]:
+        """The whole records among the last 64 KiB of ``metrics.jsonl`` (a record is < 1 KiB),
+        in file order; a line torn by a kill or cut by the seek is skipped."""
         self._file.flush()
         with self.path.open("rb") as handle:
-            handle.seek(max(0, handle.seek(0, os.SEEK_END) - 65536))  # a record is < 1 KiB
+            handle.seek(max(0, handle.seek(0, os.SEEK_END) - 65536))
             lines = handle.read().splitlines()
-        for line in reversed(lines):
+        rows = []
+        for line in lines:
             try:
-                value = json.loads(line).get("time")
-            except (ValueError, AttributeError):
-                continue  # a line torn by the kill, or cut by the seek
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict):
+                rows.append(row)
+        return rows
+
+    def _last_time(self) -> float:
+        """The ``time`` of the last whole record in ``metrics.jsonl``; 0.0 when there is none."""
+        for row in reversed(self._tail_records()):
+            value = row.get("time")
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 return float(value)
         return 0.0

@@ -96,3 +96,23 @@ def test_rejection_threshold_for_fnmr_matches_brute_force():
     kept = pair_quality >= best
     assert point.fnmr == pytest.approx(miss[kept].mean())
     assert point.rejected_fraction == pytest.approx(1 - kept.mean())
+
+
+def test_stored_threshold_rejects_the_cut_impostor_in_float32_comparisons():
+    # 10 impostors (0.9, 0.5, 0.1 x 8), FMR 0.1: one false match allowed, so the threshold must
+    # reject the impostor at 0.5. Computed one float64 step above float32(0.5), it rounded back
+    # to 0.5 when float32 cosines were compared with it: that impostor was accepted (FMR 0.2).
+    from qualiface.infer.calibrate import pair_outcomes
+
+    impostor = [0.9, 0.5] + [0.1] * 8
+    genuine = [0.5, 0.8, 0.95, 0.3]
+    cosines = np.array(impostor + genuine, dtype=np.float32)
+    issame = np.array([False] * len(impostor) + [True] * len(genuine))
+    emb1 = np.tile(np.array([[1.0, 0.0]], dtype=np.float32), (len(cosines), 1))
+    emb2 = np.stack([cosines, np.sqrt(1 - cosines.astype(np.float64) ** 2).astype(np.float32)], axis=1)
+    outcomes = pair_outcomes(emb1, emb2, issame, fmr=0.1)
+    float32_scores = cosine_scores(emb1, emb2).astype(np.float32)
+    accepted = float32_scores >= outcomes.threshold
+    assert accepted[~issame].sum() == 1  # only the 0.9 impostor: FMR 0.1
+    assert np.array_equal(accepted, outcomes.scores >= outcomes.threshold)  # float64 agrees
+    assert accepted[issame].tolist() == [False, True, True, False]

@@ -139,3 +139,23 @@ def test_evaluate_pairs_aligns_severity_with_benchmark_images_not_feature_rows()
                                    np.sort(quality[severity == level].astype(np.float32)))
     with pytest.raises(EvaluationError, match="one value per benchmark image"):
         evaluate_pairs(bench, stored, severity=severity[:-1], edc_fmrs=(0.1,))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_edc_threshold_holds_for_float32_scores_tied_with_the_cut_impostor(dtype):
+    # score_pairs returns float32. 10 impostors at FMR 0.1 allow one false match, so the
+    # threshold lies just above the 2nd impostor (0.5) and the genuine 0.5 tied with it is a
+    # false non-match: FNMR = 2/4 (0.5 and 0.3). The threshold used to be a float64 step above
+    # 0.5, which NumPy rounds back to 0.5 when comparing float32 scores: FNMR 1/4, FMR 2/10.
+    scores = np.array([0.5, 0.8, 0.95, 0.3, 0.9, 0.5] + [0.1] * 8, dtype=dtype)
+    labels = np.array([1, 1, 1, 1] + [0] * 10, dtype=bool)
+    quality = np.array([1.0, 2.0, 3.0, 4.0] + [5.0] * 10)
+    threshold = threshold_at_fmr(scores, labels, 0.1)
+    assert np.sum(scores[~labels] >= threshold) == 1  # in the scores' own dtype
+    assert np.sum(scores[~labels].astype(np.float64) >= threshold) == 1
+    curve = edc(scores, labels, quality, fmr=0.1)
+    # Brute force: discard 0, 1, 2, 3 of the mated by quality; errors are scores <= 0.5.
+    np.testing.assert_allclose(curve.errors, [2 / 4, 1 / 3, 1 / 2, 1 / 1, 0.0])
+    assert edc_pauc(curve, 0.2) == pytest.approx(0.2 * 0.5)
+    refixed = edc_refixed(scores, labels, quality, fmr=0.1, fractions=[0.0])
+    assert refixed.errors[0] == pytest.approx(0.5)

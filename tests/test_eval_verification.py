@@ -170,3 +170,16 @@ def test_evaluate_verification_metrics_dict_and_bad_input():
         roc_curve([0.1, 0.2, 0.3], [1, 0])
     with pytest.raises(EvaluationError, match="not finite"):
         roc_curve([0.1, np.nan], [1, 0])
+
+
+def test_kfold_midpoint_threshold_is_not_rounded_onto_a_float32_score():
+    # Adjacent float32 scores: the midpoint threshold of the training fold (impostor 1.0 <
+    # threshold < genuine 1.0000001) is not a float32; compared with float32 scores it used
+    # to round onto 1.0 and accept the held-out impostor at 1.0 (accuracy 0.5 per fold, not 1).
+    low = np.float32(1.0)
+    high = np.nextafter(low, np.float32(2.0))
+    scores = np.array([high, low, high, low], dtype=np.float32)
+    labels = np.array([True, False, True, False])
+    result = kfold_accuracy(scores, labels, folds=[0, 0, 1, 1])
+    assert low < result.thresholds[0] < high
+    np.testing.assert_array_equal(result.accuracies, [1.0, 1.0])

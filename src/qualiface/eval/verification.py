@@ -221,7 +221,9 @@ def kfold_accuracy(scores, labels, folds=None, num_folds: int = 10) -> KFoldAccu
     for fold in unique_folds:
         held_out = fold_ids == fold
         threshold, _ = best_accuracy_threshold(scores[~held_out], labels[~held_out])
-        predicted = scores[held_out] >= threshold
+        # In float64: the midpoint threshold is not representable in float32, and NumPy would
+        # round it onto a float32 training score when comparing float32 scores with it.
+        predicted = scores[held_out].astype(np.float64) >= threshold
         accuracies.append(float(np.mean(predicted == labels[held_out])))
         thresholds.append(threshold)
     return KFoldAccuracy(np.array(accuracies), np.array(thresholds), fold_ids)

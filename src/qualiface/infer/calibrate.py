@@ -101,9 +101,12 @@ def pair_outcomes(emb1, emb2, issame, fmr: float) -> PairOutcomes:
         raise CalibrationError(
             f"pair embeddings must both be (N, D) with N = {issame.shape[0]} labels, got {emb1.shape} and {emb2.shape}"
         )
-    scores = cosine_scores(emb1, emb2).astype(np.float64)
+    raw = cosine_scores(emb1, emb2)
+    scores = raw.astype(np.float64)  # exact: every float32 is a float64
     try:
-        threshold = threshold_at_fmr(scores, issame, fmr)
+        # From the scores in the precision a user compares later (float32 cosines): a float64
+        # step above a float32 score rounds back onto it in a float32 comparison.
+        threshold = threshold_at_fmr(raw, issame, fmr)
     except EvaluationError as exc:
         raise CalibrationError(str(exc)) from None
     return PairOutcomes(scores=scores, threshold=threshold, correct=(scores >= threshold) == issame)

@@ -52,14 +52,19 @@ def threshold_at_fmr(scores, labels, fmr: float) -> float:
     """The lowest threshold whose FMR over all impostor pairs is at most ``fmr``.
 
     With ``k = floor(fmr * impostors)`` false matches allowed, that is the smallest float
-    above the (k+1)-th highest impostor score (accept = ``score >= threshold``).
+    above the (k+1)-th highest impostor score (accept = ``score >= threshold``), taken in the
+    scores' own precision: for float32 scores the next float32, so that comparing the float32
+    scores with it (NumPy casts a Python float to the array's dtype) still rejects that score.
     """
     # NaN, 0 or `--fmr 2` (a typo for 2e-2) would give a threshold that accepts every impostor,
     # which a calibration would then store without a word.
     if not 0.0 < fmr < 1.0:
         raise EvaluationError(f"FMR must lie strictly between 0 and 1, got {fmr:g}")
     scores, labels = check_pairs(scores, labels, "EDC")
-    impostor = np.sort(scores[~labels].astype(np.float64))[::-1]
+    # Kept in the scores' dtype: a float64 step above a float32 score rounds back onto it
+    # when float32 scores are compared with the threshold, accepting that impostor and every
+    # genuine score tied with it (FMR above the target, FNMR too low).
+    impostor = np.sort(scores[~labels])[::-1]
     allowed = int(np.floor(fmr * len(impostor) + 1e-9))
     if allowed < 1:
         raise EvaluationError(f"EDC: FMR {fmr:g} is not measurable with {len(impostor)} "

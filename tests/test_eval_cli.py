@@ -45,7 +45,8 @@ def _write_lfw(root, people=8, per_person=3, seed=0):
     for fold in range(2):
         for j in range(6):
             name = names[(fold * 6 + j) % people]
-            lines.append(f"{name} 1 {2 + (j % 2)}")
+            # Fold 2 pairs other images than fold 1 (a pairs file may not repeat a pair).
+            lines.append(f"{name} 1 {2 + (j % 2)}" if fold == 0 else f"{name} 2 3")
         for j in range(6):
             a, b = names[j % people], names[(j + 1 + fold) % people]
             lines.append(f"{a} {1 + j % 3} {b} {1 + (j + 1) % 3}")

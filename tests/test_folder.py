@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import unicodedata
 
 import numpy as np
 import pytest
@@ -138,3 +139,17 @@ def test_shared_training_manifest_loads(shared_data):
         image, label = dataset[index]
         assert image.shape == (3, 112, 112) and image.dtype == torch.uint8
         assert 0 <= label < dataset.num_classes
+
+
+def test_folder_labels_do_not_depend_on_unicode_normalisation(tmp_path):
+    # The same identities, named composed (NFC) on one machine and decomposed (NFD, as HFS+
+    # stores them) on another, must get the same labels: raw code points put "José" after
+    # "Josf" in NFC but before it in NFD.
+    orders = []
+    for form, names in (("nfc", ["Jos\u00e9", "Josf", "Jos\u00e9e"]),
+                        ("nfd", ["Jose\u0301", "Josf", "Jose\u0301e"])):
+        for name in names:
+            _write_png(tmp_path / form / name / "1.png", 5)
+        identities = ImageFolderDataset(tmp_path / form).identities
+        orders.append([unicodedata.normalize("NFC", name) for name in identities])
+    assert orders[0] == orders[1] == ["Josf", "Jos\u00e9", "Jos\u00e9e"]

@@ -158,3 +158,41 @@ def test_int_reader_handles_chunk_boundaries(tmp_path):
     path.write_text("1 2 3\n4 x 6\n")
     with pytest.raises(IJBFormatError, match=r"ints.txt:2: expected non-negative integers"):
         read_int_columns(path, 3)
+
+
+def _tiny_ijb(tmp_path, faces="a.jpg 1 1\nb.jpg 2 2\n", pairs="1 2 0\n", points=None):
+    meta = tmp_path / "IJBC" / "meta"
+    meta.mkdir(parents=True, exist_ok=True)
+    (meta / "ijbc_face_tid_mid.txt").write_text(faces)
+    (meta / "ijbc_template_pair_label.txt").write_text(pairs)
+    if points is not None:
+        (meta / "ijbc_name_5pts_score.txt").write_text(points)
+    return meta
+
+
+@pytest.mark.parametrize("faces", ["a.jpg 1_0 1\nb.jpg 2 2\n",  # int() read template 10
+                                   "a.jpg 1 1\nb.jpg -2 2\n",
+                                   "a.jpg 1 1\nb.jpg 2 \u0662\n"])  # an Arabic-Indic 2
+def test_ijb_face_list_ids_must_be_plain_digits(tmp_path, faces):
+    _tiny_ijb(tmp_path, faces=faces, pairs="1 10 0\n")
+    line = 1 if "1_0" in faces else 2
+    with pytest.raises(IJBFormatError, match=f"ijbc_face_tid_mid.txt:{line}: template and media"):
+        load_ijb(tmp_path, "IJBC")
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "1e400"])
+def test_ijb_non_finite_landmarks_or_scores_are_refused(tmp_path, bad):
+    _tiny_ijb(tmp_path, points=f"a.jpg {'1 ' * 10}0.9\nb.jpg 1 2 3 4 5 6 7 8 9 10 {bad}\n")
+    with pytest.raises(IJBFormatError, match=r"ijbc_name_5pts_score.txt:2: .*finite"):
+        load_ijb(tmp_path, "IJBC")
+
+
+@pytest.mark.parametrize("pairs, message", [
+    ("\n1 2 0\n\n1 2 5\n", r"pair_label.txt:4: label 5 is not 0 or 1"),  # was "pair 2"
+    ("1 2 0\n\n1 7 1\n", r"pair_label.txt:3: pair uses template 7"),
+    ("1 2 0\n1 2 1\n1 2 " + "1" * 19 + "\n", r"pair_label.txt:3: a number has more than 18"),
+])
+def test_ijb_pair_file_errors_give_the_file_line(tmp_path, pairs, message):
+    _tiny_ijb(tmp_path, pairs=pairs)
+    with pytest.raises(IJBFormatError, match=message):
+        load_ijb(tmp_path, "IJBC")

@@ -75,6 +75,22 @@ def test_malformed_files_fail_with_the_line_number(text, line, message):
         assert f"pairs.txt:{line}:" in str(info.value)
 
 
+@pytest.mark.parametrize("text, line, message", [
+    ("a 1 1\n", 1, "with itself"),  # once read as a genuine pair of one image (score 1)
+    ("a 1 2\nb 1 b 2\n", 2, "names 'b' twice"),  # once an impostor pair of one person
+    ("a 1 2\nb 1 c 2\na 1 2\n", 3, "same pair as line 1"),
+    ("a 1 2\nb 1 c 2\nc 2 b 1\n", 3, "same pair as line 2"),  # either order
+    ("1 1\na 1 2\na 1 2\n", 3, "expects a mismatched"),  # the layout error comes first
+])
+def test_pairs_no_protocol_holds_are_refused(tmp_path, text, line, message):
+    path = tmp_path / "pairs.txt"
+    path.write_text(text)
+    with pytest.raises(PairsFormatError, match=message) as info:
+        read_pairs(path)
+    if line is not None:
+        assert f"{path}:{line}:" in str(info.value)
+
+
 def test_missing_images_are_all_reported(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "a_0001.jpg").write_bytes(b"x")

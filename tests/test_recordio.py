@@ -445,3 +445,15 @@ def test_records_after_the_identity_block_are_ignored_with_a_warning(packed, cap
     [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert warning.startswith(f"{packed}: ignoring 2 record(s) after the identity block "
                               "(keys 7..8)")
+
+
+@pytest.mark.parametrize("first, end", [(2.0, 2.0), (2.5, 3.0), (2.0, 3.5)])
+def test_identity_range_that_is_empty_or_fractional_is_refused(tmp_path, first, end):
+    # (2, 2) once opened with num_classes 0 and failed only when each image was read; 2.5 was
+    # truncated to record 2 without a word.
+    records = [(0, _header(2, 0.0, 0, (first, end))), (1, _header(0, 0.0, 1) + _png(1)),
+               (2, _header(2, 0.0, 2, (1.0, 2.0))), (3, _header(2, 0.0, 3, (2.0, 2.0)))]
+    rec = _write_raw(tmp_path, records)
+    with pytest.raises(RecordIOError, match="record 0 has an invalid identity range") as info:
+        RecordIODataset(rec)
+    assert f"{rec} at byte 0" in str(info.value)

@@ -59,3 +59,13 @@ def test_tinyface_layout_errors(tmp_path):
         load_tinyface(tmp_path)
     with pytest.raises(TinyFaceFormatError, match="<subject>_<n>"):
         subject_of("noseparator.jpg")
+
+
+def test_probe_without_a_gallery_match_is_refused(tmp_path):
+    # Once the unmated probe was silently left out of rank-k (reported over fewer probes).
+    write_tinyface(tmp_path)
+    probe = tmp_path / "tinyface" / "Testing_Set" / "Probe"
+    (probe / "99_0.jpg").write_bytes(b"")
+    with pytest.raises(TinyFaceFormatError, match=r"Probe: 1 probe image.*99_0\.jpg") as info:
+        load_tinyface(tmp_path)
+    assert str(probe) in str(info.value)

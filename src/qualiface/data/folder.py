@@ -1,9 +1,10 @@
 """Image datasets read straight from disk: an identity-per-folder tree, or a ``path label`` list.
 
 ``ImageFolderDataset`` (registered as ``folder``) reads ``root/<identity>/<image>``: identity
-folders sorted by name get labels ``0..N-1`` and images inside each are sorted, so the labelling
-is reproducible on any machine. Identity folders without a single image are skipped and listed
-in ``skipped_identities`` (and logged), never given a label silently.
+folders sorted by name (compared in Unicode NFC form) get labels ``0..N-1`` and images inside
+each are sorted, so the labelling is reproducible on any machine. Identity folders without a
+single image are skipped and listed in ``skipped_identities`` (and logged), never given a label
+silently.
 
 ``ListFileDataset`` (registered as ``list``) reads ``relative/path label`` lines, the layout of
 the shared training manifest. Paths resolve against the list file's folder (or ``root``);
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import unicodedata
 from pathlib import Path
 
 import torch
@@ -43,6 +45,13 @@ def is_image_file(path: str | os.PathLike) -> bool:
     return os.path.splitext(os.fspath(path))[1].lower() in IMAGE_EXTENSIONS
 
 
+def _sort_key(name: str) -> tuple[str, str]:
+    """Order names by their NFC form: the same folder is "José" composed on one file system and
+    decomposed ("Jose" + U+0301) on another (HFS+, some copies from macOS), and raw code points
+    sort the two differently, which would give the identities other labels there."""
+    return unicodedata.normalize("NFC", name), name
+
+
 def list_identity_folders(root: str | os.PathLike) -> tuple[list[str], list[list[Path]], list[str]]:
     """Scan ``root/<identity>/<image>``.
 
@@ -56,12 +65,13 @@ def list_identity_folders(root: str | os.PathLike) -> tuple[list[str], list[list
     identities: list[str] = []
     images: list[list[Path]] = []
     skipped: list[str] = []
-    for entry in sorted(os.scandir(root), key=lambda e: e.name):
+    for entry in sorted(os.scandir(root), key=lambda e: _sort_key(e.name)):
         if entry.name.startswith(".") or not entry.is_dir():
             continue
         files = sorted(
             (f.name for f in os.scandir(entry.path)
-             if not f.name.startswith(".") and f.is_file() and is_image_file(f.name))
+             if not f.name.startswith(".") and f.is_file() and is_image_file(f.name)),
+            key=_sort_key,
         )
         if not files:
             skipped.append(entry.name)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +34,11 @@ from qualiface.data.decode import DataError
 
 class IJBFormatError(DataError):
     """A missing or malformed IJB protocol file (names the file and, where known, the line)."""
+
+
+#: An id in the text files: ASCII digits only, as ``read_int_columns`` reads them (``int()``
+#: would also take ``-1``, ``+1``, ``1_0`` and non-ASCII digits).
+_ID = re.compile(r"[0-9]{1,18}")
 
 
 @dataclass
@@ -129,7 +135,9 @@ def _parse_block(data: bytes, columns: int, path: Path, lines_before: int) -> np
     starts = np.flatnonzero(is_digit & ~previous)
     ends = np.flatnonzero(is_digit & ~following) + 1
     if np.any(ends - starts > 18):
-        raise IJBFormatError(f"{path}: a number has more than 18 digits")
+        at = int(starts[np.argmax(ends - starts > 18)])
+        line = lines_before + data.count(b"\n", 0, at) + 1
+        raise IJBFormatError(f"{path}:{line}: a number has more than 18 digits")
     # Each digit's place value: 10 ** (digits after it within its number).
     token = np.cumsum(is_digit & ~previous) - 1
     digit_positions = np.flatnonzero(is_digit)
@@ -182,12 +190,12 @@ def _read_face_list(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
             if len(fields) != 3:
                 raise IJBFormatError(f"{path}:{number}: expected '<image> <template id> "
                                      f"<media id>', got {len(fields)} fields")
-            try:
-                templates.append(int(fields[1]))
-                medias.append(int(fields[2]))
-            except ValueError:
+            if not (_ID.fullmatch(fields[1]) and _ID.fullmatch(fields[2])):
                 raise IJBFormatError(f"{path}:{number}: template and media ids must be "
-                                     "integers") from None
+                                     f"non-negative integers, got {fields[1][:20]!r} "
+                                     f"{fields[2][:20]!r}")
+            templates.append(int(fields[1]))
+            medias.append(int(fields[2]))
             images.append(fields[0])
     if not images:
         raise IJBFormatError(f"{path}: no images listed")
@@ -214,6 +222,9 @@ def _read_landmarks(path: Path, images: list[str]) -> tuple[np.ndarray, np.ndarr
                 values = np.asarray(fields[1:], dtype=np.float32)
             except ValueError:
                 raise IJBFormatError(f"{path}:{number}: landmarks and score must be numbers") from None
+            if not np.isfinite(values).all():  # nan/inf would align or weight silently wrong
+                raise IJBFormatError(f"{path}:{number}: landmarks and score must be finite "
+                                     "numbers")
             landmarks[count] = values[:10].reshape(5, 2)
             scores[count] = values[10]
             count += 1
@@ -256,6 +267,18 @@ def read_template_subjects(path: str | os.PathLike) -> tuple[np.ndarray, np.ndar
             np.fromiter(subject_of.values(), np.int64, len(subject_of)))
 
 
+def _line_of_row(path: Path, row: int) -> int:
+    """The 1-based line of table row ``row`` (0-based, blank lines skipped) of a file read by
+    ``read_int_columns``; only called to word an error, so a plain scan is fine."""
+    with path.open("rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            if line.strip():
+                if row == 0:
+                    return number
+                row -= 1
+    return 0
+
+
 def load_ijb(root: str | os.PathLike, name: str = "IJBC", *, with_1n: bool = True) -> IJBProtocol:
     """Read an IJB protocol (1:1 always; 1:N when its CSVs exist and ``with_1n``)."""
     folder = find_ijb_folder(root, name)
@@ -265,14 +288,16 @@ def load_ijb(root: str | os.PathLike, name: str = "IJBC", *, with_1n: bool = Tru
     pairs = read_int_columns(meta / f"{prefix}_template_pair_label.txt", 3)
     pair_file = meta / f"{prefix}_template_pair_label.txt"
     if not np.all((pairs[:, 2] == 0) | (pairs[:, 2] == 1)):
-        line = int(np.flatnonzero((pairs[:, 2] != 0) & (pairs[:, 2] != 1))[0]) + 1
-        raise IJBFormatError(f"{pair_file}: pair {line} has a label other than 0/1")
+        row = int(np.flatnonzero((pairs[:, 2] != 0) & (pairs[:, 2] != 1))[0])
+        raise IJBFormatError(f"{pair_file}:{_line_of_row(pair_file, row)}: label "
+                             f"{pairs[row, 2]} is not 0 or 1")
     known = np.unique(templates)
     unknown = ~np.isin(pairs[:, :2], known)
     if unknown.any():
         row, col = np.argwhere(unknown)[0]
-        raise IJBFormatError(f"{pair_file}: pair {row + 1} uses template {pairs[row, col]} "
-                             f"that has no image in {prefix}_face_tid_mid.txt")
+        raise IJBFormatError(f"{pair_file}:{_line_of_row(pair_file, int(row))}: pair uses "
+                             f"template {pairs[row, col]} that has no image in "
+                             f"{prefix}_face_tid_mid.txt")
     landmarks = scores = None
     five_points = meta / f"{prefix}_name_5pts_score.txt"
     if five_points.is_file():

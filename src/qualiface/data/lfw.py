@@ -12,7 +12,9 @@ fold), so the project's test split is ``pairs.select_folds(8, 9, 10)``.
 ``LFWPairs.unique_images()`` gives each image once plus index pairs into that list, so
 features are extracted once per image rather than once per pair side; ``resolve(root)``
 checks every image exists under an image folder and reports all missing ones at once.
-Malformed files raise ``PairsFormatError`` naming the file and line.
+Malformed files raise ``PairsFormatError`` naming the file and line; so do pairs no protocol
+holds (an image paired with itself, a mismatched line naming one person twice, a pair listed
+twice in either order).
 """
 
 from __future__ import annotations
@@ -159,6 +161,8 @@ def _parse_pair_lines(lines: Iterable[tuple[int, str]], source: str, extension: 
     paths2: list[str] = []
     issame: list[bool] = []
     misplaced: tuple[int, int] | None = None  # (pair position, line) of the first wrong kind
+    seen: dict[tuple[str, str], int] = {}  # each pair (either order) -> its line
+    repeated: str | None = None  # the first repeated pair, reported after the layout checks
     for line_number, line in lines:
         fields = line.split()
         if not fields or fields[0].startswith("#"):
@@ -188,9 +192,18 @@ def _parse_pair_lines(lines: Iterable[tuple[int, str]], source: str, extension: 
             first = lfw_image_path(name1, _parse_number(fields[1], where, "image number"), extension)
             second = lfw_image_path(name2, _parse_number(fields[3], where, "image number"), extension)
             same = False
+            if name1 == name2:  # would be scored as an impostor pair of one person
+                raise PairsFormatError(f"{where}: mismatched pair names {name1!r} twice (a "
+                                       "matched pair is 'name i j')")
         else:
             raise PairsFormatError(f"{where}: expected 'name i j' or 'name1 i name2 j', got "
                                    f"{len(fields)} fields")
+        if first == second:  # an image compared with itself is no verification pair
+            raise PairsFormatError(f"{where}: pair compares {first!r} with itself")
+        key = (first, second) if first < second else (second, first)
+        if key in seen and repeated is None:  # counted twice, possibly in two folds
+            repeated = f"{where}: the same pair as line {seen[key]} ({first} / {second})"
+        seen.setdefault(key, line_number)
         if header is not None and misplaced is None:
             # Within a fold the first per_side lines are matched, the next per_side mismatched;
             # reported after the count check, which says more when lines are missing.
@@ -219,6 +232,8 @@ def _parse_pair_lines(lines: Iterable[tuple[int, str]], source: str, extension: 
             raise PairsFormatError(f"{source}:{line_number}: fold {position // (2 * per_side) + 1} "
                                    f"expects a {kind} pair on this line")
         fold = np.arange(expected) // (2 * per_side) + 1
+    if repeated is not None:
+        raise PairsFormatError(repeated)
     return LFWPairs(tuple(paths1), tuple(paths2), np.asarray(issame, dtype=bool),
                     fold.astype(np.int64), source)
 

@@ -7,7 +7,8 @@
     Gallery_Distractor/<anything>.jpg      153k distractors, none of a probe's identity
 
 The identity of a probe or gallery-match image is the file name up to the first underscore.
-Distractors get subject id -1 whatever their name, so they can never be a mate. Images are
+Distractors get subject id -1 whatever their name, so they can never be a mate. Every probe's
+subject must have a Gallery_Match image (the protocol has no unmated probes). Images are
 tiny (about 20 x 16 pixels on average) and are resized to 112 x 112 for embedding.
 """
 
@@ -89,6 +90,14 @@ def load_tinyface(root: str | os.PathLike) -> TinyFaceProtocol:
     match_subjects = [ids.setdefault(subject_of(n), len(ids)) for n in match_names]
     if not set(probe_subjects) & set(match_subjects):
         raise TinyFaceFormatError(f"{folder}: no probe subject appears in Gallery_Match")
+    # Every TinyFace probe has a mate: one without is a missing Gallery_Match image, and rank-k
+    # would silently be computed over fewer probes than the protocol has.
+    mated = set(match_subjects)
+    unmated = [n for n, s in zip(probe_names, probe_subjects) if s not in mated]
+    if unmated:
+        shown = ", ".join(unmated[:5]) + (" ..." if len(unmated) > 5 else "")
+        raise TinyFaceFormatError(f"{folder / 'Probe'}: {len(unmated)} probe image(s) whose "
+                                  f"subject has no image in Gallery_Match: {shown}")
     return TinyFaceProtocol(
         root=folder,
         probe_paths=[f"Probe/{n}" for n in probe_names],

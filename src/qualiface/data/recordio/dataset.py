@@ -127,7 +127,10 @@ class RecordIODataset(torch.utils.data.Dataset):
     def _use_identity_block(self, header: IRHeader, keys: np.ndarray, offsets: np.ndarray
                             ) -> None:
         first, end = header.labels[0], header.labels[1]
-        if not (math.isfinite(first) and math.isfinite(end) and 1 <= first <= end):
+        # Record numbers: whole, and at least one identity (int() would truncate 2.5 to 2, and
+        # an empty range left every label out of range, reported only when read).
+        if not (math.isfinite(first) and math.isfinite(end) and 1 <= first < end
+                and first == int(first) and end == int(end)):
             raise RecordIOError(self.rec_path, int(offsets[0]), f"record 0 has an invalid "
                                                                 f"identity range {first}, {end}")
         first, end = int(first), int(end)

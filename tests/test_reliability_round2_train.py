@@ -75,9 +75,17 @@ def test_a_flipped_bit_is_an_error_naming_the_file_and_resume_falls_back(tmp_pat
 
 
 def test_crash_between_the_renames_resumes_from_the_kept_checkpoint(tmp_path, monkeypatch):
+    # On a filesystem without hard links the current file is renamed aside before the new one
+    # lands (with them it stays in place: test_checkpoint.py), so a crash between the two
+    # renames leaves only the previous file, which the resume falls back to.
     path = tmp_path / "checkpoint.pt"
     ckpt.save_checkpoint(path, {"step": 1, "w": torch.ones(8)})
     real_replace = ckpt.os.replace
+
+    def no_hard_links(src, dst):
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(ckpt.os, "link", no_hard_links)
 
     def crash_before_the_new_file_lands(src, dst):
         if str(src).endswith(".tmp") and str(dst) == str(path):
@@ -298,3 +306,55 @@ def test_a_start_that_failed_before_its_first_step_does_not_block_the_rerun(tmp_
     assert rerun.exit_code == 0, rerun.output
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
             if json.loads(line)["kind"] == "train"] == [1]
+
+
+# ----------------------------------------------------------------------------- data fingerprint
+
+
+def _faces(root, names=("anna", "bert", "carl", "dora"), per_identity: int = 4):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name in names:
+        (root / name).mkdir(parents=True)
+        for k in range(per_identity):
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(root / name / f"{k}.png")
+    return root
+
+
+def _folder_settings(out, root, **train):
+    values = settings(out, batch_size=8, **train)
+    values["data"] = {"name": "folder", "params": {"root": str(root)}, "flip": False, "num_workers": 0}
+    return values
+
+
+def test_resume_refuses_training_data_whose_labels_changed(tmp_path):
+    # Renaming one identity folder keeps the image and class counts but shifts the labels of
+    # every later folder: the resumed run trained the saved classifier rows on other people.
+    root = _faces(tmp_path / "faces")
+    out = tmp_path / "run"
+    Trainer(from_dict(_folder_settings(out, root, steps=2))).run()
+    Trainer(from_dict(_folder_settings(out, root, steps=2, resume=True))).load_checkpoint()  # same data
+    (root / "bert").rename(root / "zoe")
+    with pytest.raises(ckpt.CheckpointError, match=r"checkpoint\.pt: the training data changed since "
+                                                   r"this checkpoint \(the images or their labels differ"):
+        Trainer(from_dict(_folder_settings(out, root, steps=2, resume=True))).run()
+    (root / "zoe" / "0.png").unlink()
+    with pytest.raises(ckpt.CheckpointError, match=r"images: 16 then, 15 now"):
+        Trainer(from_dict(_folder_settings(out, root, steps=2, resume=True))).run()
+
+
+def test_the_data_fingerprint_ignores_where_the_data_lies_but_not_a_relabelled_list(tmp_path):
+    import shutil
+
+    from qualiface.data.folder import ImageFolderDataset, ListFileDataset
+
+    root = _faces(tmp_path / "faces")
+    moved = shutil.copytree(root, tmp_path / "elsewhere" / "faces")
+    assert ImageFolderDataset(root).fingerprint() == ImageFolderDataset(moved).fingerprint()
+    listing = tmp_path / "faces" / "train.txt"
+    listing.write_text("anna/0.png 0\nbert/0.png 1\n")
+    first = ListFileDataset(listing).fingerprint()
+    listing.write_text("anna/0.png 1\nbert/0.png 0\n")
+    assert ListFileDataset(listing).fingerprint() != first

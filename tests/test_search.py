@@ -120,6 +120,34 @@ def test_rank_rates_count_only_enrolled_probes():
         rank_rates(result, ["a"] * 3, list("abc"))
 
 
+def test_rank_rates_count_a_tie_with_the_mate_against_the_probe():
+    """Rank = 1 + other ids scoring >= the mate (qualiface.scoring.identification), whichever
+    of the tied entries the backend lists first; brute force: ``eval.identification.search``."""
+    from qualiface.eval.identification import search
+    from qualiface.infer.search import SearchResult, rank_rates
+
+    # probe 0: mate "a" tied with impostor "b" (listed after it); probe 1: the same, listed before;
+    # probe 2: mate "c" strictly first; probe 3: mate "a" tied with "b" and "d" past column 2.
+    ids = np.array([list("abcd"), list("bacd"), list("cabd"), list("abdc")])
+    scores = np.array([[0.9, 0.9, 0.5, 0.1], [0.9, 0.9, 0.5, 0.1], [0.8, 0.7, 0.7, 0.1],
+                       [0.6, 0.6, 0.6, 0.2]], np.float32)
+    result = SearchResult(scores=scores, indices=np.zeros((4, 4), np.int64), ids=ids)
+    rates, counted = rank_rates(result, ["a", "a", "c", "a"], list("abcd"), ranks=(1, 2, 3))
+    assert counted == 4 and rates == {1: 0.25, 2: 0.75, 3: 1.0}
+
+    # A gallery with duplicated vectors under different ids, against the benchmark search.
+    vectors = np.array([[1, 0, 0, 0], [1, 0, 0, 0], [0, 1, 0, 0], [0.6, 0.8, 0, 0], [0, 1, 0, 0]],
+                       np.float32)
+    gallery_ids = np.array(["a", "b", "c", "d", "e"])
+    probes = np.array([[1, 0, 0, 0], [1, 0, 0, 0], [0, 1, 0, 0], [0.6, 0.8, 0, 0]], np.float32)
+    labels = np.array(["a", "b", "e", "d"])
+    truth = search(probes, [0, 1, 4, 3], vectors, [0, 1, 2, 3, 4])
+    expected = {k: float(np.mean(truth.ranks <= k)) for k in (1, 2)}
+    gallery = Gallery.build(gallery_ids, vectors, backend="exact")
+    assert rank_rates(gallery.search(probes, k=3), labels, gallery_ids, ranks=(1, 2)) == (expected, 4)
+    assert expected == {1: 0.25, 2: 1.0}
+
+
 def _labelled_table(path, seed=3):
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((6, 16))

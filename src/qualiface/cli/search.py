@@ -129,7 +129,8 @@ def query_command(
             labels, source = _identity(probes["ids"], rule), f"the ids, by the gallery's rule '{rule}'"
         else:
             labels = source = None
-        ranked = loaded.search(probes["embeddings"], k=max(k, 5) if labels is not None else k)
+        # one column past rank 5: a tie with the mate running past it counts against the probe
+        ranked = loaded.search(probes["embeddings"], k=max(k, 6) if labels is not None else k)
         rates, counted = rank_rates(ranked, labels, loaded.ids) if labels is not None else ({}, 0)
         result = SearchResult(ranked.scores[:, :k], ranked.indices[:, :k], ranked.ids[:, :k])
         if out is not None:

@@ -17,6 +17,7 @@ source path in ``meta(i)``.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import unicodedata
@@ -50,6 +51,13 @@ def _sort_key(name: str) -> tuple[str, str]:
     decomposed ("Jose" + U+0301) on another (HFS+, some copies from macOS), and raw code points
     sort the two differently, which would give the identities other labels there."""
     return unicodedata.normalize("NFC", name), name
+
+
+def _sha256_lines(lines) -> str:
+    digest = hashlib.sha256()
+    for line in lines:
+        digest.update(line.encode("utf-8", "surrogateescape") + b"\n")
+    return digest.hexdigest()
 
 
 def list_identity_folders(root: str | os.PathLike) -> tuple[list[str], list[list[Path]], list[str]]:
@@ -122,6 +130,11 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         path, label = self.samples[index]
         return {"path": str(path), "identity": self.identities[label]}
 
+    def fingerprint(self) -> str:
+        """sha256 of every sample's label and ``identity/file`` name (not the root: a moved
+        tree is the same data); a resume checks it (``train.data.data_fingerprint``)."""
+        return _sha256_lines(f"{label}\t{path.parent.name}/{path.name}" for path, label in self.samples)
+
 
 def _inside(root: str, candidate: str) -> bool:
     return candidate == root or candidate.startswith(root.rstrip(os.sep) + os.sep)
@@ -193,6 +206,7 @@ class ListFileDataset(torch.utils.data.Dataset):
         self.list_file = Path(list_file)
         self.max_pixels = max_pixels
         self.paths, self.labels = parse_list_file(list_file, root)
+        self.base = os.path.abspath(root if root is not None else self.list_file.parent)
         largest = max(self.labels)
         if num_classes is not None and num_classes <= largest:
             raise DatasetError(f"{list_file}: label {largest} does not fit num_classes="
@@ -211,6 +225,12 @@ class ListFileDataset(torch.utils.data.Dataset):
 
     def meta(self, index: int) -> dict:
         return {"path": self.paths[index]}
+
+    def fingerprint(self) -> str:
+        """sha256 of every sample's label and path relative to the root (see
+        ``ImageFolderDataset.fingerprint``)."""
+        return _sha256_lines(f"{label}\t{os.path.relpath(path, self.base)}"
+                             for path, label in zip(self.paths, self.labels))
 
     def missing_files(self) -> list[str]:
         """Paths in the list that do not exist (one ``stat`` per entry)."""

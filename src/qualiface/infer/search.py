@@ -82,10 +82,12 @@ class SearchResult:
 def rank_rates(result: SearchResult, labels, enrolled_ids, ranks=(1, 5)) -> tuple[dict[int, float], int]:
     """Closed-set rank-k of labelled probes -> ``({k: rate}, number of probes counted)``.
 
-    Counted are the probes whose label is an enrolled template id; the rate for ``k`` is the
-    share of them whose own id is among their first ``k`` results. ``result`` must hold at least
-    ``max(ranks)`` columns (or the whole gallery) for the rates to be exact. No counted probe:
-    ``({}, 0)``.
+    Counted are the probes whose label is an enrolled template id; a probe's rank is 1 + the
+    number of other ids scoring at least as high as its own best one (ties count against the
+    probe, as in ``qualiface.scoring.identification``), and the rate for ``k`` is the share of
+    them at rank <= k. ``result`` must hold at least ``max(ranks) + 1`` columns (or the whole
+    gallery) for the rates to be exact: one column past the last rank shows whether a tie runs
+    on. No counted probe: ``({}, 0)``.
     """
     labels = np.asarray(labels).astype(str)
     if labels.shape != (result.ids.shape[0],):
@@ -95,10 +97,13 @@ def rank_rates(result: SearchResult, labels, enrolled_ids, ranks=(1, 5)) -> tupl
         return {}, 0
     hit = result.ids == labels[:, None]
     found, position = hit.any(axis=1), hit.argmax(axis=1)
+    mated_scores = np.where(found, result.scores[np.arange(len(labels)), position], -np.inf)
+    # every other returned id scoring at least as high as the best mate: one tied with it
+    # counts against the probe wherever the backend happened to list it
+    beaten_by = ((result.scores >= mated_scores[:, None]) & ~hit & (result.ids != "")).sum(axis=1)
     # the rank of the probe's own id: past the last result when not returned, 0 (a probe
     # without a mate, not counted) when not enrolled
-    rank = np.where(found, position + 1, result.ids.shape[1] + 1) * mated
-    mated_scores = np.where(found, result.scores[np.arange(len(labels)), position], -np.inf)
+    rank = np.where(found, beaten_by + 1, result.ids.shape[1] + 1) * mated
     ranked = Ranked(rank, mated_scores, result.scores[:, 0])
     return rank_accuracy(ranked, ranks), int(mated.sum())
 

@@ -142,6 +142,33 @@ def decode_all(dataset, *, num_workers: int = 0, batch_size: int = 256, progress
     return images, labels
 
 
+def data_fingerprint(dataset) -> dict:
+    """What a checkpoint records of its training data, so a resume can tell other data.
+
+    The label of every index must mean what it meant when the checkpoint was written: a
+    renamed, added or removed identity folder shifts every later label, and the resumed run
+    would train the saved classifier rows on other people without a word. ``samples_sha256``
+    is the dataset's own ``fingerprint()`` (labels and names of every sample) when it has one,
+    else None (only the size and class count are compared).
+    """
+    fingerprint = getattr(dataset, "fingerprint", None)
+    return {"size": len(dataset), "num_classes": int(dataset.num_classes),
+            "samples_sha256": fingerprint() if callable(fingerprint) else None}
+
+
+def data_changes(saved: dict, current: dict) -> list[str]:
+    """How ``current`` (``data_fingerprint``) differs from the ``saved`` one, in words; [] when
+    they agree on every key both recorded."""
+    changes = []
+    for key, what in (("size", "images"), ("num_classes", "classes")):
+        if saved.get(key) is not None and saved.get(key) != current.get(key):
+            changes.append(f"{what}: {saved[key]:,} then, {current[key]:,} now")
+    if (saved.get("samples_sha256") and current.get("samples_sha256")
+            and saved["samples_sha256"] != current["samples_sha256"]):
+        changes.append("the images or their labels differ (added, removed, renamed or relabelled)")
+    return changes
+
+
 def cached_size_bytes(dataset) -> int:
     """Bytes the decoded uint8 cache of ``dataset`` would take."""
     image, _ = _Indexed(dataset)[0]

@@ -52,7 +52,7 @@ from qualiface.train import checkpoint as ckpt
 from qualiface.train import export
 from qualiface.train.build import (build_cache, build_dataset_and_backbone, build_head, resolve_device,
                                    seed_everything, wrap_model)
-from qualiface.train.data import BatchPlan, BatchSource, DataError, random_flip
+from qualiface.train.data import BatchPlan, BatchSource, DataError, data_changes, data_fingerprint, random_flip
 from qualiface.train.distributed import all_ranks_true, any_rank, barrier, init_distributed, no_sync_unless
 from qualiface.train.logging import MetricsLogger, Throughput, console, training_progress
 from qualiface.train.optim import build_optimizer, set_lr
@@ -120,6 +120,7 @@ class Trainer:
         # checkpointed explicitly; per rank, so ranks augment differently.
         self.augment_generator = torch.Generator().manual_seed(t.seed * 7919 + self.dist.rank + 1)
         self.indices = torch.arange(len(self.dataset))
+        self.data_fingerprint = data_fingerprint(self.dataset)  # saved in every checkpoint
         self.num_workers = data_workers(cfg.data.num_workers)  # at most one per available CPU
         self.cache = build_cache(self.dataset, cfg, self.device, self.num_workers, progress=t.progress and self.is_main)
         self.scaler = make_scaler(self.device, self.precision)
@@ -393,7 +394,7 @@ class Trainer:
             # The sharded head's centre-sampling counter, so resumed runs draw the same negatives.
             "sampling_step": int(self.head.step) if self.sharded else 0,
             "rng": ckpt.capture_rng_state({"augment": self.augment_generator}),
-            "data": {"seed": self.cfg.train.seed, "indices": self.indices,
+            "data": {"seed": self.cfg.train.seed, "indices": self.indices, "fingerprint": self.data_fingerprint,
                      "epoch_and_position": list(divmod(self.phase_step, max(1, self.plan().steps_per_epoch)))},
             "config": to_dict(self.cfg),
             # The log as of this checkpoint (a resume drops what was written after it, since it
@@ -420,6 +421,13 @@ class Trainer:
             for step, message in notes:  # refused: its warnings still reach the log
                 self.logger.note(step, message)
             raise
+        saved_data = state["data"].get("fingerprint")  # absent in checkpoints older than it
+        changes = data_changes(saved_data, self.data_fingerprint) if isinstance(saved_data, dict) else []
+        if changes:
+            raise ckpt.CheckpointError(
+                f"{source}: the training data changed since this checkpoint ({'; '.join(changes)}); "
+                f"resuming would train its classifier on other labels. Restore the data "
+                f"({self.cfg.data.name}: {self.cfg.data.params}), or start afresh with --overwrite")
         # Checkpoints written before a key existed lack it: resume() then keeps the whole log
         # (no metrics_offset) or goes on from its last record's time (no elapsed_s).
         offset, elapsed = state.get("metrics_offset"), state.get("elapsed_s")

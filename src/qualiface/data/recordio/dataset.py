@@ -13,6 +13,7 @@ instance can be handed to DataLoader workers (fork or spawn).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import mmap
@@ -230,6 +231,15 @@ class RecordIODataset(torch.utils.data.Dataset):
         offset = int(self._image_offsets[index])
         name = f"{self.rec_path} record {int(self._image_keys[index])} (byte {offset})"
         return decode_image(image, name=name, max_pixels=self.max_pixels), label
+
+    def fingerprint(self) -> str:
+        """sha256 of the ``.rec`` size, the class count and every image record's key and
+        offset: another pack (or the same one repacked) gives another value, without reading
+        the images. A resume checks it (``train.data.data_fingerprint``)."""
+        digest = hashlib.sha256(f"{self._rec_size}\t{self._num_classes}\n".encode())
+        digest.update(np.ascontiguousarray(self._image_keys, dtype=np.int64).tobytes())
+        digest.update(np.ascontiguousarray(self._image_offsets, dtype=np.int64).tobytes())
+        return digest.hexdigest()
 
     def meta(self, index: int) -> dict:
         offset = int(self._image_offsets[index])

@@ -137,6 +137,18 @@ def test_reads_flat_layout_without_header_or_property(tmp_path):
     assert [dataset[i][1] for i in range(3)] == [3, 1, 0]
 
 
+def test_fingerprint_tells_another_pack_from_a_moved_copy(tmp_path):
+    import shutil
+
+    _insightface_layout(tmp_path / "ds")
+    first = RecordIODataset(tmp_path / "ds").fingerprint()
+    shutil.copytree(tmp_path / "ds", tmp_path / "moved")
+    assert RecordIODataset(tmp_path / "moved").fingerprint() == first
+    records = [(key, _header(0, float(label), key) + _png(label)) for key, label in enumerate([3, 1, 0])]
+    _write_raw(tmp_path / "other", records)
+    assert RecordIODataset(tmp_path / "other").fingerprint() != first
+
+
 def test_split_records_are_reassembled_by_the_dataset(tmp_path):
     # A payload with an aligned magic word, written in dmlc's split form by hand.
     png = _png(77)

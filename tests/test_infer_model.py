@@ -121,6 +121,19 @@ def test_wrong_image_size_is_a_clear_error(tmp_path):
         Model.load(tmp_path / "pkg").embed(random_images(1, size=48))
 
 
+def test_a_batch_inside_an_image_sequence_is_refused_not_cut_to_its_first_image():
+    from qualiface.infer.images import as_uint8_batch
+
+    batch = random_images(2, size=4)
+    # was a (2, 3, 4, 4) batch: the first image of each item, two of the four images lost
+    with pytest.raises(ValueError, match="item 1: holds 2 images"):
+        as_uint8_batch([batch[0], batch, batch])
+    with pytest.raises(ValueError, match="item 0: holds 3 images"):
+        as_uint8_batch([batch.permute(0, 2, 3, 1).numpy()[[0, 1, 0]]])
+    one_each = as_uint8_batch([batch[:1], batch[1].permute(1, 2, 0).numpy()])  # (1, ...) items are one image
+    assert torch.equal(one_each, batch)
+
+
 @pytest.mark.parametrize(
     "edit, message",
     [
@@ -132,6 +145,10 @@ def test_wrong_image_size_is_a_clear_error(tmp_path):
         (lambda d: d.update(calibration={"method": "magic"}), "calibration.method"),
         (lambda d: d["backbone"]["kwargs"].update(embedding_size=8), "backbone.fc.weight"),
         (lambda d: d["quality"]["config"].update(hidden=4), "quality estimator"),
+        # descriptions that disagree with what is rebuilt (they loaded silently before)
+        (lambda d: d["quality"].update(kind="norm"), "'quality.kind' is 'norm' but .*'eqface'"),
+        (lambda d: d["quality"].update(requires_features=False), "'quality.requires_features' is false"),
+        (lambda d: d["backbone"].update(feature_dim=7), "'backbone.feature_dim' is 7"),
     ],
 )
 def test_bad_model_json_names_file_and_key(tmp_path, edit, message):

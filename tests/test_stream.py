@@ -68,6 +68,32 @@ def test_batch_modes_match_their_formulas():
         aggregate_tracks(tracks, frames, quality, mode="median")
 
 
+def test_batch_and_progressive_agree_on_frames_used_whatever_the_order():
+    """A frame of quality 0 adds nothing to QWFA: neither path counts it as used; the templates
+    are equal (default thresholds) for any frame order and chunking; all-zero: the plain mean."""
+    frames = np.array([[1, 0, 0, 0], [0, 2, 0, 0], [1, 1, 0, 0], [0, 0, 3, 0], [0, 0, 0, 1], [0, 1, 1, 0]],
+                      np.float32)
+    tracks = np.array(["a", "a", "a", "b", "b", "b"])
+    quality = np.array([0.0, 0.5, 0.25, 0.0, 0.0, 0.0])  # track b: every quality 0
+    batch = {t.track_id: t for t in aggregate_tracks(tracks, frames, quality, mode="qwfa")}
+    assert batch["a"].frames_used == 2 and batch["a"].frames_seen == 3  # was 3: the 0 counted
+    assert batch["b"].frames_used == 3  # fallback to the plain mean pools every frame
+    np.testing.assert_allclose(batch["a"].embedding, _unit(0.5 * _unit(frames[1]) + 0.25 * _unit(frames[2])),
+                               atol=1e-6)
+    np.testing.assert_allclose(batch["b"].embedding, _unit(_unit(frames[3:]).sum(0)), atol=1e-6)
+    filtered = {t.track_id: t for t in aggregate_tracks(tracks, frames, quality, mode="qwfaf",
+                                                        quality_threshold=0.0)}
+    assert filtered["a"].frames_used == 2 and filtered["b"].frames_used == 3
+    for order in ([0, 1, 2], [2, 0, 1], [1, 2, 0]):
+        aggregator = StreamAggregator()
+        aggregator.feed_many(tracks[order][:1], frames[order][:1], quality[order][:1])
+        aggregator.feed_many(tracks[order][1:], frames[order][1:], quality[order][1:])
+        streamed = aggregator.template("a")
+        assert streamed.frames_used == batch["a"].frames_used
+        np.testing.assert_allclose(streamed.embedding, batch["a"].embedding, atol=1e-6)
+        assert streamed.quality == pytest.approx(batch["a"].quality)
+
+
 def test_cli_aggregate_writes_enrollable_templates(tmp_path):
     rng = np.random.default_rng(2)
     write_table(tmp_path / "frames.parquet", {

@@ -82,7 +82,11 @@ def as_uint8_batch(images, size: Sequence[int] | None = None) -> torch.Tensor:
             if isinstance(item, (str, Path)):
                 item = read_image(item)
             try:
-                items.append(as_uint8_batch(item, size)[0])
+                one = as_uint8_batch(item, size)
+                if one.shape[0] != 1:  # a batch inside the sequence: [0] would drop the rest
+                    raise ValueError(f"holds {one.shape[0]} images; a sequence takes one image "
+                                     "per item (pass a batch as one array or tensor)")
+                items.append(one[0])
             except (ValueError, TypeError) as exc:
                 raise type(exc)(f"{name}: {exc}") from None
         if not items:

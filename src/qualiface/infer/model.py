@@ -179,6 +179,12 @@ class Model:
                 f"{folder / MODEL_JSON}: 'backbone.embedding_size' is {spec.embedding_size} but the "
                 f"rebuilt backbone produces {backbone.embedding_size}"
             )
+        built_feature_dim = getattr(backbone, "feature_dim", None)
+        if spec.feature_dim is not None and built_feature_dim not in (None, spec.feature_dim):
+            raise ModelPackageError(
+                f"{folder / MODEL_JSON}: 'backbone.feature_dim' is {spec.feature_dim} but the "
+                f"rebuilt backbone has {built_feature_dim}"
+            )
         problem = input_size_problem(backbone, spec.input_size)
         if problem is not None:
             raise ModelPackageError(f"{folder / MODEL_JSON}: 'input.size': {problem} "
@@ -189,6 +195,14 @@ class Model:
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise ModelPackageError(f"{weights_path}: cannot rebuild the '{spec.quality.kind}' quality estimator: {exc}") from None
         check_dtypes(estimator, quality_state, "quality.", str(weights_path))
+        built_requires = bool(getattr(estimator, "requires_features", False))
+        if built_requires != spec.quality.requires_features:
+            raise ModelPackageError(
+                f"{folder / MODEL_JSON}: 'quality.requires_features' is "
+                f"{str(spec.quality.requires_features).lower()} but the rebuilt "
+                f"'{spec.quality.kind}' estimator {'needs' if built_requires else 'does not use'} "
+                "the backbone features"
+            )
         return cls(spec, backbone, estimator, device=str(device), source=str(folder))
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:

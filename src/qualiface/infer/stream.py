@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qualiface.scoring.aggregation import ProgressiveTemplate, aggregate_templates
+from qualiface.scoring.aggregation import ProgressiveTemplate, aggregate_templates, pooling_weights
 
 STREAM_MODES = ("progressive", "qwfa", "qwfaf", "mean")
 
@@ -126,10 +126,13 @@ def aggregate_tracks(
     )
     _, row, frame_counts = np.unique(track_ids, return_inverse=True, return_counts=True)  # same order as pooled.ids
     row = row.ravel()
-    used = np.ones(len(track_ids), dtype=bool)
-    if mode == "qwfaf":  # mirror the filter of the batch form to report which frames it pooled
-        mean_quality = np.bincount(row, weights=qualities) / frame_counts
-        used = np.where(mean_quality[row] >= quality_threshold, qualities >= quality_threshold, True)
+    # The frames the batch form pooled are those it gave a weight: a frame of quality 0 adds
+    # nothing to QWFA (unless every frame of its track has 0 and the plain mean takes over).
+    _, _, weight = pooling_weights(
+        track_ids, norms=np.ones(len(track_ids)), quality=qualities, mode=mode,
+        quality_threshold=quality_threshold if mode == "qwfaf" else None,
+    )
+    used = weight > 0
     quality_sums = np.bincount(row, weights=qualities * used, minlength=len(frame_counts))
     used_counts = np.bincount(row, weights=used, minlength=len(frame_counts)).astype(int)
     return [

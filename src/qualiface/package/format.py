@@ -221,6 +221,9 @@ class ModelSpec:
         quality = get(data, "quality", dict, "quality")
         kind = get(quality, "kind", str, "quality.kind")
         config = get(quality, "config", dict, "quality.config")
+        if config.get("kind") != kind:  # the estimator is rebuilt from the config, not the kind
+            raise bad("quality.kind", f"is {kind!r} but 'quality.config.kind' is "
+                                      f"{config.get('kind')!r}: the package describes another quality")
         meaning = get(quality, "meaning", str, "quality.meaning")
         value_range = get(quality, "range", list, "quality.range")
         if len(value_range) != 2 or not all(v is None or isinstance(v, (int, float)) for v in value_range):

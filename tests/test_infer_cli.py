@@ -193,3 +193,22 @@ def test_a_table_folder_of_its_own_columns_is_rewritten(tmp_path):
     (out / "notes.txt").write_text("mine")
     with pytest.raises(TableError, match="holding other files \\(notes.txt\\)"):
         write_table(out, {"ids": np.array(["z"]), "quality": np.array([3.0])})
+
+
+def test_embed_of_several_folders_keeps_same_named_images_apart(tmp_path):
+    # `embed alice/ bob/` gave both alice/1.jpg and bob/1.jpg the id "1.jpg".
+    make_package(tmp_path / "pkg")
+    _write_images(tmp_path / "alice", random_images(1, seed=1), ["1.png"])
+    _write_images(tmp_path / "bob", random_images(1, seed=2), ["1.png"])
+    result = CliRunner().invoke(app, ["embed", str(tmp_path / "alice"), str(tmp_path / "bob"),
+                                      "--model", str(tmp_path / "pkg"), "--out", str(tmp_path / "e.npz")])
+    assert result.exit_code == 0, result.output
+    assert sorted(read_table(tmp_path / "e.npz")["ids"].tolist()) == ["alice/1.png", "bob/1.png"]
+    single = CliRunner().invoke(app, ["embed", str(tmp_path / "alice"), "--model", str(tmp_path / "pkg"),
+                                      "--out", str(tmp_path / "one.npz")])
+    assert single.exit_code == 0 and read_table(tmp_path / "one.npz")["ids"].tolist() == ["1.png"]
+    _write_images(tmp_path / "x" / "alice", random_images(1, seed=3), ["1.png"])
+    clash = CliRunner().invoke(app, ["embed", str(tmp_path / "alice"), str(tmp_path / "x" / "alice"),
+                                     "--model", str(tmp_path / "pkg"), "--out", str(tmp_path / "c.npz")])
+    _one_line_error(clash, "would both get the id 'alice/1.png'")
+    assert not (tmp_path / "c.npz").exists()

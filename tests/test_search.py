@@ -57,6 +57,22 @@ def test_ivf_with_few_probes_is_approximate_but_sane():
         g.set_nprobe(33)
 
 
+def test_a_small_ivf_gallery_built_with_the_default_probes_is_exact(tmp_path):
+    # ~4 sqrt(N) cells, at most N // 39: a 200-template gallery has 5 cells, fewer than the
+    # default 8 probes, and building it failed with "nprobe must be in [1, 5]" unless the
+    # user worked out a valid --nprobe. The default now visits every cell (exact).
+    pytest.importorskip("faiss")
+    from qualiface.infer.search import enrol
+
+    ids, gallery, queries = _data(n=200, q=20)
+    built, _ = enrol(tmp_path / "g", ids, gallery, backend="ivf")
+    assert built.nlist == 5 and built.nprobe == 5
+    order, _ = _brute_force(gallery, queries, k=3)
+    assert np.array_equal(built.search(queries, k=3).indices, order)
+    with pytest.raises(GalleryError, match=r"nprobe must be in \[1, 5\]"):  # asked for: refused
+        Gallery.build(ids, gallery, backend="ivf", nprobe=6)
+
+
 def test_k_larger_than_gallery_and_bad_inputs():
     ids, gallery, queries = _data(n=3, q=2)
     result = Gallery.build(ids, gallery).search(queries, k=10)

@@ -1,7 +1,8 @@
 r"""`qualiface embed`: Embed images with a model package: embeddings, raw and calibrated quality.
 
-Writes one table (``qualiface.infer.io``): ``ids`` (image path relative to the folder given,
-or as given for files), ``embeddings`` (N, D) L2-normalised, ``norms``, ``quality`` (raw) and,
+Writes one table (``qualiface.infer.io``): ``ids`` (image path relative to the folder given;
+with several folders prefixed by the folder's name, ``alice/1.jpg``, so two folders' ``1.jpg``
+stay two ids; a file given by itself as given), ``embeddings`` (N, D) L2-normalised, ``norms``, ``quality`` (raw) and,
 when the package is calibrated, ``quality_calibrated``. ``--min-quality`` drops faces below a
 threshold; rejected images are listed in ``<out>.rejected.tsv`` (name, reason: ``low-quality``,
 ``unreadable`` or ``wrong size``, details). Fields are escaped (``cli.common.tsv_field``):
@@ -64,11 +65,23 @@ def command(
     if not paths:
         raise fail(f"no images found in {', '.join(map(str, inputs))}")
 
+    folders = [root for root in inputs if root.is_dir()]
+
     def display_name(path: Path) -> str:
-        for root in inputs:
-            if root.is_dir() and path.is_relative_to(root):
-                return str(path.relative_to(root))
+        for root in folders:
+            if path.is_relative_to(root):
+                relative = path.relative_to(root)
+                # Several folders: each one's name keeps their images apart (alice/1.jpg and
+                # bob/1.jpg would both be "1.jpg", one id for two people's faces).
+                return str(Path(root.resolve().name) / relative) if len(folders) > 1 else str(relative)
         return str(path)
+
+    seen: dict[str, Path] = {}
+    for path in paths:  # before any embedding: a table with one id twice is useless downstream
+        first = seen.setdefault(display_name(path), path)
+        if first != path:
+            raise fail(f"{first} and {path} would both get the id {display_name(path)!r}; "
+                       "give the folders distinct names, or embed them separately")
 
     ids, embeddings, qualities, rejected = [], [], [], []
     loader = torch.utils.data.DataLoader(

@@ -182,7 +182,7 @@ class Gallery:
         *,
         backend: str = "auto",
         nlist: int | None = None,
-        nprobe: int = DEFAULT_NPROBE,
+        nprobe: int | None = None,
         quality=None,
         metadata: dict | None = None,
         seed: int = 0,
@@ -191,7 +191,9 @@ class Gallery:
 
         ``backend``: ``exact`` | ``flat`` | ``ivf`` | ``auto`` (exact up to 100k templates,
         else IVF). ``nlist`` (IVF cells) defaults to ~4 sqrt(N), capped so each cell is trained
-        on >= 39 points where possible; ``nprobe`` cells are visited per query.
+        on >= 39 points where possible; ``nprobe`` cells are visited per query (None: 8, or
+        every cell of a gallery with fewer, which is then exact; a number above ``nlist`` is
+        refused).
         """
         vectors = _normalise(embeddings, "gallery embeddings")
         ids = np.asarray(ids).astype(str)
@@ -224,7 +226,7 @@ class Gallery:
         index.train(vectors)
         index.add(vectors)
         gallery = cls(ids, None, backend, index=index, nlist=nlist, quality=quality, metadata=metadata)
-        gallery.set_nprobe(nprobe)
+        gallery.set_nprobe(min(DEFAULT_NPROBE, nlist) if nprobe is None else nprobe)
         return gallery
 
     def set_nprobe(self, nprobe: int) -> None:
@@ -476,7 +478,7 @@ def enrol(folder: str | Path, ids, embeddings, *, replace: bool = False, backend
     template id that is already enrolled, a different dimension or quality present on one side
     only is refused (the message says to pass ``replace=True`` to start a new gallery instead).
 
-    ``nprobe=None`` means 8 for a new gallery and, for an extended one, the probe setting it
+    ``nprobe=None`` means 8 (at most the cell count) for a new gallery and, for an extended one, the probe setting it
     already had (see :func:`_kept_nprobe`); a number given here is used as it is.
     """
     folder = Path(folder)
@@ -485,8 +487,7 @@ def enrol(folder: str | Path, ids, embeddings, *, replace: bool = False, backend
         if not replace and (folder / GALLERY_JSON).exists():
             existing = Gallery._load_locked(folder)
         if existing is None:
-            gallery = Gallery.build(ids, embeddings, backend=backend, nlist=nlist,
-                                    nprobe=DEFAULT_NPROBE if nprobe is None else nprobe,
+            gallery = Gallery.build(ids, embeddings, backend=backend, nlist=nlist, nprobe=nprobe,
                                     quality=quality, metadata=metadata)
             gallery._save_locked(folder)
             return gallery, 0

@@ -222,3 +222,30 @@ def test_output_dir_that_is_not_a_directory_names_the_key(tmp_path):
         cfg = load_config(write(tmp_path, {}), [f"train.output_dir={output_dir}"])
         with pytest.raises(ConfigError, match="train.output_dir: .*not a directory"):
             validate_components(cfg)
+
+
+def test_integers_read_as_yaml_1_2_decimal_not_1_1_octal(tmp_path):
+    # PyYAML's YAML 1.1 read 010 as octal 8 (seed 8, fold 8) and 08 as the text "08".
+    path = tmp_path / "cfg.yaml"
+    path.write_text("val:\n  folds: [08, 09, 010]\ntrain:\n  seed: 010\n")
+    cfg = load_config(path, ["val.seed=0100"])
+    assert cfg.val.folds == [8, 9, 10] and cfg.train.seed == 10 and cfg.val.seed == 100
+    assert load_config(path, ["train.seed=0x10"]).train.seed == 16
+    assert load_config(path, ["train.output_dir=1:30"]).train.output_dir == "1:30"  # not 90
+
+
+@pytest.mark.parametrize("folds", ["[8.7]", "[true]", "['x']"])
+def test_val_folds_are_checked_as_integers(tmp_path, folds):
+    # validate.py takes int(f) of each: 8.7 was fold 8 and true was fold 1, silently.
+    with pytest.raises(ConfigError, match=r"val\.folds\[0\]: expected an integer"):
+        load_config(write(tmp_path, {}), [f"val.folds={folds}"])
+
+
+def test_save_round_trip_keeps_strings_that_look_like_numbers(tmp_path):
+    overrides = ["train.output_dir='1e-3'", "data.params.list_file='08'",
+                 "head.params.tag='1e5'", "train.device='0x10'"]
+    cfg = load_config(write(tmp_path, {}), overrides)
+    save_config(cfg, tmp_path / "saved.yaml")
+    again = load_config(tmp_path / "saved.yaml")
+    assert to_dict(again) == to_dict(cfg)
+    assert again.data.params == {"list_file": "08"} and again.train.output_dir == "1e-3"

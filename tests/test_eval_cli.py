@@ -229,3 +229,34 @@ def test_lfw_feature_cache_follows_the_image_folder_and_content(tmp_path, fake_m
     changed, output = run(tmp_path / "B" / "lfw", shared)
     fresh, _ = run(tmp_path / "B" / "lfw", tmp_path / "fresh-b")
     assert "reusing" not in output and changed == fresh
+
+
+def test_ijb_template_options_that_would_be_ignored_or_fail_late_are_refused_first(tmp_path,
+                                                                                   fake_model):
+    # --quality-threshold only filters under qwfaf: with norm pooling it was silently ignored.
+    # All three are refused before any image is embedded (the root does not even exist).
+    runner = CliRunner()
+    base = ["eval", "ijb", "--model", str(fake_model), "--root", str(tmp_path / "absent"),
+            "--out", str(tmp_path / "o")]
+    for extra, message in ((["--quality-threshold", "0.5"], "qwfaf only"),
+                           (["--aggregation", "qwfaf"], "needs --quality-threshold"),
+                           (["--aggregation", "bogus"], "use one of")):
+        result = runner.invoke(app, [*base, *extra])
+        assert result.exit_code == 1 and message in result.output, result.output
+        assert "absent" not in result.output
+
+
+def test_features_refuses_options_its_protocol_ignores(tmp_path):
+    # --qmagface was accepted with --protocol ijb/tinyface (even a missing file) and not applied.
+    from test_ijb import write_ijb_fixture
+
+    _, features = write_ijb_fixture(tmp_path)
+    features.save(tmp_path / "f.safetensors")
+    runner = CliRunner()
+    base = ["eval", "features", str(tmp_path / "f.safetensors"), "--protocol", "ijb",
+            "--source", str(tmp_path), "--out", str(tmp_path / "o")]
+    for extra, flag in ((["--qmagface", str(tmp_path / "q.json")], "--qmagface"),
+                        (["--folds", "1,2"], "--folds"), (["--pairs", "p.txt"], "--pairs")):
+        result = runner.invoke(app, [*base, *extra])
+        assert result.exit_code == 1 and f"{flag}: not used by --protocol ijb" in result.output
+        assert not (tmp_path / "o" / "metrics.json").exists()

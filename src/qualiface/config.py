@@ -6,10 +6,12 @@ key and the file), and every value is checked against the field's annotated type
 overrides use dotted paths (``optim.lr=0.05``, ``head.params.lambda_g=2``); the value text is
 parsed as YAML (so ``true``, ``2``, ``[1, 2]`` work) and then type-checked the same way.
 
-Numbers: ``1e-3`` is a float (as in YAML 1.2; PyYAML's YAML 1.1 would read it as text), and a
-float field also takes a numeric string. NaN and Inf (``.nan``, ``.inf``, ``nan``) are refused in
-every float field and anywhere in the free-form sections, naming the key: a NaN learning rate
-passes every range check and turns the weights into NaN after one step.
+Numbers: ``1e-3`` is a float and ``010`` is ten (as in YAML 1.2; PyYAML's YAML 1.1 would read
+them as text and as octal 8), and a float field also takes a numeric string. ``config.yaml`` is
+written with the same rules, so a string such as ``"08"`` is quoted and reads back as text.
+NaN and Inf (``.nan``, ``.inf``, ``nan``) are refused in every float field and anywhere in the
+free-form sections, naming the key: a NaN learning rate passes every range check and
+turns the weights into NaN after one step.
 
 Free-form sections (``model.params``, ``head.params``, ``data.params``) are plain dicts passed
 as keyword arguments to the component's constructor; ``validate_components`` checks their keys
@@ -102,7 +104,7 @@ class ValidationConfig:
     num_pairs: int = 1000
     root: str = ""
     pairs: str = ""
-    folds: list = field(default_factory=list)
+    folds: list[int] = field(default_factory=list)  # 1-based; checked element by element
     batch_size: int = 128
     seed: int = 12345
 
@@ -512,11 +514,52 @@ class _ConfigLoader(yaml.SafeLoader):
     """
 
 
+_INT_TAG = "tag:yaml.org,2002:int"
+# Integers as in YAML 1.2: ``010`` is ten, not YAML 1.1's octal eight (``train.seed=010`` was
+# seed 8, ``val.folds: [08, 09, 010]`` read as ``["08", "09", 8]``), and ``1:30`` is text, not
+# the sexagesimal 90. ``0o17``, ``0x1f`` (and ``0b101``, ``1_000``) still read as integers.
+_ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _INT_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_ConfigLoader.add_implicit_resolver(
+    _INT_TAG,
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*|0x[0-9a-fA-F_]+|0o[0-7_]+|0b[01_]+)$"),
+    list("-+0123456789"),
+)
+
+
+def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    text = str(loader.construct_scalar(node)).replace("_", "")
+    sign = -1 if text.startswith("-") else 1
+    digits = text.lstrip("+-")
+    for prefix, base in (("0x", 16), ("0o", 8), ("0b", 2)):
+        if digits.startswith(prefix):
+            return sign * int(digits[2:], base)
+    try:
+        return sign * int(digits, 10)
+    except ValueError:
+        raise yaml.constructor.ConstructorError(
+            None, None, f"invalid integer {text!r}", node.start_mark) from None
+
+
+_ConfigLoader.add_constructor(_INT_TAG, _construct_int)
 _ConfigLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
     list("-+0123456789."),
 )
+
+
+class _ConfigDumper(yaml.SafeDumper):
+    """``yaml.SafeDumper`` that quotes exactly the text ``_ConfigLoader`` would read as a number.
+
+    The plain dumper follows YAML 1.1, so the string ``"1e-3"`` or ``"08"`` was written
+    unquoted and came back from ``config.yaml`` as the number 0.001 or 8.
+    """
+
+
+_ConfigDumper.yaml_implicit_resolvers = copy.deepcopy(_ConfigLoader.yaml_implicit_resolvers)
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:
@@ -645,7 +688,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Trainin
 
 def save_config(cfg: TrainingConfig, path: str | Path) -> None:
     """Write the config as YAML (every field, defaults included) so a run is reproducible."""
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    Path(path).write_text(yaml.dump(to_dict(cfg), Dumper=_ConfigDumper, sort_keys=False))
 
 
 def get_value(cfg: Any, dotted: str) -> Any:

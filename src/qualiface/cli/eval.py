@@ -240,6 +240,19 @@ def bin_(
         raise fail(str(exc)) from None
 
 
+def _check_ijb_options(aggregation: str, quality_threshold) -> None:
+    """Refuse template options that would fail or be ignored, before any image is embedded."""
+    from qualiface.scoring.aggregation import AGGREGATION_MODES
+
+    if aggregation not in AGGREGATION_MODES:
+        raise fail(f"--aggregation {aggregation!r}: use one of {', '.join(AGGREGATION_MODES)}")
+    if aggregation == "qwfaf" and quality_threshold is None:
+        raise fail("--aggregation qwfaf needs --quality-threshold (s_th)")
+    if aggregation != "qwfaf" and quality_threshold is not None:
+        # Only qwfaf filters by quality: the threshold would be ignored.
+        raise fail(f"--quality-threshold applies to --aggregation qwfaf only, not {aggregation}")
+
+
 def _finish_ijb(protocol, features, out: Path, aggregation: str, quality_threshold,
                 detector_score: bool, device: str = "cpu") -> None:
     from qualiface.eval.ijb import IJBOptions, evaluate_ijb
@@ -276,6 +289,7 @@ def ijb(
     from qualiface.data.ijb import load_ijb
     from qualiface.eval.ijb import ijb_images
 
+    _check_ijb_options(aggregation, quality_threshold)
     try:
         protocol = load_ijb(root, name)
         features = _features(out, name.lower(), model, device, ijb_images(protocol),
@@ -331,11 +345,18 @@ def features_(
     folds: str = typer.Option(None, "--folds", help="lfw: protocol folds, e.g. 8,9,10"),
     name: str = typer.Option("IJBC", "--name", help="ijb: IJBB or IJBC"),
     aggregation: str = typer.Option("norm", "--aggregation", help="ijb: template aggregation"),
-    qmagface: Path = typer.Option(None, "--qmagface", help="QMagFace parameters (JSON) to apply"),
+    qmagface: Path = typer.Option(None, "--qmagface", help="lfw, bin: QMagFace parameters (JSON) to apply"),
 ) -> None:
     """Evaluate precomputed per-image features (ids must match the protocol's images)."""
     from qualiface.eval.features import FeatureSet
 
+    # Options of another protocol would be accepted and silently ignored.
+    ignored = [flag for flag, given, used_by in (
+        ("--qmagface", qmagface is not None, ("lfw", "bin")),
+        ("--pairs", pairs is not None, ("lfw",)),
+        ("--folds", folds is not None, ("lfw",))) if given and protocol not in used_by]
+    if ignored:
+        raise fail(f"{', '.join(ignored)}: not used by --protocol {protocol}")
     try:
         features = FeatureSet.load(file)
         if protocol == "lfw":

@@ -270,6 +270,18 @@ def test_options_of_a_method_not_being_run_are_not_a_config_change():
     assert ("pipeline.name", "eqface", "none") in config_differences(saved, current)
 
 
+def test_options_a_method_reads_without_its_schedule_are_still_compared():
+    # QGFace reads its degradation preset under pipeline.name=none too: a changed preset on
+    # resume went unnoticed and the rest of the run trained on other second views.
+    from qualiface.train.checkpoint import config_differences
+
+    saved = {"head": {"name": "qgface"}, "pipeline": {"name": "none", "qgface": {"lq_preset": "qgface"},
+                                                      "qcface": {"warmup_steps": 0}}}
+    current = {"head": {"name": "qgface"}, "pipeline": {"name": "none", "qgface": {"lq_preset": "mild"},
+                                                        "qcface": {"warmup_steps": 9}}}
+    assert config_differences(saved, current) == [("pipeline.qgface.lq_preset", "qgface", "mild")]
+
+
 # ----------------------------------------------------------------------------- bad input, round 5
 
 

@@ -25,7 +25,7 @@ from qualiface.registry import Registry
 METHODS: Registry = Registry("method")
 
 __all__ = ["METHODS", "Method", "MethodContext", "Phase", "PipelineError", "build_method",
-           "method_options"]
+           "method_options", "options_section"]
 
 
 def _load_all() -> None:
@@ -43,6 +43,15 @@ def method_classes() -> dict[str, type[Method]]:
         cls = METHODS.get(key)
         classes.setdefault(cls.name, cls)
     return classes
+
+
+def options_section(head_name: str) -> str | None:
+    """The ``pipeline.<name>`` section the method of head ``head_name`` reads its options from
+    (whether or not its schedule runs: QGFace's degradation preset applies either way); None
+    for a head whose method has no options."""
+    _load_all()
+    cls = METHODS.get(head_name) if head_name in METHODS else Method
+    return cls.name if cls.Config is not None else None
 
 
 def method_options() -> dict[str, type]:

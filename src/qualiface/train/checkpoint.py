@@ -37,6 +37,7 @@ import torch
 
 from qualiface.errors import QualifaceError
 from qualiface.files import FileWriteError, atomic_write, describe_os_error
+from qualiface.methods import options_section
 
 CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT_VERSION = 1
@@ -391,12 +392,19 @@ def config_differences(saved: dict, current: dict) -> list[tuple[str, Any, Any]]
     ``RESUME_MAY_CHANGE`` (a key or a whole section); ``ABSENT`` stands for a missing key."""
     old, new = _flatten(saved), _flatten(current)
 
-    # ``pipeline`` holds one options section per *registered* method, and only the section of
-    # the method being run (``pipeline.name``) shapes training: the others (a plug-in registered
-    # in one process only, an option added to another method since) are not differences. A
-    # change of ``pipeline.name`` itself still is.
-    active = {(side.get("pipeline") or {}).get("name") for side in (saved, current)
-              if isinstance(side, dict)}
+    # ``pipeline`` holds one options section per *registered* method, and only the sections
+    # the run reads shape training: the scheduled one (``pipeline.name``) and the one of the
+    # head's method, read even unscheduled (QGFace's degradation preset under
+    # ``pipeline.name=none``). The others (a plug-in registered in one process only, an option
+    # added to another method since) are not differences. A change of ``pipeline.name`` or of
+    # the head itself still is.
+    active: set = set()
+    for side in (saved, current):
+        if isinstance(side, dict):
+            active.add((side.get("pipeline") or {}).get("name"))
+            head = (side.get("head") or {}).get("name")
+            if isinstance(head, str):
+                active.add(options_section(head))
 
     def may_change(key: str) -> bool:
         if key.startswith("pipeline.") and key.count(".") >= 2 and key.split(".")[1] not in active:

@@ -60,3 +60,17 @@ def test_invalid_schedules_raise():
     with pytest.raises(ValueError, match="step"):
         lr_at(-1, Schedule(base_lr=0.1, total_steps=10))
 
+
+
+@pytest.mark.parametrize("kind", ["poly", "cosine"])
+def test_a_phase_below_min_lr_never_decays_upwards(kind):
+    # EQFace's step 2 retry runs at 1e-4 while schedule.min_lr is 1e-3 (set for the main phase at
+    # 0.1): the old schedule "decayed" 1e-4 -> 1e-3, ten times up, undoing the retry's lower lr.
+    cfg = ScheduleConfig(kind=kind, min_lr=1e-3)
+    s = build_schedule(cfg, base_lr=1e-4, total_steps=20, steps_per_epoch=10, warmup=False)
+    lrs = [lr_at(k, s) for k in range(21)]
+    assert max(lrs) == pytest.approx(1e-4)
+    assert all(b <= a + 1e-18 for a, b in zip(lrs, lrs[1:]))
+    # a phase above the floor still decays down to it
+    main = build_schedule(cfg, base_lr=0.1, total_steps=20, steps_per_epoch=10)
+    assert lr_at(20, main) == pytest.approx(1e-3) and lr_at(0, main) == pytest.approx(0.1)

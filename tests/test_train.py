@@ -297,3 +297,32 @@ def test_metrics_reach_the_host_as_the_head_computed_them(tmp_path):
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in logged if r["kind"] == "train"][-1]
     assert last["loss"] == result.last_metrics["loss"] and last["acc"] == result.last_metrics["acc"]
+
+
+def test_images_per_s_leaves_validation_and_checkpoint_time_out(tmp_path, monkeypatch):
+    # A fake clock: each training step takes 1 s, each validation 100 s, each checkpoint 10 s.
+    # The truth is 16 images per 1 s step; the old window counted the validation and the
+    # checkpoint after each logged step too, so every record after the first said 0.144 img/s.
+    import time
+    from types import SimpleNamespace
+
+    from qualiface.train import logging as train_logging
+
+    clock = {"t": 0.0}
+    monkeypatch.setattr(train_logging, "time", SimpleNamespace(perf_counter=lambda: clock["t"], time=time.time))
+    trainer = Trainer(tiny_config(tmp_path, steps=4, eval_every=1, checkpoint_every=1))
+
+    def timed(function, seconds):
+        def run(*args, **kwargs):
+            clock["t"] += seconds
+            return function(*args, **kwargs)
+        return run
+
+    trainer.train_step = timed(trainer.train_step, 1.0)
+    trainer.validate = timed(lambda: {}, 100.0)
+    trainer.save_checkpoint = timed(lambda: None, 10.0)
+    trainer._finish = lambda validation: None  # the model package and report: not timed, slow
+    trainer.run()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rates = [r["images_per_s"] for r in records if r["kind"] == "train"]
+    assert rates == pytest.approx([16.0] * 4)

@@ -9,6 +9,7 @@ infinite one the string ``"inf"``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -191,7 +192,8 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 class Throughput:
-    """Images per second over the window since the last ``rate()`` (or since creation)."""
+    """Training images per second over the window since the last ``rate()`` (or since
+    creation), not counting the time spent ``paused``."""
 
     def __init__(self) -> None:
         self.start = time.perf_counter()
@@ -200,8 +202,18 @@ class Throughput:
     def add(self, images: int) -> None:
         self.images += images
 
+    @contextlib.contextmanager
+    def paused(self):
+        """Leave the time spent inside (validation, checkpoints) out of the window: it is no
+        training, and counted in it understated the images/s of the next record."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.start += time.perf_counter() - start
+
     def rate(self) -> float:
-        """The window's images/s; starts the next window."""
+        """The window's images/s (time spent ``paused`` left out); starts the next window."""
         elapsed = time.perf_counter() - self.start
         rate = self.images / elapsed if elapsed > 0 else 0.0
         self.start, self.images = time.perf_counter(), 0

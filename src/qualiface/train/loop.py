@@ -212,10 +212,11 @@ class Trainer:
             if self.phase_step % t.log_every == 0 or self.phase_step == total:
                 self._log_step(progress, task, throughput.rate())
             progress.update(task, completed=self.phase_step)
-            if t.eval_every > 0 and self.global_step % t.eval_every == 0:
-                self.validate()
-            if t.checkpoint_every > 0 and self.phase_step % t.checkpoint_every == 0 and self.phase_step < total:
-                self.save_checkpoint()
+            with throughput.paused():  # images/s measures training, not these
+                if t.eval_every > 0 and self.global_step % t.eval_every == 0:
+                    self.validate()
+                if t.checkpoint_every > 0 and self.phase_step % t.checkpoint_every == 0 and self.phase_step < total:
+                    self.save_checkpoint()
             if any_rank(self._stop_signal is not None, self.device):
                 self.save_checkpoint()
                 raise TrainingInterrupted(self._stop_signal or signal.SIGTERM, self.global_step, self.checkpoint_path)

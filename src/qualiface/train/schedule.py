@@ -75,7 +75,11 @@ def lr_at(step: int, schedule: Schedule) -> float:
 def build_schedule(cfg, *, base_lr: float, total_steps: int, steps_per_epoch: int,
                    warmup: bool = True) -> Schedule:
     """Resolve a ``ScheduleConfig`` (epochs where it says epochs) into a ``Schedule`` in steps;
-    ``warmup=False`` drops the warm-up (a phase that continues from trained weights)."""
+    ``warmup=False`` drops the warm-up (a phase that continues from trained weights).
+
+    ``min_lr`` is a floor the decay goes down to, never up to: a phase whose own ``base_lr``
+    is below it (EQFace's steps 2-3 at 0.01, a collapse retry at a tenth of that) keeps its
+    ``base_lr`` instead of rising to ``min_lr``."""
     warmup_steps = cfg.warmup_steps if cfg.warmup_steps > 0 else round(cfg.warmup_epochs * steps_per_epoch)
     warmup_steps = min(warmup_steps, total_steps) if warmup else 0
     milestones = tuple(sorted(round(float(m) * steps_per_epoch) for m in cfg.milestones))
@@ -85,7 +89,7 @@ def build_schedule(cfg, *, base_lr: float, total_steps: int, steps_per_epoch: in
         kind=cfg.kind,
         warmup_steps=warmup_steps,
         power=cfg.power,
-        min_lr=cfg.min_lr,
+        min_lr=min(cfg.min_lr, base_lr),
         milestones=milestones,
         gamma=cfg.gamma,
     )

@@ -80,6 +80,25 @@ def test_choices_and_ranges_are_checked(tmp_path):
         load_config(write(tmp_path, {}), ["train.grad_accum=0"])
 
 
+@pytest.mark.parametrize("override, needle", [
+    ("train.clip_grad_norm=-1", r"train\.clip_grad_norm must be in \[0, inf\), got -1 \(0 switches clipping off\)"),
+    ("optim.momentum=1.5", r"optim\.momentum must be in \[0, 1\), got 1\.5"),
+    ("optim.weight_decay=-0.1", r"optim\.weight_decay must be in"),
+    ("schedule.power=-2", r"schedule\.power must be > 0"),
+    ("schedule.gamma=5", r"schedule\.gamma must be in \(0, 1\]"),
+    ("schedule.milestones=[4, -3]", r"schedule\.milestones\[1\] must be >= 0"),
+    ("schedule.min_lr=0.5", r"schedule\.min_lr \(0\.5\) is above optim\.lr \(0\.1\)"),
+    ("schedule.warmup_epochs=-1", r"schedule\.warmup_epochs must be in"),
+    ("optim.betas=[0.9, 1.5]", r"optim\.betas must be two numbers in \[0, 1\)"),
+])
+def test_numbers_the_optimizer_would_take_and_train_wrongly_with_are_refused(tmp_path, override, needle):
+    # Each used to pass the config check: clipping silently off, a diverging momentum, a step
+    # "decay" that grows, a schedule whose floor is above its start.
+    with pytest.raises(ConfigError, match=needle):
+        load_config(write(tmp_path, {}), [override])
+    load_config(write(tmp_path, {}), ["train.clip_grad_norm=0", "schedule.gamma=1", "optim.momentum=0"])
+
+
 def test_malformed_override_and_yaml(tmp_path):
     with pytest.raises(ConfigError, match="key=value"):
         apply_overrides({}, ["optim.lr"])

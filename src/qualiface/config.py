@@ -395,12 +395,46 @@ def _check_choices(cfg: TrainingConfig) -> None:
         raise ConfigError(f"distributed.sample_rate must be in (0, 1], got {cfg.distributed.sample_rate}")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr must be > 0, got {cfg.optim.lr}")
+    _check_ranges(cfg)
     for path in ("train.seed", "val.seed"):
         seed = get_value(cfg, path)
         if not 0 <= seed <= MAX_SEED:
             # numpy's legacy seeding takes 0 .. 2**32 - 1; larger ints overflow torch/numpy.
             raise ConfigError(f"{path}: {seed} is outside 0 .. 2**32 - 1 (what numpy and torch "
                               f"accept as a seed)")
+
+
+def _check_ranges(cfg: TrainingConfig) -> None:
+    """Numbers the optimizer and schedule would take without complaint and train wrongly with:
+    ``clip_grad_norm=-1`` switched clipping off quietly, ``momentum=1.5`` diverges,
+    ``gamma=5`` makes a step decay a step growth, a negative warm-up failed only when the phase
+    started, with a bare ValueError."""
+    o, sc = cfg.optim, cfg.schedule
+    intervals = {  # path: (value, lowest, highest, whether the highest is allowed)
+        "optim.momentum": (o.momentum, 0.0, 1.0, False),
+        "optim.weight_decay": (o.weight_decay, 0.0, math.inf, False),
+        "optim.eps": (o.eps, 0.0, math.inf, False),
+        "schedule.warmup_epochs": (sc.warmup_epochs, 0.0, math.inf, False),
+        "schedule.warmup_steps": (sc.warmup_steps, 0, math.inf, False),
+        "schedule.min_lr": (sc.min_lr, 0.0, math.inf, False),
+        "train.clip_grad_norm": (cfg.train.clip_grad_norm, 0.0, math.inf, False),
+    }
+    for path, (value, low, high, high_ok) in intervals.items():
+        if not (low <= value < high or (high_ok and value == high)):
+            raise ConfigError(f"{path} must be in [{low:g}, {high:g}), got {value:g}"
+                              + (" (0 switches clipping off)" if path == "train.clip_grad_norm" else ""))
+    if sc.power <= 0:
+        raise ConfigError(f"schedule.power must be > 0, got {sc.power:g}")
+    if not 0.0 < sc.gamma <= 1.0:
+        raise ConfigError(f"schedule.gamma must be in (0, 1] (the factor at each milestone), got {sc.gamma:g}")
+    for k, milestone in enumerate(sc.milestones):
+        if milestone < 0:
+            raise ConfigError(f"schedule.milestones[{k}] must be >= 0 (an epoch), got {milestone:g}")
+    if sc.kind != "constant" and sc.min_lr > o.lr:
+        raise ConfigError(f"schedule.min_lr ({sc.min_lr:g}) is above optim.lr ({o.lr:g}): the "
+                          "decay would never decay")
+    if len(o.betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in o.betas):
+        raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {o.betas!r}")
 
 
 # --------------------------------------------------------------------------- public API

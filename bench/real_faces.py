@@ -583,6 +583,13 @@ def aggregate(runs: list[dict], methods: list[str], severities: list[float]) -> 
     out = {}
     for method in methods:
         ok = [r for r in runs if run_label(r) == method and "error" not in r]
+        seeds = [r["seed"] for r in ok]
+        if len(set(seeds)) != len(seeds):
+            # the same run twice (a copied result file, a file merged twice) would count as
+            # extra seeds: a wrong mean and a too-small std
+            raise BenchError(f"{method}: seed(s) "
+                             f"{sorted({s for s in seeds if seeds.count(s) > 1})} appear more "
+                             f"than once among the runs")
         entry = {"seeds": [r["seed"] for r in ok],
                  "errors": [r["error"] for r in runs if run_label(r) == method and "error" in r]}
         overrides = next((r.get("overrides") for r in ok if r.get("overrides")), None)
@@ -613,6 +620,8 @@ def table_rows(summary: dict, methods: list[str], severities: list[float]) -> tu
             text = fmt(value["mean"], 3, percent=percent)
             if value["n"] > 1:
                 text += " ± " + fmt(value["std"], 3, percent=percent)
+            if value["n"] < len(entry["seeds"]):  # a seed lacks this column: not its mean
+                text += f" ({value['n']} of {len(entry['seeds'])} seeds)"
             row.append(text)
         rows.append(row)
     return header, rows
@@ -1203,8 +1212,7 @@ def reevaluate(earlier: dict, run_file: Path, bench, clean, degraded, kinds: lis
     fresh = evaluate_package(package, bench, clean, degraded, kinds, eval_device, cfg, label)
     gaps = {key: largest_gap(json_roundtrip(run["results"][key]),
                              json_roundtrip(fresh["results"][key]))
-            for key in ("severity_0", "mixed", "spearman_vs_severity")
-            if key in run.get("results", {})}
+            for key in run.get("results", {}) if key in fresh["results"]}
     # Another thread count sums float32 features in another order: ~1e-6 moves are expected.
     changed = [key for key, gap in gaps.items() if gap > REEVALUATE_TOLERANCE]
     print(f"   largest change against the stored results: {max(gaps.values(), default=0):.2g}"
@@ -1393,16 +1401,23 @@ def ship_best(payload: dict, folder: Path) -> Path:
         shutil.copyfile(f, target / f.name)
     if package_identity(target) != package_identity(source):
         raise BenchError(f"{target}: the copy differs from {source}")
-    summary = payload["summary"][label]
     settings = payload["settings"]
 
+    def own(key):
+        """The shipped run's own score (not its row's mean over seeds)."""
+        try:
+            value = column_value(run, key)
+        except KeyError:
+            return None
+        return value if value is not None and math.isfinite(value) else None
+
     def pct(key):
-        value = summary.get(key)
-        return f"{100 * value['mean']:.1f} %" if value else "-"
+        value = own(key)
+        return f"{100 * value:.1f} %" if value is not None else "-"
 
     def num(key, digits=3):
-        value = summary.get(key)
-        return f"{value['mean']:.{digits}f}" if value else "-"
+        value = own(key)
+        return f"{value:.{digits}f}" if value is not None else "-"
 
     # How this run was made: its own result file's header (command, machine), not the table's
     # first file, which may come from another row, machine or thread count.
@@ -1422,8 +1437,9 @@ trained on millions of images).
   `{package_identity(target)}`.
 - Made by: `{made['command']}` (training {run['train']['steps']} steps,
   {run['train']['seconds'] / 60:.0f} min on {made['machine'].get('cpu', '?')}), picked by `python bench/real_faces.py --table {folder}
-  --ship-best` as the row with the best mean 3-fold accuracy among {len(accuracy)} methods.
-- Scores (LFW folds 8-10, 1,800 pairs): accuracy {pct('severity_0:accuracy')}, TAR@FAR1e-2
+  --ship-best` as the row with the best mean 3-fold accuracy ({100 * accuracy[label]:.1f} %
+  over its seeds) among {len(accuracy)} methods.
+- Scores of this model (seed {run['seed']}; LFW folds 8-10, 1,800 pairs): accuracy {pct('severity_0:accuracy')}, TAR@FAR1e-2
   {pct('severity_0:tar_at_far_1e-2')}, AUC {num('severity_0:auc')}; quality Spearman with
   degradation severity {num('spearman:model quality', 2)}; EDC pAUC20 {num('mixed:quality_pauc_20')}.
   The full table: `table.md` beside this folder.

@@ -501,3 +501,118 @@ def test_ship_best_falls_back_to_a_seed_whose_package_survived(real_faces, tmp_p
     payload["runs"] = [run(0), run(2)]  # no seed left on disk: refused, naming the seeds
     with pytest.raises(real_faces.BenchError, match=r"qcface is gone for every seed \(0, 2\)"):
         real_faces.ship_best(payload, tmp_path / "other")
+
+
+def _synthetic_row(folder: Path, method: str, seed: int, accuracy: float, *, variant: str = "",
+                   name: str | None = None, drop_kendall: bool = False) -> dict:
+    """One ``<label>-seed<k>.json`` as a trained row writes it, with made-up numbers."""
+    from dataclasses import asdict
+
+    rf = _load("real_faces")
+
+    def summary(acc):
+        return {"accuracy": acc, "accuracy_std": 0.01, "tar_at_far_1e-2": acc - 0.2, "auc": 0.9,
+                "quality_pauc_20": 0.1, "quality_pauc_30": 0.15, "norm_pauc_20": 0.11,
+                "norm_pauc_30": 0.16}
+
+    results = {f"severity_{s:g}": {"summary": summary(accuracy - s / 10)}
+               for s in (0, 0.25, 0.5, 0.75)}
+    results["mixed"] = {"summary": summary(accuracy)}
+    results["spearman_vs_severity"] = {"model quality": {"spearman": -0.3, "kendall": -0.2},
+                                       "feature norm": {"spearman": -0.1, "kendall": -0.05}}
+    if drop_kendall:  # evaluated before that column existed
+        del results["spearman_vs_severity"]["model quality"]["kendall"]
+    run = {"method": method, "seed": seed, "run_dir": str(folder / "gone"), "config": {},
+           "train": {"steps": 100, "seconds": 600.0, "images_per_s": 21.3,
+                     "validation_curve": []},
+           "results": results}
+    if variant:
+        run.update(variant=variant, overrides=["head.params.easy_margin=true"])
+    header = {"benchmark": "real_faces", "machine": {"cpu": "test cpu"}, "torch": "x",
+              "date": "today", "command": "python bench/real_faces.py", "git_commit": None,
+              "settings": asdict(rf.RealFacesConfig()), "train_set": "train.txt",
+              "test_set": "LFW folds 8-10"}
+    stem = name or rf.row_name(method, variant, seed)
+    (folder / f"{stem}.json").write_text(json.dumps({**header, "provenance": header, "run": run}))
+    return run
+
+
+def test_table_cells_are_seed_means_and_a_missing_column_is_not_hidden(real_faces, tmp_path):
+    rows = tmp_path / "rows"
+    rows.mkdir()
+    _synthetic_row(rows, "qcface", 0, 0.90)
+    _synthetic_row(rows, "qcface", 1, 0.86, drop_kendall=True)
+    _synthetic_row(rows, "qcface", 0, 0.80, variant="official")
+    _synthetic_row(rows, "arcface", 0, 0.85)
+    table = real_faces.main(["--table", str(rows)])
+    assert table["settings"]["methods"] == ["arcface", "qcface", "qcface@official"]
+    markdown = (rows / "table.md").read_text().split("\n")
+    header = next(line for line in markdown if line.startswith("| method |"))
+    cells = {line.split(" | ")[0][2:]: dict(zip(header.split(" | "), line.split(" | ")))
+             for line in markdown if line.startswith("| ") and " | " in line}
+    # mean and sample std over seeds 0 and 1 (percent, as the header says); the variant apart
+    assert cells["qcface"]["acc %"] == "88.0 ± 2.8"
+    assert cells["qcface@official"]["acc %"] == "80.0" and cells["arcface"]["acc %"] == "85.0"
+    assert cells["qcface"]["acc % s0.5"] == "83.0 ± 2.8" and cells["qcface"]["AUC"].startswith(
+        "0.900 ± 0.000")
+    # seed 1 has no Kendall tau: the cell is seed 0's value, and says so (not a mean of both)
+    assert cells["qcface"]["tau q"] == "-0.200 (1 of 2 seeds)"
+    assert table["summary"]["qcface"]["kendall:model quality"]["n"] == 1
+    assert cells["qcface"]["tau norm"] == "-0.050 ± 0.000"
+
+
+def test_a_run_counted_twice_is_not_two_seeds(real_faces, tmp_path):
+    """A copied result file (``*-seed*.json`` matches a backup too) or a file merged twice
+    would shift the mean and shrink the std: refused, naming the row and seed."""
+    rows = tmp_path / "rows"
+    rows.mkdir()
+    _synthetic_row(rows, "qcface", 0, 0.90)
+    _synthetic_row(rows, "qcface", 1, 0.86)
+    _synthetic_row(rows, "qcface", 1, 0.86, name="qcface-seed1.bak")
+    with pytest.raises(real_faces.BenchError, match=r"qcface: seed\(s\) \[1\] appear more"):
+        real_faces.main(["--table", str(rows)])
+
+
+def test_reevaluation_names_every_changed_result(real_faces, tmp_path, monkeypatch):
+    """Not only the clean and mixed sets: a changed degraded-set accuracy (a table column) or
+    per-kind correlation is named too."""
+    package = tmp_path / "run" / "model"
+    package.mkdir(parents=True)
+    (package / "model.json").write_text("{}")
+    stored = {"severity_0": {"summary": {"accuracy": 0.9}},
+              "severity_0.5": {"summary": {"accuracy": 0.8}},
+              "mixed": {"summary": {"accuracy": 0.85}},
+              "spearman_vs_severity": {"model quality": {"spearman": -0.3}},
+              "spearman_by_kind": {"noise": {"model quality": {"spearman": -0.2}}}}
+    earlier = {"run": {"method": "arcface", "seed": 0, "run_dir": str(tmp_path / "run"),
+                       "train": {"steps": 5}, "results": stored}}
+    fresh = json.loads(json.dumps(stored))
+    fresh["severity_0.5"]["summary"]["accuracy"] = 0.7
+    fresh["spearman_by_kind"]["noise"]["model quality"]["spearman"] = +0.2
+    monkeypatch.setattr(real_faces, "evaluate_package",
+                        lambda *a, **k: {"results": fresh, "edcs": {}})
+    run = real_faces.reevaluate(earlier, tmp_path / "arcface-seed0.json", *[None] * 4, "cpu",
+                                real_faces.RealFacesConfig(), "arcface s0")
+    assert sorted(run["reevaluated"]["changed"]) == ["severity_0.5", "spearman_by_kind"]
+    assert run["reevaluated"]["largest_change"]["severity_0"] == 0.0
+    assert run["train"] == {"steps": 5} and run["results"] == fresh
+
+
+def test_ship_best_card_quotes_the_shipped_seeds_own_scores(real_faces, tmp_path):
+    """The row is picked on its mean over seeds, but the card's scores are the shipped
+    package's (here seed 1's 86.0 %, not the row's mean 88.0 %)."""
+    from test_infer_model import make_package
+
+    make_package(tmp_path / "runs" / "qcface-seed1" / "model", seed=1)
+    rows = tmp_path / "rows"
+    rows.mkdir()
+    runs = [_synthetic_row(rows, "qcface", seed, acc) for seed, acc in ((0, 0.90), (1, 0.86))]
+    for run in runs:
+        run["run_dir"] = str(tmp_path / "runs" / f"qcface-seed{run['seed']}")
+    payload = {"summary": real_faces.aggregate(runs, ["qcface"], [0.25, 0.5, 0.75]),
+               "runs": runs, "settings": {}, "command": "python bench/real_faces.py ...",
+               "machine": {"cpu": "test cpu"}}
+    card = (real_faces.ship_best(payload, tmp_path / "table") / "README.md").read_text()
+    assert card.startswith("# Best model of the real-face CPU protocol: qcface (seed 1)")
+    assert "LFW 8-10 accuracy 86.0 %" in card and "accuracy 86.0 %, TAR@FAR1e-2\n  66.0 %" in card
+    assert "88.0 %\n  over its seeds" in card

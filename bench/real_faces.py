@@ -763,6 +763,16 @@ def save_figure(fig, path: Path) -> Path:
     return path
 
 
+def give_each_series_a_colour(fig, count: int) -> None:
+    """Colour cycle with ``count`` distinct colours on every axes of ``fig``: matplotlib's
+    default cycle has ten, so with eleven rows the eleventh (QGFace) took the first's colour
+    (ArcFace) and the two could not be told apart."""
+    cmap = pyplot().get_cmap("tab10" if count <= 10 else "tab20")
+    colours = [cmap(i % cmap.N) for i in range(max(1, count))]
+    for ax in fig.axes:
+        ax.set_prop_cycle(color=colours)
+
+
 def plot_edcs(path: Path, runs: list[dict], methods: list[str]) -> Path | None:
     """One EDC per method (first seed) for its quality score and, dashed, its feature norm."""
     plt = pyplot()
@@ -781,11 +791,12 @@ def plot_edcs(path: Path, runs: list[dict], methods: list[str]) -> Path | None:
     if not any(panels.values()):
         return None
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
+    give_each_series_a_colour(fig, max(len(curves) for curves in panels.values()))
     titles = ("method's quality score", "feature norm")
     for ax, curves, title in zip(axes, panels.values(), titles):
         draw_edcs(ax, curves, f"EDC, mixed-severity LFW 8-10: {title}",
                   ylabel=f"FNMR at FMR {EDC_FMR:g}")
-        ax.legend(fontsize="small")
+        ax.legend(fontsize="small", loc="upper right", ncol=2)  # the curves lie below ~0.7
     return save_figure(fig, path)
 
 
@@ -802,6 +813,7 @@ def plot_quality_vs_severity(path: Path, runs: list[dict], methods: list[str]) -
     if not chosen:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    give_each_series_a_colour(fig, len(chosen))
     for ax, name in zip(axes, ("model quality", "feature norm")):
         for run in chosen:
             per = run["results"]["quality_by_severity"][name]
@@ -833,6 +845,7 @@ def plot_quality_by_kind(path: Path, runs: list[dict], methods: list[str]) -> Pa
     kinds = sorted({k for r in chosen for k in r["results"]["spearman_by_kind"]})
     width = 0.8 / len(chosen)
     fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(kinds) + 0.3 * len(chosen)), 4.5))
+    give_each_series_a_colour(fig, len(chosen))
     for i, run in enumerate(chosen):
         per_kind = run["results"]["spearman_by_kind"]
         values = [per_kind.get(k, {}).get("model quality", {}).get("spearman") for k in kinds]
@@ -864,6 +877,7 @@ def plot_convergence(path: Path, runs: list[dict], methods: list[str]) -> Path |
     if not curves:
         return None
     fig, ax = plt.subplots(figsize=(8, 4.8))
+    give_each_series_a_colour(fig, len(curves))
     for method, (x, y) in curves.items():
         ax.plot(x, y, marker="o", markersize=3, label=method)
     ax.set_xlabel("fraction of training done")

@@ -616,3 +616,22 @@ def test_ship_best_card_quotes_the_shipped_seeds_own_scores(real_faces, tmp_path
     assert card.startswith("# Best model of the real-face CPU protocol: qcface (seed 1)")
     assert "LFW 8-10 accuracy 86.0 %" in card and "accuracy 86.0 %, TAR@FAR1e-2\n  66.0 %" in card
     assert "88.0 %\n  over its seeds" in card
+
+
+def test_every_row_of_a_plot_has_its_own_colour(real_faces, tmp_path, monkeypatch):
+    # Eleven rows: with matplotlib's ten-colour cycle the eleventh (QGFace) was drawn in the
+    # first's colour (ArcFace) in every real-face plot.
+    figures = []
+
+    def keep(fig, path):
+        figures.append(fig)
+        return path
+
+    monkeypatch.setattr(real_faces, "save_figure", keep)
+    methods = [f"m{i}" for i in range(11)]
+    runs = [{"method": m, "seed": 0, "train": {"steps": 20, "validation_curve": [
+        {"step": 10, "accuracy": 0.5 + i / 100}, {"step": 20, "accuracy": 0.6 + i / 100}]},
+        "results": {}} for i, m in enumerate(methods)]
+    real_faces.plot_convergence(tmp_path / "c.png", runs, methods)
+    colours = [tuple(line.get_color()) for line in figures[0].axes[0].get_lines()]
+    assert len(colours) == 11 and len(set(colours)) == 11

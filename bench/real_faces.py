@@ -931,8 +931,9 @@ def parse_args(argv) -> RealFacesConfig:
                         help="only merge the run files of DIR (one JSON per method and seed) "
                              "into DIR/table.{md,json} with the EDC and quality plots")
     parser.add_argument("--ship-best", action="store_true",
-                        help="with --table: copy the model package of the most accurate method "
-                             "(first seed) to DIR/best_model with a model card, if <= 20 MB")
+                        help="with --table: copy the model package of the most accurate row "
+                             "(by its mean over seeds; the lowest seed whose run folder survives) "
+                             "to DIR/best_model with a model card, if <= 20 MB")
     parser.add_argument("--preset", choices=("cpu",), default="",
                         help="cpu: the 2-core CPU protocol (iresnet18 width 16, 112 px, "
                              "10 epochs, LFW 8-10 checked every epoch); flags given win")

@@ -38,11 +38,12 @@ def test_tinyface_rank_k_equals_naive_loop(tmp_path):
     features = write_tinyface(tmp_path)
     protocol = load_tinyface(tmp_path)
     assert len(protocol.probe_paths) == 24 and np.sum(protocol.gallery_subjects < 0) == 40
-    metrics = evaluate_tinyface(protocol, features, ranks=(1, 5))
+    metrics = evaluate_tinyface(protocol, features)  # the default ranks: AdaFace's 1, 5, 20 and 10
+    assert [key for key in metrics if key.startswith("rank")] == ["rank1", "rank5", "rank10", "rank20"]
     f = features.features / np.linalg.norm(features.features, axis=1, keepdims=True)
     row = {i: k for k, i in enumerate(features.ids)}
     gallery = protocol.gallery_paths
-    for k in (1, 5):
+    for k in (1, 5, 10, 20):
         hits = 0
         for path in protocol.probe_paths:
             subject = subject_of(path)

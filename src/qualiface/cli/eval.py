@@ -313,7 +313,7 @@ def tinyface(
     threads: int = typer.Option(0, "--threads", min=0, help=THREADS_HELP),
     device: str = typer.Option("cpu", "--device"),
 ) -> None:
-    """TinyFace rank-1/5/10 (AdaFace protocol: probes vs gallery match + distractors)."""
+    """TinyFace rank-1/5/10/20 (AdaFace protocol: probes vs gallery match + distractors)."""
     from qualiface.data.tinyface import load_tinyface
     from qualiface.eval.tinyface import tinyface_images
 

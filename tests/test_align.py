@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import cv2
 import numpy as np
@@ -16,6 +17,7 @@ from qualiface.infer.align import (
     LandmarkFileError,
     align_face,
     estimate_similarity,
+    landmark_problem,
     read_landmark_file,
     transform_points,
     warp_to_template,
@@ -182,3 +184,52 @@ def test_cli_aligns_raw_photos_with_yunet_by_default(shared_data, tmp_path):
     assert cv2.imread(str(tmp_path / "dst" / report["aligned"][0])).shape == (112, 112, 3)
     result = CliRunner().invoke(app, ["align", str(src), str(tmp_path / "dst"), "--detector", "mtcnn"])
     assert result.exit_code != 0 and "unknown detector 'mtcnn'" in result.output
+
+
+def _least_squares_similarity(src, dst):
+    # Independent of Umeyama: solve x' = a x - b y + tx, y' = b x + a y + ty by least squares.
+    rows, values = [], []
+    for (x, y), (u, v) in zip(src, dst):
+        rows += [[x, -y, 1, 0], [y, x, 0, 1]]
+        values += [u, v]
+    a, b, tx, ty = np.linalg.lstsq(np.array(rows), np.array(values), rcond=None)[0]
+    return np.array([[a, -b, tx], [b, a, ty]])
+
+
+def test_similarity_matches_plain_least_squares_for_rotated_and_mirrored_photos():
+    rng = np.random.default_rng(3)
+    photo_landmarks = transform_points(_similarity(1.8, 140.0, 200.0, 90.0), TEMPLATE_112)
+    photo_landmarks += rng.normal(0, 2.0, (5, 2))  # rotated past 90 degrees, noisy
+    width = 320
+    # The same photo mirrored: x -> W - 1 - x, and image-left/right points trade places.
+    mirrored = (photo_landmarks * [-1, 1] + [width - 1, 0])[[1, 0, 2, 4, 3]]
+    for landmarks in (photo_landmarks, mirrored):
+        _, matrix = warp_to_template(np.zeros((300, width, 3), np.uint8), landmarks)
+        np.testing.assert_allclose(matrix, _least_squares_similarity(landmarks, TEMPLATE_112), atol=1e-8)
+
+
+@pytest.mark.parametrize("landmarks, message", [
+    (np.full((5, 2), -1.0), "within 0 pixels of one point"),  # "missing" written as -1
+    (transform_points(_similarity(1.5, 5.0, 20.0, 10.0), TEMPLATE_112) / 220, "not in pixels"),
+    (transform_points(_similarity(1.5, 5.0, 20.0, 10.0), TEMPLATE_112)[:, ::-1], r"\(row, col\)"),
+    (transform_points(_similarity(1.5, 5.0, 20.0, 10.0), TEMPLATE_112)[[1, 0, 2, 4, 3]], "swapped"),
+    (np.where(np.eye(5, 2, dtype=bool), np.nan, 50.0) + np.arange(10).reshape(5, 2) * 9, "finite"),
+])
+def test_unusable_landmarks_are_an_error_naming_the_file_not_a_garbage_crop(tmp_path, landmarks, message):
+    # Before: NaN gave a numpy SVD traceback, the others a silently wrong 112x112 crop.
+    src = tmp_path / "src"
+    src.mkdir()
+    cv2.imwrite(str(src / "one.png"), np.full((220, 220, 3), 128, np.uint8))
+    assert re.search(message, landmark_problem(landmarks))
+    line = " ".join(f"{v:.6f}" for v in np.asarray(landmarks).ravel())
+    (tmp_path / "lm.txt").write_text(f"one.png {line}\n")
+    result = CliRunner().invoke(app, ["align", str(src), str(tmp_path / "dst"), "--landmarks", str(tmp_path / "lm.txt")])
+    assert result.exit_code == 1, result.output
+    output = result.output.replace("\n", "")
+    assert "lm.txt:1" in output and "one.png" in output, output
+    assert not (tmp_path / "dst" / "one.png").exists()
+    # The same from a detector: an error naming the image, not a crop reported as aligned.
+    from qualiface.infer.align import AlignmentError, FaceLandmarks, iter_align
+
+    with pytest.raises(AlignmentError, match=r"one\.png: "):
+        list(iter_align(src, detector=lambda image: [FaceLandmarks(np.asarray(landmarks), 0.9)]))

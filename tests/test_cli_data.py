@@ -160,3 +160,42 @@ def test_info_on_the_shared_training_manifest(shared_data):
     result, output = _run("info", shared_data / "train.txt")
     assert result.exit_code == 0, output
     assert "18,976" in output and "4,735" in output
+
+
+def test_pack_refuses_a_folder_holding_another_pack_and_keeps_its_names(faces, tmp_path):
+    # property and identities.txt are per folder: a second prefix there replaced the first
+    # pack's (with --overwrite), and unpacking the first then named its folders wrongly.
+    root, _ = faces
+    assert _run("pack", root, tmp_path / "p" / "first")[0].exit_code == 0
+    names = (tmp_path / "p" / "identities.txt").read_bytes()
+    other = tmp_path / "other"
+    for index, name in enumerate(["x", "y", "z"]):
+        (other / name).mkdir(parents=True)
+        (other / name / "1.jpg").write_bytes(_image(index, "JPEG"))
+    for extra in ([], ["--overwrite"]):
+        result, output = _run("pack", other, tmp_path / "p" / "second", *extra)
+        assert result.exit_code == 1 and "first.rec" in output and "of its own" in output
+    assert (tmp_path / "p" / "identities.txt").read_bytes() == names
+    assert not (tmp_path / "p" / "second.rec").exists()
+    result, _ = _run("unpack", tmp_path / "p" / "first.rec", tmp_path / "out")
+    assert result.exit_code == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["Bob Smith", "alice", "carol"]
+
+
+def test_unpack_overwrite_replaces_an_earlier_unpack_but_never_other_files(faces, tmp_path):
+    assert _run("pack", faces[0], tmp_path / "d" / "train")[0].exit_code == 0
+    rec = tmp_path / "d" / "train.rec"
+    out = tmp_path / "out"
+    assert _run("unpack", rec, out)[0].exit_code == 0
+    assert _run("unpack", rec, out, "--overwrite")[0].exit_code == 0  # an earlier unpack
+    (out / "alice" / "notes.txt").write_text("mine")
+    result, output = _run("unpack", rec, out, "--overwrite")
+    assert result.exit_code == 1 and "notes.txt" in output
+    assert (out / "alice" / "notes.txt").read_text() == "mine"
+    # The folder holding the .rec (or one above it) was deleted, the .rec with it.
+    for target in (rec.parent, tmp_path):
+        before = sorted(p.name for p in target.iterdir())
+        result, output = _run("unpack", rec, target, "--overwrite")
+        assert result.exit_code == 1 and "unpack wrote" in output
+        assert sorted(p.name for p in target.iterdir()) == before and rec.is_file()
+    assert not list(tmp_path.glob(".d.*")) and not list(tmp_path.parent.glob(f".{tmp_path.name}.*"))

@@ -16,6 +16,7 @@ from qualiface.demo import (
     DemoError,
     MARKER,
     DemoOptions,
+    check_out_folder,
     choose_threads,
     claim_folder,
     fnmr_after_discard,
@@ -226,6 +227,21 @@ def test_claim_folder_only_clears_what_a_demo_wrote(tmp_path):
     with pytest.raises(DemoError, match="not written by qualiface demo"):
         claim_folder(theirs)
     assert (theirs / "precious.jpg").read_bytes() == b"x"
+
+
+def test_demo_refuses_an_out_holding_another_runs_report_before_any_work(tmp_path):
+    # Before: the demo trained for minutes, then overwrote the user's report and metrics.
+    out = tmp_path / "eval-run"
+    out.mkdir()
+    (out / "metrics.json").write_text('{"mine": 1}\n')
+    (out / "report.html").write_text("<p>mine</p>")
+    result = CliRunner().invoke(app, ["demo", "--out", str(out), "--steps", "1"])
+    assert result.exit_code == 1 and "not written by qualiface demo" in result.output
+    assert (out / "metrics.json").read_text() == '{"mine": 1}\n'
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "report.html"]
+    # An earlier demo's output (train/ carries the marker) is replaced as before.
+    claim_folder(out / "train")
+    check_out_folder(out)
 
 
 def test_choose_threads(monkeypatch):

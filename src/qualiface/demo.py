@@ -437,6 +437,22 @@ def prepare_real_data(cfg, options: DemoOptions, data_dir: Path, seed: int) -> t
 # --------------------------------------------------------------------------- training
 
 
+#: Files ``write_report`` puts at the top of ``--out``; a demo replaces them only in a folder an
+#: earlier demo wrote (its ``train/`` carries ``MARKER``).
+REPORT_FILES = ("report.html", "report.md", "metrics.json", "curves.json")
+
+
+def check_out_folder(out: Path) -> None:
+    """Refuse an ``--out`` holding another run's report (``qualiface eval``'s, say) before any
+    work: the demo would overwrite its ``report.html`` and ``metrics.json`` without asking."""
+    if (out / "train" / MARKER).is_file():
+        return  # an earlier demo's output: the next demo run replaces it
+    found = [name for name in REPORT_FILES if (out / name).exists()]
+    if found:
+        raise DemoError(f"{out}: holds {', '.join(found)} not written by qualiface demo; "
+                        "choose another --out")
+
+
 def claim_folder(folder: Path) -> Path:
     """Empty ``folder`` for this run: create it, or clear a folder an earlier demo made.
 
@@ -574,6 +590,7 @@ def run_demo(options: DemoOptions) -> DemoResult:
         phase_start = time.perf_counter()
         _phase(1, "generating data")
         make_folder(out)  # FileWriteError (one line in the CLI) when --out is below a file
+        check_out_folder(out)
         seed = cfg.train.seed
         if options.data is not None:
             held_out, data_summary = prepare_real_data(cfg, options, out / "data", seed)

@@ -33,12 +33,9 @@ def command(
     points: int = typer.Option(68, "--points", help="dlib shape predictor: 68 (default) or 5."),
 ) -> None:
     """Detect faces and landmarks and warp them to the 112x112 five-point template."""
-    import cv2
-
     from qualiface.files import make_folder, write_text_atomic
-    from qualiface.infer.align import AlignReport, iter_align, make_detector, read_landmark_file
+    from qualiface.infer.align import AlignmentError, AlignReport, make_detector, read_landmark_file
     from qualiface.infer.images import list_images
-    from qualiface.progress import make_progress
 
     if not src.exists():
         raise fail(f"{src}: no such file or folder")
@@ -50,6 +47,25 @@ def command(
         raise fail(str(exc)) from None
     total = len(faces) if faces is not None else len(list_images(src))
     report = AlignReport()
+    try:
+        _align_all(src, dst, faces, detector, total, report)
+    except AlignmentError as exc:  # landmarks that would give a garbage crop: name the image
+        raise fail(str(exc)) from None
+    dst.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(dst / "align_report.json", json.dumps(report.__dict__, indent=2) + "\n")
+    console.print(
+        f"aligned {len(report.aligned)} of {total} images into {dst}: {len(report.missed)} without a face, "
+        f"{len(report.multiple)} with several faces (best kept), {len(report.unreadable)} unreadable; "
+        f"names in {dst / 'align_report.json'}"
+    )
+
+
+def _align_all(src: Path, dst: Path, faces, detector, total: int, report) -> None:
+    import cv2
+
+    from qualiface.infer.align import iter_align
+    from qualiface.progress import make_progress
+
     with make_progress() as progress:
         task = progress.add_task("aligning", total=total)
         for name, status, aligned in iter_align(src, landmarks=faces, detector=detector):
@@ -62,10 +78,3 @@ def command(
                 if not cv2.imwrite(str(target), aligned[:, :, ::-1]):  # OpenCV writes BGR
                     raise fail(f"{target}: cannot write (unsupported extension or disk full?)")
             progress.advance(task)
-    dst.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(dst / "align_report.json", json.dumps(report.__dict__, indent=2) + "\n")
-    console.print(
-        f"aligned {len(report.aligned)} of {total} images into {dst}: {len(report.missed)} without a face, "
-        f"{len(report.multiple)} with several faces (best kept), {len(report.unreadable)} unreadable; "
-        f"names in {dst / 'align_report.json'}"
-    )

@@ -75,6 +75,15 @@ def pack(
         if problem is not None:
             raise fail(f"{src_folder / name}: {problem}; rename the folder to pack it")
     writer_paths = RecordIOWriter.output_paths(out_prefix)
+    # property and identities.txt are per folder: beside another pack's .rec they are (or would
+    # be read as) that pack's, so writing them would silently give it this pack's names and
+    # class count (with --overwrite, replacing its own).
+    others = sorted(rec.name for rec in writer_paths[0].parent.glob("*.rec")
+                    if rec.name != writer_paths[0].name)
+    if others:
+        raise fail(f"{writer_paths[0].parent} already holds {', '.join(others[:3])}: property "
+                   f"and {writer_paths[3].name} are shared by the folder, so pack into a folder "
+                   "of its own")
     existing = [str(p) for p in writer_paths if p.exists()]
     if existing and not overwrite:
         raise fail(f"{', '.join(existing)} already exist; pass --overwrite to replace them")
@@ -117,12 +126,31 @@ def _inside(root: Path, name: str) -> Path:
     return target
 
 
+def _not_unpacked(folder: Path) -> str | None:
+    """The first entry of ``folder`` that ``unpack`` does not write, or None.
+
+    ``unpack`` writes only ``<identity>/<8-digit record>.<image extension>``; anything else (the
+    ``.rec`` being read, the user's own files) must survive ``--overwrite``.
+    """
+    for entry in folder.iterdir():
+        if entry.is_symlink() or not entry.is_dir():
+            return str(entry)
+        for item in entry.iterdir():
+            stem, dot, extension = item.name.partition(".")
+            if (item.is_symlink() or not item.is_file() or not dot or len(stem) < 8
+                    or not (stem + extension).isascii() or not stem.isdigit()
+                    or not extension.isalnum() or extension != extension.lower()):
+                return str(item)
+    return None
+
+
 @app.command("unpack")
 def unpack(
     rec: Annotated[Path, typer.Argument(help="The .rec file, its prefix, or its folder.")],
     out_folder: Annotated[Path, typer.Argument(help="New folder to write <identity>/<record>.jpg "
                                                     "into.")],
-    overwrite: Annotated[bool, typer.Option(help="Replace OUT_FOLDER if it exists.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT_FOLDER if it holds an earlier "
+                                                 "unpack (and nothing else).")] = False,
 ) -> None:
     """Unpack a RecordIO dataset into <identity>/<record>.<ext> (names from identities.txt)."""
     from qualiface.data.decode import probe_image
@@ -138,8 +166,13 @@ def unpack(
         names = None  # identities.txt belongs to another pack: fall back to label numbers
     if out_folder.exists() and not out_folder.is_dir():  # --overwrite replaces folders only
         raise fail(f"{out_folder}: exists and is a file, not a folder; choose another output")
-    if out_folder.exists() and any(out_folder.iterdir()) and not overwrite:
-        raise fail(f"{out_folder} exists and is not empty; pass --overwrite to replace it")
+    if out_folder.exists() and any(out_folder.iterdir()):
+        if not overwrite:
+            raise fail(f"{out_folder} exists and is not empty; pass --overwrite to replace it")
+        foreign = _not_unpacked(out_folder)
+        if foreign is not None:  # --overwrite replaces an earlier unpack, nothing else
+            raise fail(f"{out_folder}: --overwrite replaces only a folder that unpack wrote, and "
+                       f"this one holds {foreign}; remove it yourself or choose another output")
     # Build under a temporary name next to the target so a failure leaves no half folder.
     try:
         make_folder(out_folder.parent, output=out_folder)

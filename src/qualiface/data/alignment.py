@@ -27,6 +27,43 @@ TEMPLATE_112 = np.array(
     dtype=np.float64,
 )
 
+#: Landmarks whose RMS distance from their centroid is below this (pixels) give no usable crop:
+#: the warp would blow a few pixels up to the whole 112x112 face (template spread: ~23 px).
+MIN_LANDMARK_SPREAD = 1.0
+#: A landmark set whose best fit is a mirror image by more than this (smaller over larger
+#: singular value of the cross-covariance with the template) is refused: see landmark_problem.
+MIRROR_RATIO = 0.25
+
+
+def landmark_problem(landmarks, template: np.ndarray = TEMPLATE_112) -> str | None:
+    """Why ``landmarks`` (K, 2) cannot be aligned onto ``template[:K]`` (None when they can).
+
+    A similarity fit returns *some* matrix for almost any points, so garbage in would be a
+    garbage crop, silently: refused are non-finite values (a missing point written as NaN),
+    points (nearly) at one spot (a missing face written as ``-1 -1 ...``, or coordinates
+    normalised to 0..1 instead of pixels), and points that are a mirror image of the template:
+    ``(row, col)`` given instead of ``(x, y)``, or image-left and image-right swapped. A real
+    face, rotated or photographed mirrored, keeps the template's handedness.
+    """
+    points = np.asarray(landmarks, dtype=np.float64)
+    if points.ndim != 2 or points.shape[1] != 2 or not 2 <= points.shape[0] <= len(template):
+        return f"expected (K, 2) landmarks with 2 <= K <= {len(template)}, got shape {points.shape}"
+    if not np.isfinite(points).all():
+        return "landmarks are not all finite numbers (a missing point?)"
+    centred = points - points.mean(axis=0)
+    spread = float(np.sqrt((centred**2).sum(axis=1).mean()))
+    if spread < MIN_LANDMARK_SPREAD:
+        return (f"landmarks lie within {spread:.3g} pixels of one point (missing landmarks, or "
+                "coordinates not in pixels?)")
+    target = template[: points.shape[0]]
+    covariance = (target - target.mean(axis=0)).T @ centred
+    singular = np.linalg.svd(covariance, compute_uv=False)
+    if np.linalg.det(covariance) < 0 and singular[1] > MIRROR_RATIO * singular[0]:
+        return ("landmarks are a mirror image of the template: (row, col) instead of (x, y), "
+                "or image-left and image-right points swapped")
+    return None
+
+
 def estimate_similarity(src, dst) -> np.ndarray:
     """Least-squares similarity (Umeyama 1991) mapping points ``src`` (N, 2) onto ``dst`` (N, 2).
 
@@ -76,10 +113,14 @@ def warp_to_template(image, landmarks, *, template: np.ndarray = TEMPLATE_112, s
     """Warp ``image`` so ``landmarks`` (K, 2) match the first K points of ``template``.
 
     ``image``: uint8 (H, W, 3) array or (3, H, W) tensor. Returns (aligned uint8 (size, size, 3)
-    array, the 2x3 matrix used).
+    array, the 2x3 matrix used). Raises ``ValueError`` for non-finite landmarks or landmarks
+    all at one point; callers that take landmarks from users (``qualiface align``) also refuse
+    the other sets ``landmark_problem`` names.
     """
     hwc = as_hwc(image)
     landmarks = np.asarray(landmarks, dtype=np.float64)
+    if not np.isfinite(landmarks).all():  # numpy's SVD would fail with "did not converge"
+        raise ValueError("landmarks are not all finite numbers (a missing point?)")
     matrix = estimate_similarity(landmarks, template[: landmarks.shape[0]])
     aligned = cv2.warpAffine(hwc, matrix, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
     return aligned, matrix

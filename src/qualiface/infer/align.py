@@ -40,6 +40,7 @@ from qualiface.data.alignment import (  # noqa: F401  (re-exported: the align AP
     as_hwc,
     align_face,
     estimate_similarity,
+    landmark_problem,
     transform_points,
     warp_to_template,
 )
@@ -54,6 +55,10 @@ DLIB5_TEMPLATE_112 = np.array([TEMPLATE_112[0], TEMPLATE_112[1], [56.0252, 79.78
 
 class LandmarkFileError(QualifaceError, ValueError):
     """A malformed landmark file (the message names the file and line)."""
+
+
+class AlignmentError(QualifaceError, ValueError):
+    """Landmarks of an image that give no usable crop (the message names the image)."""
 
 
 class DetectorUnavailableError(QualifaceError, RuntimeError):
@@ -101,7 +106,11 @@ def read_landmark_file(path: str | Path) -> dict[str, list[FaceLandmarks]]:
         except ValueError:
             raise LandmarkFileError(f"{path}:{number}: coordinates must be numbers: {line!r}") from None
         score = values[10] if len(values) == 11 else None
-        faces.setdefault(fields[0], []).append(FaceLandmarks(np.array(values[:10]).reshape(5, 2), score))
+        points = np.array(values[:10]).reshape(5, 2)
+        problem = landmark_problem(points)
+        if problem is not None:  # now, naming the line, not as a garbage crop later
+            raise LandmarkFileError(f"{path}:{number}: {fields[0]}: {problem}")
+        faces.setdefault(fields[0], []).append(FaceLandmarks(points, score))
     if not faces:
         raise LandmarkFileError(f"{path}: no landmark lines")
     return faces
@@ -311,5 +320,8 @@ def iter_align(
             continue
         chosen = _pick(faces)
         template = TEMPLATE_112 if chosen.template is None else chosen.template
+        problem = landmark_problem(chosen.points, template)
+        if problem is not None:  # a garbage crop otherwise, written as if aligned
+            raise AlignmentError(f"{root / name}: {problem}")
         aligned, _ = warp_to_template(image, chosen.points, template=template)
         yield name, "multiple" if len(faces) > 1 else "aligned", aligned

@@ -196,3 +196,74 @@ def test_ijb_pair_file_errors_give_the_file_line(tmp_path, pairs, message):
     _tiny_ijb(tmp_path, pairs=pairs)
     with pytest.raises(IJBFormatError, match=message):
         load_ijb(tmp_path, "IJBC")
+
+
+def test_collapsed_landmarks_resize_the_loose_crop_and_every_odd_face_is_counted(tmp_path):
+    """One detection with all points at one spot must not stop an evaluation hours in (the
+    warp raised mid-extraction), and odd faces are counted for the report, not passed unseen."""
+    import cv2
+
+    from qualiface.data.alignment import TEMPLATE_112
+    from qualiface.eval.features import resize_to
+    from qualiface.eval.ijb import ijb_images, landmark_summary
+
+    good = " ".join(f"{v:.2f}" for v in (TEMPLATE_112 * 1.5 + 10).ravel())
+    mirrored = " ".join(f"{v:.2f}" for v in (TEMPLATE_112 * 1.5 + 10)[:, ::-1].ravel())
+    _tiny_ijb(tmp_path, faces="a.jpg 1 1\nb.jpg 2 2\nc.jpg 2 3\n",
+              points=f"a.jpg {good} 0.9\nb.jpg {'-1 ' * 10}0.2\nc.jpg {mirrored} 0.8\n")
+    crops = tmp_path / "IJBC" / "loose_crop"
+    crops.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a.jpg", "b.jpg", "c.jpg"):
+        cv2.imwrite(str(crops / name.replace(".jpg", ".png")), rng.integers(0, 256, (190, 180, 3), dtype=np.uint8))
+        (crops / name.replace(".jpg", ".png")).rename(crops / name)  # lossless pixels, IJB's names
+    protocol = load_ijb(tmp_path, "IJBC")
+
+    images = ijb_images(protocol)
+    faces = [images[k] for k in range(3)]
+    assert all(face.shape == (3, 112, 112) for face in faces)
+    from qualiface.data.decode import read_image
+
+    assert torch_equal(faces[1], resize_to(112)(read_image(crops / "b.jpg")))  # the loose crop, resized
+    summary = landmark_summary(protocol)
+    assert summary["odd"] == 2 and summary["resized_unaligned"] == 1
+    assert summary["examples"][0].startswith("b.jpg: landmarks lie within 0 pixels")
+    assert summary["examples"][1].startswith("c.jpg: landmarks are a mirror image")
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))
+
+
+def _reference_landmark_kind(points, template):
+    """Per face, with numpy's SVD (an independent computation of the batched closed form)."""
+    if not np.isfinite(points).all():
+        return "non-finite"
+    centred = points - points.mean(axis=0)
+    if np.sqrt((centred**2).sum(axis=1).mean()) < 1.0:
+        return "collapsed"
+    covariance = (template - template.mean(axis=0)).T @ centred
+    singular = np.linalg.svd(covariance, compute_uv=False)
+    return "mirrored" if np.linalg.det(covariance) < 0 and singular[1] > 0.25 * singular[0] else None
+
+
+def test_batched_landmark_check_agrees_with_a_per_face_svd():
+    from qualiface.data.alignment import TEMPLATE_112, landmark_problem, landmark_problems
+
+    rng = np.random.default_rng(1)
+    # Rotated, scaled, noisy templates; some mirrored, some tiny (collapsed), one NaN, some random.
+    angles, scales = rng.uniform(-np.pi, np.pi, 400), rng.uniform(0.005, 3, 400)
+    points = np.stack([TEMPLATE_112 @ np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]]) * s
+                       for a, s in zip(angles, scales)])
+    points += rng.normal(0, 3, points.shape) * rng.uniform(0, 1, (400, 1, 1)) * scales[:, None, None]
+    points[::7] = points[::7, :, ::-1]
+    points[::11] = rng.uniform(0, 100, (len(points[::11]), 5, 2))
+    points[3, 2, 1] = np.nan
+    batched = landmark_problems(points)
+    reference = {k: kind for k, p in enumerate(points) if (kind := _reference_landmark_kind(p, TEMPLATE_112))}
+    assert {k: p.kind for k, p in batched.items()} == reference
+    assert set(reference.values()) == {"non-finite", "collapsed", "mirrored"}
+    for k in (3, 7, int(np.argmin(scales))):  # the one-face form says the same
+        assert landmark_problem(points[k]) == batched[k].message

@@ -54,6 +54,7 @@ def command(
         raise fail(str(exc)) from None
     if calibrated and loaded.calibration is None:
         raise fail(f"{model}: --calibrated given but the package has no calibration (run 'qualiface export calibrate')")
+    # One list names the table's columns for the early destination check and for the table itself.
     columns = ["ids", "embeddings", "norms", "quality"] + (["quality_calibrated"] if loaded.calibration else [])
     problem = table_destination_problem(out, columns)  # before the embedding, not after it
     if problem:
@@ -78,9 +79,10 @@ def command(
 
     seen: dict[str, Path] = {}
     for path in paths:  # before any embedding: a table with one id twice is useless downstream
-        first = seen.setdefault(display_name(path), path)
+        name = display_name(path)
+        first = seen.setdefault(name, path)
         if first != path:
-            raise fail(f"{first} and {path} would both get the id {display_name(path)!r}; "
+            raise fail(f"{first} and {path} would both get the id {name!r}; "
                        "give the folders distinct names, or embed them separately")
 
     ids, embeddings, qualities, rejected = [], [], [], []
@@ -113,14 +115,14 @@ def command(
         kind = "calibrated" if calibrated else "raw"
         for i in np.flatnonzero(~keep):
             rejected.append((ids[i], "low-quality", f"{kind} quality {score[i]:.4g} < {min_quality:g}"))
-    table = {
-        "ids": np.array(ids)[keep],
-        "embeddings": result.embeddings.numpy()[keep],
-        "norms": result.norms.numpy()[keep],
-        "quality": result.quality.numpy()[keep],
+    computed = {
+        "ids": np.array(ids),
+        "embeddings": result.embeddings.numpy(),
+        "norms": result.norms.numpy(),
+        "quality": result.quality.numpy(),
+        "quality_calibrated": None if result.calibrated_quality is None else result.calibrated_quality.numpy(),
     }
-    if result.calibrated_quality is not None:
-        table["quality_calibrated"] = result.calibrated_quality.numpy()[keep]
+    table = {name: computed[name][keep] for name in columns}
     try:
         write_table(out, table)
     except FileWriteError as exc:  # already "<out>: could not write: <problem>"

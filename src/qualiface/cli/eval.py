@@ -287,11 +287,16 @@ def ijb(
 ) -> None:
     """IJB-B/C: 1:1 TAR@FAR over template pairs, 1:N rank-k and TPIR@FPIR, report."""
     from qualiface.data.ijb import load_ijb
-    from qualiface.eval.ijb import ijb_images
+    from qualiface.eval.ijb import ijb_images, landmark_summary
 
     _check_ijb_options(aggregation, quality_threshold)
     try:
         protocol = load_ijb(root, name)
+        odd = landmark_summary(protocol)
+        if odd["odd"]:  # said before the hours of feature extraction, and kept in the report
+            console.print(f"[yellow]warning:[/] {odd['odd']} face(s) have odd 5-point landmarks "
+                          f"({odd['resized_unaligned']} resized from the loose crop instead of aligned); "
+                          f"first: {odd['examples'][0]}")
         features = _features(out, name.lower(), model, device, ijb_images(protocol),
                              protocol.images, flip, batch_size, workers,
                              arrays=[protocol.landmarks])

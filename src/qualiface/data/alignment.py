@@ -11,6 +11,8 @@ inference (``qualiface align``) and the synthetic faces share one definition.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import cv2
 import numpy as np
 import torch
@@ -48,20 +50,50 @@ def landmark_problem(landmarks, template: np.ndarray = TEMPLATE_112) -> str | No
     points = np.asarray(landmarks, dtype=np.float64)
     if points.ndim != 2 or points.shape[1] != 2 or not 2 <= points.shape[0] <= len(template):
         return f"expected (K, 2) landmarks with 2 <= K <= {len(template)}, got shape {points.shape}"
-    if not np.isfinite(points).all():
-        return "landmarks are not all finite numbers (a missing point?)"
-    centred = points - points.mean(axis=0)
-    spread = float(np.sqrt((centred**2).sum(axis=1).mean()))
-    if spread < MIN_LANDMARK_SPREAD:
-        return (f"landmarks lie within {spread:.3g} pixels of one point (missing landmarks, or "
-                "coordinates not in pixels?)")
-    target = template[: points.shape[0]]
-    covariance = (target - target.mean(axis=0)).T @ centred
-    singular = np.linalg.svd(covariance, compute_uv=False)
-    if np.linalg.det(covariance) < 0 and singular[1] > MIRROR_RATIO * singular[0]:
-        return ("landmarks are a mirror image of the template: (row, col) instead of (x, y), "
-                "or image-left and image-right points swapped")
-    return None
+    problem = landmark_problems(points[None], template).get(0)
+    return None if problem is None else problem.message
+
+
+class LandmarkProblem(NamedTuple):
+    """What is wrong with one face's landmarks: ``kind`` is ``"non-finite"``, ``"collapsed"``
+    (no usable warp exists: all points at about one spot) or ``"mirrored"`` (a warp exists but
+    the points are probably mislabelled); ``message`` says it in words."""
+
+    kind: str
+    message: str
+
+
+def landmark_problems(landmarks, template: np.ndarray = TEMPLATE_112) -> dict[int, LandmarkProblem]:
+    """``landmark_problem`` for many faces at once: (N, K, 2) -> {index: problem} of the faces
+    that have one (vectorised: a protocol's half a million detections in about a second)."""
+    points = np.asarray(landmarks, dtype=np.float64)
+    if points.ndim != 3 or points.shape[2] != 2 or not 2 <= points.shape[1] <= len(template):
+        raise ValueError(f"expected (N, K, 2) landmarks with 2 <= K <= {len(template)}, got shape {points.shape}")
+    problems: dict[int, LandmarkProblem] = {}
+    finite = np.isfinite(points).all(axis=(1, 2))
+    for index in np.flatnonzero(~finite):
+        problems[int(index)] = LandmarkProblem("non-finite", "landmarks are not all finite numbers (a missing point?)")
+    points = np.where(finite[:, None, None], points, 0.0)
+    centred = points - points.mean(axis=1, keepdims=True)
+    spread = np.sqrt((centred**2).sum(axis=2).mean(axis=1))
+    for index in np.flatnonzero(finite & (spread < MIN_LANDMARK_SPREAD)):
+        problems[int(index)] = LandmarkProblem("collapsed", (
+            f"landmarks lie within {spread[index]:.3g} pixels of one point (missing landmarks, or "
+            "coordinates not in pixels?)"))
+    target = template[: points.shape[1]]
+    covariance = np.einsum("kd,nke->nde", target - target.mean(axis=0), centred)
+    # Singular values of each 2x2 in closed form (s0^2 + s1^2 = |C|_F^2, s0 s1 = |det C|): a
+    # batched SVD is ~10x slower on a protocol's half a million faces.
+    determinant = covariance[:, 0, 0] * covariance[:, 1, 1] - covariance[:, 0, 1] * covariance[:, 1, 0]
+    frobenius = (covariance**2).sum(axis=(1, 2))
+    root = np.sqrt(np.maximum(frobenius**2 - 4 * determinant**2, 0.0))
+    larger, smaller = np.sqrt((frobenius + root) / 2), np.sqrt(np.maximum(frobenius - root, 0.0) / 2)
+    mirrored = (determinant < 0) & (smaller > MIRROR_RATIO * larger)
+    for index in np.flatnonzero(finite & (spread >= MIN_LANDMARK_SPREAD) & mirrored):
+        problems[int(index)] = LandmarkProblem("mirrored", (
+            "landmarks are a mirror image of the template: (row, col) instead of (x, y), "
+            "or image-left and image-right points swapped"))
+    return dict(sorted(problems.items()))
 
 
 def estimate_similarity(src, dst) -> np.ndarray:

@@ -8,7 +8,10 @@ against each gallery (G1, G2; IJB-B: S1, S2) for rank-1/5/10 and TPIR at FPIR, a
 mean over galleries as the published tables do.
 
 Images are aligned with ``qualiface.infer.align.align_face`` from the 5 points of
-``<name>_name_5pts_score.txt`` (the InsightFace loose crops are not aligned yet).
+``<name>_name_5pts_score.txt`` (the InsightFace loose crops are not aligned yet). A detection
+whose points cannot be warped (all at one spot) is resized from its loose crop instead, and
+every face with odd points (``landmark_problems``) is counted in the report: one bad line must
+not stop an evaluation hours in, nor pass unseen.
 """
 
 from __future__ import annotations
@@ -18,10 +21,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from qualiface.data.alignment import align_face
+from qualiface.data.alignment import align_face, landmark_problems
 from qualiface.data.ijb import IJBProtocol
 from qualiface.eval import EvaluationError
-from qualiface.eval.features import FeatureSet, ImageFiles
+from qualiface.eval.features import FeatureSet, ImageFiles, resize_to
 from qualiface.eval.identification import search, tpir_at_fpir
 from qualiface.eval.quality import edc, edc_summary, pair_quality
 from qualiface.eval.similarity import score_pairs
@@ -64,11 +67,30 @@ def ijb_images(protocol: IJBProtocol) -> ImageFiles:
                               "is needed to align the loose crops")
 
     landmarks = protocol.landmarks
+    # No warp exists for these (it would blow a few pixels up to the whole face): the loose
+    # crop, roughly centred on the face, resized, is the better guess.
+    unwarpable = {index for index, problem in landmark_problems(landmarks).items()
+                  if problem.kind != "mirrored"}
+    resize = resize_to(112)
 
     def align(image, index):
-        return align_face(image, landmarks[index])
+        return resize(image) if index in unwarpable else align_face(image, landmarks[index])
 
     return ImageFiles(protocol.image_paths(), align, pass_index=True)
+
+
+def landmark_summary(protocol: IJBProtocol, examples: int = 5) -> dict:
+    """The faces whose 5 points look wrong (``landmark_problems``), for the report: how many,
+    how many were resized instead of aligned, and the first few image names with the problem."""
+    if protocol.landmarks is None:
+        return {"odd": 0, "resized_unaligned": 0, "examples": []}
+    problems = landmark_problems(protocol.landmarks)
+    return {
+        "odd": len(problems),
+        "resized_unaligned": sum(problem.kind != "mirrored" for problem in problems.values()),
+        "examples": [f"{protocol.images[index]}: {problem.message}"
+                     for index, problem in list(problems.items())[:examples]],
+    }
 
 
 def template_rows(templates: Templates, ids: np.ndarray, what: str) -> np.ndarray:
@@ -128,6 +150,7 @@ def evaluate_ijb(protocol: IJBProtocol, features: FeatureSet,
         "benchmark": protocol.name,
         "num_images": len(protocol.images),
         "num_templates": len(templates.ids),
+        "landmarks": landmark_summary(protocol),
         "aggregation": options.aggregation,
         "verification": {
             "num_genuine": roc.num_genuine, "num_impostor": roc.num_impostor,

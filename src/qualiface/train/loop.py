@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import signal
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -120,7 +121,6 @@ class Trainer:
         # checkpointed explicitly; per rank, so ranks augment differently.
         self.augment_generator = torch.Generator().manual_seed(t.seed * 7919 + self.dist.rank + 1)
         self.indices = torch.arange(len(self.dataset))
-        self.data_fingerprint = data_fingerprint(self.dataset)  # saved in every checkpoint
         self.num_workers = data_workers(cfg.data.num_workers)  # at most one per available CPU
         self.cache = build_cache(self.dataset, cfg, self.device, self.num_workers, progress=t.progress and self.is_main)
         self.scaler = make_scaler(self.device, self.precision)
@@ -296,6 +296,16 @@ class Trainer:
         self.model = wrap_model(self.backbone, self.dist, self.device, self.cfg.train.compile)
         self.trainable = [p for _, p in named]
         return self.trainable
+
+    @cached_property
+    def data_fingerprint(self) -> dict:
+        """The training data's fingerprint, saved in every checkpoint and compared on resume.
+
+        Computed on first use (the first checkpoint or a resume), not at start-up: it hashes
+        every sample's name and label, seconds for millions of files, which a run that never
+        checkpoints (or a rank that never reads it) should not pay before its first step.
+        """
+        return data_fingerprint(self.dataset)
 
     def plan(self) -> BatchPlan:
         """The batch plan over the current training subset (step size, steps per epoch)."""

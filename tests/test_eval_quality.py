@@ -159,3 +159,28 @@ def test_edc_threshold_holds_for_float32_scores_tied_with_the_cut_impostor(dtype
     assert edc_pauc(curve, 0.2) == pytest.approx(0.2 * 0.5)
     refixed = edc_refixed(scores, labels, quality, fmr=0.1, fractions=[0.0])
     assert refixed.errors[0] == pytest.approx(0.5)
+
+
+def test_one_selected_protocol_fold_says_its_accuracy_is_over_contiguous_sub_folds():
+    """``eval lfw --folds 9``: one protocol fold cannot hold itself out, so the accuracy comes
+    from 10 contiguous sub-folds of its pairs; the report says so instead of doing it quietly."""
+    from qualiface.eval.benchmarks import PairBenchmark, evaluate_pairs
+    from qualiface.eval.features import FeatureSet
+    from qualiface.eval.verification import kfold_accuracy
+
+    rng = np.random.default_rng(3)
+    ids = [f"{k}.jpg" for k in range(80)]
+    features = FeatureSet(ids, rng.normal(size=(80, 8)).astype(np.float32), rng.uniform(size=80).astype(np.float32))
+    first, second = np.arange(0, 80, 2), np.arange(1, 80, 2)
+    labels = rng.random(40) < 0.5
+
+    def bench(folds):
+        return PairBenchmark("LFW", None, ids, first, second, labels, folds, "pairs.txt")
+
+    one = evaluate_pairs(bench(np.full(40, 9)), features).metrics["verification"]
+    assert "fold (9) selected" in one["accuracy_note"]
+    unit = features.features / np.linalg.norm(features.features, axis=1, keepdims=True)
+    scores = (unit[first] * unit[second]).sum(axis=1)
+    assert one["accuracy"] == pytest.approx(kfold_accuracy(scores, labels, num_folds=10).mean, abs=1e-12)
+    two = evaluate_pairs(bench(np.repeat([8, 9], 20)), features).metrics["verification"]
+    assert "accuracy_note" not in two and len(two["fold_accuracies"]) == 2

@@ -202,6 +202,22 @@ def test_identical_quality_scores_are_shown_once(tmp_path):
     assert identical_scores(report.metrics) == {}
 
 
+def test_scores_are_not_called_identical_when_no_edc_has_an_error_to_discard():
+    """A perfect model at the FMR: every score's EDC is zero everywhere, so equal blocks say
+    nothing about how the scores rank; calling them "identical" would be a false claim."""
+    from qualiface.eval.quality import edc_summary
+    from qualiface.eval.report import identical_scores
+
+    rng = np.random.default_rng(0)
+    labels = np.arange(400) % 2 == 0
+    scores = np.where(labels, 0.9, 0.1) + rng.normal(0, 0.01, 400)  # separated: no error
+    one, other = rng.uniform(size=400), rng.uniform(size=400)  # two unrelated scores
+    blocks = {name: {"fmr_1e-01": edc_summary(edc(scores, labels, quality, fmr=0.1))}
+              for name, quality in (("model quality", one), ("feature norm", other))}
+    assert blocks["model quality"]["fmr_1e-01"]["fnmr_at_0"] == 0
+    assert identical_scores({"quality": blocks}) == {}
+
+
 def test_merge_identical_edcs_keeps_one_visible_curve_per_score():
     from qualiface.eval.report import merge_identical_edcs
 

@@ -164,6 +164,8 @@ def _summary(metrics: dict, out: Path) -> None:
         if key in ident:
             parts.append(f"{key} {100 * ident[key]:.2f} %")
     console.print(", ".join(parts) or "done")
+    if "accuracy_note" in v:
+        console.print(f"note: {v['accuracy_note']}")
     degraded = metrics.get("degraded")
     if degraded:
         levels = ", ".join(f"s={s} {100 * m['accuracy']:.1f} %" for s, m in degraded["levels"].items())

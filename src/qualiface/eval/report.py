@@ -130,6 +130,12 @@ def _same_numbers(first: dict, second: dict) -> bool:
     return True
 
 
+def _edc_has_errors(block: dict) -> bool:
+    """Whether any EDC in a score's quality block starts above zero error (``fnmr_at_0``)."""
+    return any(key.split(".")[-1] == "fnmr_at_0" and (_number(value) or 0) > 0
+               for key, value in flatten_metrics(json_ready(block)).items())
+
+
 def identical_scores(metrics: dict) -> dict[str, str]:
     """``{score: earlier score}`` for the quality scores whose whole ``metrics["quality"]``
     block (EDCs, pAUCs, rank correlations) equals an earlier score's: they rank every
@@ -137,7 +143,10 @@ def identical_scores(metrics: dict) -> dict[str, str]:
     quality = metrics.get("quality")
     if not isinstance(quality, dict):
         return {}
-    blocks = [(name, block) for name, block in quality.items() if isinstance(block, dict) and block]
+    # A block whose EDCs start at zero error (no false non-match to discard: a perfect model at
+    # that FMR) reads the same for every score, however they rank: equal says nothing there.
+    blocks = [(name, block) for name, block in quality.items()
+              if isinstance(block, dict) and block and _edc_has_errors(block)]
     same: dict[str, str] = {}
     for i, (name, block) in enumerate(blocks):
         for earlier, other in blocks[:i]:

@@ -80,3 +80,17 @@ def test_progressive_template_follows_the_update_rule():
     np.testing.assert_allclose(np.linalg.norm(template.embedding), 1.0)
     with pytest.raises(EvaluationError, match="zero"):
         template.update(np.zeros(8), 1.0)
+
+
+def test_progressive_default_feature_threshold_accepts_even_an_opposite_frame():
+    """f_th = -1 (the default) checks nothing: an exactly opposite frame is accepted, while a
+    tuned f_th still refuses it."""
+    from qualiface.scoring.aggregation import ProgressiveTemplate
+
+    first = np.array([1.0, 0.0, 0.0])
+    default = ProgressiveTemplate()
+    assert default.update(first, 0.9) and default.update(-3 * first, 0.5)
+    assert default.count == 2
+    np.testing.assert_allclose(default.template, (0.9 * first - 0.5 * first) / 1.4)
+    tuned = ProgressiveTemplate(feature_threshold=-0.99)
+    assert tuned.update(first, 0.9) and not tuned.update(-first, 0.5) and tuned.count == 1

@@ -183,9 +183,9 @@ def aggregate(features, quality=None, *, media_ids=None, mode: str = "mean",
 class ProgressiveTemplate:
     """EQFace's online template for a stream of frames (see the module docstring).
 
-    ``feature_threshold`` (f_th): minimum cosine between the current template and a new frame;
-    ``quality_threshold`` (s_th): a frame needs quality strictly above it. Both default to
-    values that accept everything non-degenerate (-1 and 0); tune them per quality head.
+    ``feature_threshold`` (f_th): a new frame needs a cosine with the current template strictly
+    above it (-1, the default, checks nothing); ``quality_threshold`` (s_th): a frame needs
+    quality strictly above it (default 0: any positive quality). Tune both per quality head.
 
     >>> t = ProgressiveTemplate(feature_threshold=0.3, quality_threshold=0.2)
     >>> accepted = t.update(embedding, quality)   # embedding (D,), raw or normalised
@@ -234,7 +234,9 @@ class ProgressiveTemplate:
             if unit.shape != self._template.shape:
                 raise EvaluationError(f"ProgressiveTemplate: feature of shape {unit.shape}, "
                                       f"template has {self._template.shape}")
-            if float(np.dot(self.embedding, unit)) <= self.feature_threshold:
+            # f_th = -1 is "no agreement check": cosine cannot go below it, so ``<=`` would
+            # still refuse an exactly opposite frame (or one a rounding error past -1).
+            if self.feature_threshold > -1 and float(np.dot(self.embedding, unit)) <= self.feature_threshold:
                 return False
             self._template = (self.quality_sum * self._template + quality * unit) / (
                 self.quality_sum + quality)

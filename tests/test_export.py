@@ -60,6 +60,19 @@ def test_unknown_exporter_is_rejected(tmp_path):
         export_onnx(Model.load(tmp_path / "pkg"), tmp_path / "m.onnx", exporter="magic")
 
 
+@pytest.mark.parametrize("target", ["model.json", "weights.safetensors", "folder"])
+def test_export_never_replaces_a_package_file_or_a_folder(tmp_path, target):
+    """``export onnx --out pkg/model.json`` replaced the package's own file with the graph; a
+    folder failed only after the whole export, naming the temporary file."""
+    make_package(tmp_path / "pkg")
+    out = tmp_path / "pkg" / target if target != "folder" else tmp_path / "pkg"
+    before = {p.name: p.read_bytes() for p in (tmp_path / "pkg").iterdir()}
+    result = CliRunner().invoke(app, ["export", "onnx", "--model", str(tmp_path / "pkg"), "--out", str(out)])
+    assert result.exit_code == 1
+    assert ("is a folder" if target == "folder" else "is not an .onnx file") in result.output
+    assert {p.name: p.read_bytes() for p in (tmp_path / "pkg").iterdir()} == before
+
+
 @pytest.mark.parametrize("opset", [3, 9, 99])
 def test_an_opset_outside_the_supported_range_is_one_line_and_writes_nothing(tmp_path, capfd, opset):
     # opset 9 made torch print its whole IR graph before failing on IResNet's strided slice.

@@ -121,6 +121,14 @@ def test_wrong_image_size_is_a_clear_error(tmp_path):
         Model.load(tmp_path / "pkg").embed(random_images(1, size=48))
 
 
+def test_an_empty_batch_is_refused_like_an_empty_list(tmp_path):
+    make_package(tmp_path / "pkg")
+    model = Model.load(tmp_path / "pkg")
+    for empty in ([], random_images(1, size=32)[:0], random_images(1, size=32)[:0].permute(0, 2, 3, 1).numpy()):
+        with pytest.raises(ValueError, match="no images given"):  # was torch.cat's "non-empty list"
+            model.embed(empty)
+
+
 def test_a_batch_inside_an_image_sequence_is_refused_not_cut_to_its_first_image():
     from qualiface.infer.images import as_uint8_batch
 
@@ -142,6 +150,7 @@ def test_a_batch_inside_an_image_sequence_is_refused_not_cut_to_its_first_image(
         (lambda d: d["input"].update(size=[32]), "'input.size'"),
         (lambda d: d["input"].update(channel_order="GBR"), "'input.channel_order'"),
         (lambda d: d.update(format_version=99), "'format_version' is 99"),
+        (lambda d: d.update(format_version=0), "'format_version' is 0; versions start at 1"),
         (lambda d: d.update(calibration={"method": "magic"}), "calibration.method"),
         (lambda d: d["backbone"]["kwargs"].update(embedding_size=8), "backbone.fc.weight"),
         (lambda d: d["quality"]["config"].update(hidden=4), "quality estimator"),

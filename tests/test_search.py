@@ -97,6 +97,22 @@ def test_load_errors_name_the_file(tmp_path):
         Gallery.load(tmp_path / "g")
 
 
+def test_a_stored_quality_of_the_wrong_length_is_refused_at_load(tmp_path):
+    """Queries read the matched template's quality by row: one value short, a gallery reported
+    its neighbour's quality (or none) without a word."""
+    ids, gallery, _ = _data(n=10)
+    Gallery.build(ids, gallery, quality=np.linspace(0, 1, 10)).save(tmp_path / "g")
+    info = json.loads((tmp_path / "g" / "gallery.json").read_text())
+    arrays_path = tmp_path / "g" / info["files"]["arrays"]
+    with np.load(arrays_path) as stored:
+        arrays = {name: stored[name] for name in stored.files}
+    arrays["quality"] = arrays["quality"][:9]
+    with open(arrays_path, "wb") as handle:
+        np.savez(handle, **arrays)
+    with pytest.raises(GalleryError, match=r"'quality' has shape \(9,\), expected \(10,\)"):
+        Gallery.load(tmp_path / "g")
+
+
 def test_cli_enrol_pools_identities_and_query_finds_them(tmp_path):
     rng = np.random.default_rng(3)
     centres = rng.standard_normal((4, 16))

@@ -108,3 +108,24 @@ def test_cli_aggregate_writes_enrollable_templates(tmp_path):
     np.testing.assert_allclose(np.linalg.norm(table["embeddings"], axis=1), 1.0, atol=1e-5)
     bad = CliRunner().invoke(app, ["search", "aggregate", str(tmp_path / "t.npz"), "--out", str(tmp_path / "u.npz")])
     assert bad.exit_code == 1 and "missing column(s) track_ids" in bad.output.replace("\n", "")
+
+
+@pytest.mark.parametrize("mode", ["progressive", "qwfa", "mean"])
+@pytest.mark.parametrize("bad", ["nan quality", "zero embedding"])
+def test_every_mode_refuses_a_bad_frame_naming_the_file_and_the_row(tmp_path, mode, bad):
+    """Progressive skipped a NaN quality silently (the batch modes refused it) and stopped on a
+    zero embedding with a message naming neither file nor frame."""
+    rng = np.random.default_rng(4)
+    embeddings = rng.standard_normal((5, 6)).astype(np.float32)
+    quality = np.array([0.5, 0.6, 0.7, 0.1, 0.9], dtype=np.float32)
+    if bad == "nan quality":
+        quality[3] = np.nan
+    else:
+        embeddings[3] = 0
+    write_table(tmp_path / "frames.npz", {"track_ids": np.array([7, 7, 8, 8, 8]),
+                                          "embeddings": embeddings, "quality": quality})
+    result = CliRunner().invoke(app, ["search", "aggregate", str(tmp_path / "frames.npz"),
+                                      "--out", str(tmp_path / "t.npz"), "--mode", mode])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1 and "frames.npz: frame 3:" in text, text
+    assert not (tmp_path / "t.npz").exists()

@@ -5,7 +5,7 @@ with several folders prefixed by the folder's name, ``alice/1.jpg``, so two fold
 stay two ids; a file given by itself as given), ``embeddings`` (N, D) L2-normalised, ``norms``, ``quality`` (raw) and,
 when the package is calibrated, ``quality_calibrated``. ``--min-quality`` drops faces below a
 threshold; rejected images are listed in ``<out>.rejected.tsv`` (name, reason: ``low-quality``,
-``unreadable`` or ``wrong size``, details). Fields are escaped (``cli.common.tsv_field``):
+``unreadable`` or ``wrong size``, details; a run that rejects none removes an earlier one). Fields are escaped (``cli.common.tsv_field``):
 backslash, tab, newline and carriage return appear as ``\\``, ``\t``, ``\n``, ``\r`` and other
 control characters as ``\xNN``, so a file name cannot forge columns or rows.
 
@@ -130,8 +130,11 @@ def command(
     except (QualifaceError, OSError) as exc:
         raise fail(f"{out}: cannot write ({exc})") from None
     console.print(f"wrote {int(keep.sum())} embeddings (D={loaded.embedding_size}) to {out}")
-    if rejected:
-        log = out.with_name(out.name.rstrip("/") + ".rejected.tsv")
+    log = out.with_name(out.name.rstrip("/") + ".rejected.tsv")
+    if not rejected:
+        # An earlier run's log beside this table would list faces the table now holds.
+        log.unlink(missing_ok=True)
+    else:
         write_text_atomic(log, "".join("\t".join(map(tsv_field, row)) + "\n" for row in rejected))
         count = {reason: sum(1 for r in rejected if r[1] == reason) for reason in ("unreadable", "wrong size")}
         console.print(

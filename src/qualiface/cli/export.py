@@ -79,6 +79,31 @@ def _embed_paths(loaded, paths: list[str], batch_size: int):
     return torch.cat(embeddings).numpy(), torch.cat(qualities).numpy()
 
 
+def _same_weights(folder: Path, model: Path) -> bool:
+    """Whether ``folder`` holds byte-identical weights to the package ``model``."""
+    import filecmp
+
+    from qualiface.package.format import WEIGHTS_FILE
+
+    mine, theirs = folder / WEIGHTS_FILE, model / WEIGHTS_FILE
+    return mine.is_file() and theirs.is_file() and filecmp.cmp(mine, theirs, shallow=False)
+
+
+def _out_problem(out: Path, model: Path) -> str | None:
+    """Why ``export calibrate --out`` must not write to ``out``, or None when it may: a folder
+    holding another model's package (its weights differ) would be overwritten; an earlier
+    calibrated copy of this very model (same weights) is recalibrated."""
+    from qualiface.package.format import MODEL_JSON, WEIGHTS_FILE
+
+    if not out.is_dir() or _same_weights(out, model):
+        return None
+    held = [name for name in (MODEL_JSON, WEIGHTS_FILE) if (out / name).exists()]
+    if held:
+        return (f"{out}: holds another model package ({', '.join(held)}, weights not those of "
+                f"{model}); write the calibrated copy to a new folder")
+    return None
+
+
 @app.command("calibrate")
 def calibrate_command(
     model: Path = typer.Option(..., "--model", "-m", help="Model package directory."),
@@ -86,11 +111,15 @@ def calibrate_command(
     images: Path = typer.Option(..., "--images", help="Folder the pair image paths are relative to."),
     folds: str | None = typer.Option(None, "--folds", help="Fit on these folds only, e.g. 1,2,3,4,5,6,7."),
     holdout_folds: str | None = typer.Option(
-        None, "--holdout-folds", help="Report rejection thresholds on these folds (e.g. 8,9,10)."
+        None, "--holdout-folds",
+        help="Report rejection thresholds on these folds (e.g. 8,9,10); never fitted on (without "
+        "--folds the fit uses the other folds).",
     ),
     fmr: float = typer.Option(1e-2, "--fmr", help="Target false match rate fixing the operating threshold."),
     method: str = typer.Option("isotonic", "--method", help="isotonic or logistic."),
-    out: Path | None = typer.Option(None, "--out", help="Write a calibrated copy here instead of updating in place."),
+    out: Path | None = typer.Option(
+        None, "--out", help="Write a calibrated copy here instead of updating in place (a new folder, "
+        "or an earlier calibrated copy of this model; another model's package is refused)."),
     batch_size: int = typer.Option(64, "--batch-size", min=1),
     device: str = typer.Option("cpu", "--device"),
 ) -> None:
@@ -105,13 +134,34 @@ def calibrate_command(
     from qualiface.infer.model import Model
     from qualiface.package.calibration import CalibrationError
     from qualiface.package.format import MODEL_JSON, WEIGHTS_FILE
-    from qualiface.package.io import write_model_spec
+    from qualiface.package.io import package_dir, write_model_spec
     from qualiface.scoring.similarity import cosine_scores
 
+    # --out naming the package itself is the in-place update; a folder holding another
+    # package must not have its weights and model.json replaced (checked before any work).
+    model_dir = package_dir(model)
+    if out is not None and Path(out).resolve() == model_dir.resolve():
+        out = None
+    if out is not None:
+        problem = _out_problem(Path(out), model_dir)
+        if problem:
+            raise fail(problem)
     try:
         loaded = Model.load(model, device=device)
         pair_set = read_pairs(pairs, images)
         fit_folds, report_folds = _parse_folds(folds), _parse_folds(holdout_folds)
+        if report_folds:
+            # Held-out pairs must stay out of the fit, or the rejection thresholds reported
+            # "on" them are in-sample: without --folds the fit takes every other fold.
+            if not fit_folds:
+                fit_folds = [fold for fold in pair_set.folds if fold not in report_folds]
+                if not fit_folds:
+                    raise CalibrationError(f"--holdout-folds {holdout_folds} leaves no fold of {pairs} "
+                                           "to fit on")
+            shared = sorted(set(fit_folds) & set(report_folds))
+            if shared:
+                raise CalibrationError(f"--folds and --holdout-folds share fold(s) {shared}: held-out "
+                                       "pairs must not be fitted on")
         fit_set = pair_set.select_folds(*fit_folds) if fit_folds else pair_set
         report_set = pair_set.select_folds(*report_folds) if report_folds else fit_set
         paths, _, _ = pair_set.unique_images()
@@ -134,7 +184,8 @@ def calibrate_command(
     try:
         if out:
             make_folder(target)
-            shutil.copy2(Path(model) / WEIGHTS_FILE, target / WEIGHTS_FILE)
+            if not _same_weights(target, model_dir):  # an earlier calibrated copy keeps its own
+                shutil.copy2(model_dir / WEIGHTS_FILE, target / WEIGHTS_FILE)
         write_model_spec(target, loaded.spec)
     except FileWriteError as exc:  # --out below a file, a read-only folder, a full disk
         raise fail(str(exc)) from None

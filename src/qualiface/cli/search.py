@@ -174,15 +174,18 @@ def aggregate_command(
     import numpy as np
 
     from qualiface.infer.io import TableError, read_table, write_table
-    from qualiface.infer.stream import aggregate_tracks
+    from qualiface.infer.stream import FrameError, aggregate_tracks
 
     try:
         table = read_table(frames, required=(track_column, "embeddings", "quality"))
         raw = table["embeddings"] * table["norms"][:, None] if "norms" in table else table["embeddings"]
-        templates = aggregate_tracks(
-            table[track_column], raw, table["quality"], mode=mode,
-            feature_threshold=feature_threshold, quality_threshold=quality_threshold,
-        )
+        try:
+            templates = aggregate_tracks(
+                table[track_column], raw, table["quality"], mode=mode,
+                feature_threshold=feature_threshold, quality_threshold=quality_threshold,
+            )
+        except FrameError as exc:  # names the frame (row); the file is said here
+            raise TableError(f"{frames}: {exc}") from None
         if not templates:
             raise TableError(f"{frames}: no track has an accepted frame (lower --s-th / --f-th?)")
         write_table(

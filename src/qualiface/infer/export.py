@@ -222,6 +222,13 @@ def export_onnx(
         raise ExportError(f"opset {opset} is not supported: use {opsets.start} to {opsets.stop - 1} "
                           "(default 17)")
     out = Path(out)
+    # Checked before the export (seconds to minutes): replacing a folder fails only at the end,
+    # and replacing another kind of file (``--out pkg/model.json``) would lose it.
+    if out.is_dir():
+        raise ExportError(f"{out}: is a folder; name the .onnx file to write")
+    if out.exists() and out.suffix.lower() != ".onnx":
+        raise ExportError(f"{out}: exists and is not an .onnx file; exporting would replace it "
+                          "(name a new file, or an earlier .onnx export to overwrite)")
     # Everything is written and verified under a temporary name next to ``out``, which is
     # replaced only by a graph that passed: a failed export or verification leaves any earlier
     # ``out`` as it was and no unverified (or half-written) file behind.

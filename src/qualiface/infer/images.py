@@ -7,6 +7,7 @@ file paths (decoded by ``qualiface.data.decode``), so everything funnels through
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -25,18 +26,28 @@ def list_images(inputs: str | Path | Iterable[str | Path]) -> list[Path]:
 
     Explicitly named files are kept whatever their extension (so that an undecodable one is
     reported rather than silently skipped); folders contribute files with image extensions.
+    Each file is listed once, where it first appears: a file also inside a folder given, or a
+    folder inside another one given, would otherwise be embedded twice and count double in its
+    identity's template (same path after ``normpath``; symbolic links are not followed).
     """
     if isinstance(inputs, (str, Path)):
         inputs = [inputs]
     paths: list[Path] = []
+    seen: set[str] = set()
+
+    def add(path: Path) -> None:
+        key = os.path.normpath(path.absolute())
+        if key not in seen:
+            seen.add(key)
+            paths.append(path)
+
     for item in inputs:
         item = Path(item)
         if item.is_dir():
-            paths.extend(
-                sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-            )
+            for path in sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS):
+                add(path)
         elif item.exists():
-            paths.append(item)
+            add(item)
         else:
             raise FileNotFoundError(f"{item}: no such file or folder")
     return paths
@@ -95,6 +106,8 @@ def as_uint8_batch(images, size: Sequence[int] | None = None) -> torch.Tensor:
         if len(shapes) > 1:
             raise ValueError(f"images differ in size: {sorted(shapes)}")
         batch = torch.stack(items)
+    if batch.shape[0] == 0:  # as for an empty list, not a torch.cat traceback further on
+        raise ValueError("no images given")
     if size is not None and tuple(batch.shape[2:]) != tuple(size):
         h, w = size
         raise ImageSizeError(

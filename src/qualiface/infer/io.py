@@ -11,12 +11,13 @@ One table = a dict of equal-length numpy arrays: 1-D columns (``ids``, ``quality
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
 
 from qualiface.errors import QualifaceError
-from qualiface.files import atomic_write, make_folder
+from qualiface.files import atomic_path, atomic_write, make_folder
 
 
 class TableError(QualifaceError, ValueError):
@@ -30,6 +31,11 @@ def table_format(path: str | Path) -> str:
 
 
 def _check_lengths(arrays: dict[str, np.ndarray], source: str) -> int:
+    # A 0-d array (``np.savez(..., dim=512)``) has no length: a TableError, not len()'s TypeError.
+    scalars = [name for name, a in arrays.items() if np.ndim(a) == 0]
+    if scalars:
+        raise TableError(f"{source}: column(s) {', '.join(repr(n) for n in scalars)} hold a single "
+                         "value, not one per row")
     lengths = {name: len(a) for name, a in arrays.items()}
     if len(set(lengths.values())) > 1:
         raise TableError(f"{source}: columns differ in length: {lengths}")
@@ -97,9 +103,15 @@ def write_table(path: str | Path, arrays: dict[str, np.ndarray]) -> Path:
         if problem:
             raise TableError(problem)
         make_folder(path)
-        for name, array in arrays.items():
-            atomic_write(path / f"{name}.npy",
-                         lambda handle, array=array: np.save(handle, array, allow_pickle=False))
+        # Every column is written under a temporary name first and the renames come only once
+        # all are on disk: a failure or kill while writing (seconds for large embeddings) leaves
+        # the earlier table whole, never new columns beside old ones of the same length, which
+        # would read back as one table.
+        with contextlib.ExitStack() as renames:
+            for name, array in arrays.items():
+                temp = renames.enter_context(atomic_path(path / f"{name}.npy"))
+                with open(temp, "wb") as handle:
+                    np.save(handle, array, allow_pickle=False)
     return path
 
 
@@ -124,8 +136,14 @@ def read_table(path: str | Path, required: tuple[str, ...] = ()) -> dict[str, np
             arrays = {}
             for name in table.column_names:
                 column = table.column(name).combine_chunks()
-                if hasattr(column.type, "list_size"):
-                    values = column.flatten().to_numpy(zero_copy_only=False)
+                flat = column.flatten() if hasattr(column.type, "list_size") else column
+                # pyarrow turns a missing value into NaN, or into the text 'None' once strings
+                # become numpy unicode: an id or a number that was never there.
+                missing = column.null_count + (flat.null_count if flat is not column else 0)
+                if missing:
+                    raise TableError(f"{path}: column '{name}' has {missing} missing (null) value(s)")
+                if flat is not column:
+                    values = flat.to_numpy(zero_copy_only=False)
                     arrays[name] = values.reshape(len(column), column.type.list_size)
                 else:
                     arrays[name] = column.to_numpy(zero_copy_only=False)

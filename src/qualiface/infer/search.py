@@ -351,9 +351,12 @@ class Gallery:
                 raise GalleryError(f"{index_path}: not a faiss index ({str(exc).splitlines()[0]})") from None
             if index.ntotal != ids.shape[0]:
                 raise GalleryError(f"{index_path}: holds {index.ntotal} vectors but {npz_path} has {ids.shape[0]} ids")
+        quality = arrays.get("quality")
+        if quality is not None and quality.shape != ids.shape:  # else a query reads another id's quality
+            raise GalleryError(f"{npz_path}: 'quality' has shape {quality.shape}, expected ({ids.shape[0]},)")
         gallery = cls(
             ids, embeddings, backend, index=index, nlist=info["nlist"],
-            quality=arrays.get("quality"), metadata=info["metadata"],
+            quality=quality, metadata=info["metadata"],
         )
         if backend == "ivf":
             if info["nlist"] is None:

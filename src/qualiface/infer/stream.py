@@ -116,6 +116,7 @@ def aggregate_tracks(
         raise ValueError(f"unknown mode {mode!r}; known: {', '.join(STREAM_MODES)}")
     track_ids = np.asarray(track_ids)
     qualities = np.asarray(qualities, dtype=np.float64)
+    _check_frames(np.asarray(embeddings, dtype=np.float64), qualities)
     if mode == "progressive":
         aggregator = StreamAggregator(feature_threshold, quality_threshold)
         aggregator.feed_many(track_ids.tolist(), embeddings, qualities)
@@ -142,3 +143,25 @@ def aggregate_tracks(
         )
         for index, track in enumerate(pooled.ids)
     ]
+
+
+class FrameError(ValueError):
+    """A frame that no template may pool (non-finite quality, zero or non-finite embedding)."""
+
+
+def _check_frames(embeddings: np.ndarray, qualities: np.ndarray) -> None:
+    """One rule for every mode, naming the first bad frame (its row): progressive used to skip
+    a NaN quality silently and stop on a zero embedding without saying which, where the batch
+    modes refused both."""
+    if embeddings.ndim != 2 or qualities.shape != (len(embeddings),):
+        raise FrameError(f"expected (N, D) embeddings and (N,) qualities, got {embeddings.shape} "
+                         f"and {qualities.shape}")
+    bad_quality = np.flatnonzero(~np.isfinite(qualities))
+    if len(bad_quality):
+        raise FrameError(f"frame {bad_quality[0]}: quality {qualities[bad_quality[0]]} is not a finite number "
+                         f"({len(bad_quality)} such frame(s))")
+    norms = np.linalg.norm(embeddings, axis=1)
+    bad_embedding = np.flatnonzero(~np.isfinite(norms) | (norms == 0))
+    if len(bad_embedding):
+        raise FrameError(f"frame {bad_embedding[0]}: embedding is zero or not finite "
+                         f"({len(bad_embedding)} such frame(s))")

@@ -88,6 +88,9 @@ class QualityCalibration:
                 raise CalibrationError(f"calibration.x and .y differ in length ({len(x)} vs {len(y)})")
             if np.any(np.diff(x) < 0) or np.any(np.diff(y) < 0):
                 raise CalibrationError("calibration breakpoints must be non-decreasing in x and y")
+            if not all(0.0 <= v <= 1.0 for v in y):  # y is a probability, written as such by embed
+                raise CalibrationError(f"calibration.y must be probabilities in [0, 1], got values from "
+                                       f"{min(y)} to {max(y)}")
             kwargs.update(x=[float(v) for v in x], y=[float(v) for v in y])
         else:
             for key in ("coef", "intercept"):

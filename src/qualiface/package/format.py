@@ -183,6 +183,8 @@ class ModelSpec:
         if data.get("format") != FORMAT_NAME:
             raise bad("format", f"must be '{FORMAT_NAME}', got {data.get('format')!r}")
         version = get(data, "format_version", int, "format_version")
+        if version < 1:  # versions start at 1: 0 or below is a hand edit, not an old package
+            raise bad("format_version", f"is {version}; versions start at 1")
         if version > FORMAT_VERSION:
             raise bad("format_version", f"is {version}; this qualiface reads up to {FORMAT_VERSION} (upgrade)")
         backbone = get(data, "backbone", dict, "backbone")

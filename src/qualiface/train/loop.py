@@ -116,6 +116,12 @@ class Trainer:
         self.sharded = self.dist.world_size > 1  # the head is a ShardedHead
         self.head = build_head(cfg, self.method, self.backbone, self.num_classes, self.dist).to(self.device)
         self.context = TrainerContext(self)
+        # Built now, not at the first validation: a validation set that cannot be built or does
+        # not fit the backbone would otherwise stop the run after all of its training (the final
+        # validation comes before the weights and the model package are written).
+        self.validator = None
+        if self.is_main and cfg.val.kind != "none":
+            self.validator = build_validator(cfg.val, self._input_size)
 
         # Augmentation randomness (flips, degraded views) has its own generator so it is
         # checkpointed explicitly; per rank, so ranks augment differently.
@@ -125,7 +131,6 @@ class Trainer:
         self.cache = build_cache(self.dataset, cfg, self.device, self.num_workers, progress=t.progress and self.is_main)
         self.scaler = make_scaler(self.device, self.precision)
         self.logger = MetricsLogger(self.out_dir, enabled=self.is_main)
-        self.validator = None
         self.phase_index = 0
         self.phase_step = 0
         self.global_step = 0
@@ -296,6 +301,11 @@ class Trainer:
         self.model = wrap_model(self.backbone, self.dist, self.device, self.cfg.train.compile)
         self.trainable = [p for _, p in named]
         return self.trainable
+
+    @property
+    def _input_size(self) -> int | None:
+        """The side of the square images the backbone takes (None: any size)."""
+        return getattr(self.backbone, "input_size", None)
 
     @cached_property
     def data_fingerprint(self) -> dict:
@@ -485,8 +495,8 @@ class Trainer:
             return {}
         result = {}
         if self.is_main:
-            if self.validator is None:
-                self.validator = build_validator(self.cfg.val)
+            if self.validator is None:  # cfg.val was changed after start-up
+                self.validator = build_validator(self.cfg.val, self._input_size)
             was_training = self.backbone.training
             self.backbone.eval()
             result = self.validator(self.backbone, inner_head(self.head), self.device, self.precision)

@@ -12,6 +12,10 @@ The images of the pair set are decoded once into memory; each call embeds the un
 with the current backbone (eval mode, no flip), scores pairs by cosine and reports k-fold
 accuracy (folds of the protocol, else 10 contiguous ones), AUC, EER and TAR at FAR 1e-2/1e-3
 through ``qualiface.eval.verification`` (the same code as ``qualiface eval``).
+
+The trainer builds its validator before the first step (``build_validator``), so a validation
+set that cannot be built or does not fit the backbone (a bad ``val.params`` key, a fold the
+pairs file lacks, images of another size) stops the run at start-up, not after all of training.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import torch
 
 from qualiface.data import build_dataset, lfw
 from qualiface.data.decode import read_image
-from qualiface.data.pairs import make_pairs
+from qualiface.data.pairs import PairsError, make_pairs
 from qualiface.data.transforms import to_model_input
 from qualiface.errors import QualifaceError
 from qualiface.eval.verification import evaluate_verification
@@ -77,8 +81,14 @@ class PairValidator:
 
 def synthetic_pairs(params: dict, num_pairs: int, seed: int) -> PairSet:
     """Pairs from a (held-out) synthetic face set built with ``params``."""
-    dataset = build_dataset("synthetic", **params)
-    idx1, idx2, issame = (np.asarray(a) for a in make_pairs(dataset, num_pairs, seed))
+    try:
+        dataset = build_dataset("synthetic", **params)
+    except TypeError as exc:  # an unknown key: the constructor's own message names it
+        raise ValidationError(f"val.params: {exc}") from None
+    try:
+        idx1, idx2, issame = (np.asarray(a) for a in make_pairs(dataset, num_pairs, seed))
+    except PairsError as exc:  # too few pairs or identities
+        raise ValidationError(f"val: {exc}") from None
     unique, inverse = np.unique(np.concatenate([idx1, idx2]), return_inverse=True)
     images = torch.stack([dataset[int(i)][0] for i in unique])
     return PairSet(images, inverse[: len(idx1)], inverse[len(idx1) :], issame.astype(bool), None)
@@ -95,18 +105,37 @@ def folder_pairs(root: str, pairs_file: str, folds: list) -> PairSet:
         try:
             protocol = protocol.select_folds(*(int(f) for f in folds))
         except ValueError as exc:
-            raise ValidationError(str(exc)) from None
+            raise ValidationError(f"val.folds: {exc}") from None
     paths, first, second = protocol.unique_images()
-    images = torch.stack([read_image(path) for path in paths])
-    return PairSet(images, first, second, np.asarray(protocol.issame), np.asarray(protocol.fold))
+    decoded = [read_image(path) for path in paths]
+    for path, image in zip(paths, decoded):
+        if image.shape != decoded[0].shape:  # else torch.stack's traceback names no file
+            raise ValidationError(f"{path}: image is {image.shape[2]}x{image.shape[1]}, "
+                                  f"{paths[0]} is {decoded[0].shape[2]}x{decoded[0].shape[1]} "
+                                  f"(val.root must hold aligned faces of one size)")
+    fold = np.asarray(protocol.fold)
+    # One selected fold cannot hold itself out: its pairs are scored over contiguous sub-folds,
+    # as ``qualiface eval`` does (``eval.benchmarks.evaluate_pairs``), not refused mid-run.
+    folds = fold if len(np.unique(fold)) > 1 else None
+    return PairSet(torch.stack(decoded), first, second, np.asarray(protocol.issame), folds)
 
 
-def build_validator(cfg) -> PairValidator:
-    """The validator described by a ``ValidationConfig``."""
+def build_validator(cfg, input_size: int | None = None) -> PairValidator:
+    """The validator described by a ``ValidationConfig``; ``input_size``: the side of the
+    images the backbone takes (None: any), checked here so that a mismatch is not a shape
+    error inside the backbone at the first validation."""
     if cfg.kind == "synthetic":
-        return PairValidator(synthetic_pairs(cfg.params, cfg.num_pairs, cfg.seed), cfg.batch_size)
-    if cfg.kind == "pairs":
+        pairs = synthetic_pairs(cfg.params, cfg.num_pairs, cfg.seed)
+        where = "val.params.image_size"
+    elif cfg.kind == "pairs":
         if not cfg.root:
             raise ValidationError("val.kind=pairs needs val.root (the aligned image folder)")
-        return PairValidator(folder_pairs(cfg.root, cfg.pairs, cfg.folds), cfg.batch_size)
-    raise ValidationError(f"unknown validation kind '{cfg.kind}'")
+        pairs = folder_pairs(cfg.root, cfg.pairs, cfg.folds)
+        where = f"the images of val.root ({cfg.root})"
+    else:
+        raise ValidationError(f"unknown validation kind '{cfg.kind}'")
+    height, width = pairs.images.shape[-2:]
+    if input_size is not None and (height, width) != (input_size, input_size):
+        raise ValidationError(f"{where}: validation images are {width}x{height}, the backbone "
+                              f"takes {input_size}x{input_size} (model.params.input_size)")
+    return PairValidator(pairs, cfg.batch_size)

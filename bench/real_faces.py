@@ -1057,7 +1057,10 @@ def main(argv=None) -> dict:
     clean = decode_images(bench.images)
     from qualiface.data.degrade import degraded_copies
 
-    degraded, kinds = degraded_copies(clean, cfg.severities, seed=DEGRADE_SEED)
+    # The protocol's degraded test set was built with each level's draws seeded by its
+    # severity (``shared_draws=False``) before the library default changed; every row keeps
+    # that set, since re-evaluating the table on shared draws needs every row's run folder.
+    degraded, kinds = degraded_copies(clean, cfg.severities, seed=DEGRADE_SEED, shared_draws=False)
     header_info = provenance(eval_device)
     payload = {
         "benchmark": "real_faces", **header_info,

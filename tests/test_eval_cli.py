@@ -148,7 +148,7 @@ def test_lfw_degraded_levels_add_accuracy_per_severity_and_rank_correlation(tmp_
     assert "Spearman(quality, severity)" in result.output
 
 
-@pytest.mark.parametrize("bad", ["0", "1.5", "a,b"])
+@pytest.mark.parametrize("bad", ["0", "1.5", "a,b", "0.25,0.2500001"])  # the last: one key "0.25"
 def test_lfw_degrade_rejects_bad_severities(tmp_path, fake_model, bad):
     data = tmp_path / "lfw"
     _write_lfw(data)

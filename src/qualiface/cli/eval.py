@@ -83,7 +83,15 @@ def _parse_severities(text: str | None) -> list[float] | None:
         raise fail(f"--degrade must be comma-separated numbers in (0, 1], got {text!r}") from None
     if not levels or any(not 0.0 < level <= 1.0 for level in levels):
         raise fail(f"--degrade severities must lie in (0, 1], got {text!r}")
-    return sorted(set(levels))
+    # Results and caches are keyed by the level written with :g (6 digits): two levels that
+    # print the same would overwrite each other's results in one key.
+    by_key: dict[str, float] = {}
+    for level in sorted(set(levels)):
+        if f"{level:g}" in by_key:
+            raise fail(f"--degrade: {by_key[f'{level:g}']!r} and {level!r} are the same level to 6 digits; "
+                       "give distinct levels")
+        by_key[f"{level:g}"] = level
+    return list(by_key.values())
 
 
 def _degraded(out: Path, bench, features, model: Path, device: str, flip: str, batch_size: int,
@@ -94,7 +102,9 @@ def _degraded(out: Path, bench, features, model: Path, device: str, flip: str, b
 
     copies, kinds = degraded_images(bench, severities, seed)
     levels = {
-        severity: _features(out, f"{bench.name.lower()}-degraded-s{severity:g}-seed{seed}", model,
+        # "-shared": copies with the same draws at every level; features cached from the
+        # earlier per-level draws (no suffix) are other images and must not be reused.
+        severity: _features(out, f"{bench.name.lower()}-degraded-s{severity:g}-seed{seed}-shared", model,
                             device, copy, bench.ids, flip, batch_size, 0)
         for severity, copy in copies.items()
     }
@@ -109,12 +119,13 @@ def _qmagface(path: Path | None):
     return QMagFace.load(path)
 
 
-def _finish_pairs(bench, features, out: Path, qmagface_file: Path | None,
-                  fit_qmagface: Path | None, degraded: tuple[dict, dict] | None = None) -> None:
+def _finish_pairs(bench, features, out: Path, params, fit_qmagface: Path | None,
+                  degraded: tuple[dict, dict] | None = None) -> None:
+    """Score a pair benchmark and write its report; ``params``: QMagFace parameters
+    (``_qmagface``, read by the caller before any embedding) or None."""
     from qualiface.eval.benchmarks import evaluate_pairs
     from qualiface.eval.report import SEVERITY_CAPTION, EvalReport
 
-    params = _qmagface(qmagface_file)
     if fit_qmagface is not None:
         from qualiface.eval.similarity import QMagFace, pair_scores_and_quality
 
@@ -190,7 +201,7 @@ def lfw(
     qmagface: Path = typer.Option(None, "--qmagface", help="QMagFace parameters (JSON) to apply"),
     fit_qmagface: Path = typer.Option(None, "--fit-qmagface", help="fit QMagFace here, save JSON"),
     degrade: str = typer.Option(None, "--degrade", help=DEGRADE_HELP),
-    degrade_seed: int = typer.Option(2024, "--degrade-seed", help="which kind each image gets"),
+    degrade_seed: int = typer.Option(2024, "--degrade-seed", min=0, help="which kind each image gets"),
     batch_size: int = typer.Option(64, "--batch-size"),
     workers: int = typer.Option(0, "--workers", help="decoding processes"),
     threads: int = typer.Option(0, "--threads", min=0, help=THREADS_HELP),
@@ -201,12 +212,13 @@ def lfw(
 
     severities = _parse_severities(degrade)
     try:
+        params = _qmagface(qmagface)  # a bad file is refused before the embedding, not after
         bench = lfw_benchmark(data, pairs, folds=_parse_folds(folds))
         features = _features(out, "lfw", model, device, bench.images, bench.ids, flip,
                              batch_size, workers, files=[bench.source])
         degraded = (_degraded(out, bench, features, model, device, flip, batch_size, severities,
                               degrade_seed) if severities else None)
-        _finish_pairs(bench, features, out, qmagface, fit_qmagface, degraded)
+        _finish_pairs(bench, features, out, params, fit_qmagface, degraded)
     except _ERRORS as exc:
         raise fail(str(exc)) from None
 
@@ -220,7 +232,7 @@ def bin_(
     flip: str = typer.Option("norm", "--flip", help=FLIP_HELP),
     qmagface: Path = typer.Option(None, "--qmagface", help="QMagFace parameters (JSON) to apply"),
     degrade: str = typer.Option(None, "--degrade", help=DEGRADE_HELP),
-    degrade_seed: int = typer.Option(2024, "--degrade-seed", help="which kind each image gets"),
+    degrade_seed: int = typer.Option(2024, "--degrade-seed", min=0, help="which kind each image gets"),
     batch_size: int = typer.Option(64, "--batch-size"),
     workers: int = typer.Option(0, "--workers", help="decoding processes"),
     threads: int = typer.Option(0, "--threads", min=0, help=THREADS_HELP),
@@ -232,12 +244,13 @@ def bin_(
     out = out or Path(f"eval-{file.stem}")
     severities = _parse_severities(degrade)
     try:
+        params = _qmagface(qmagface)  # a bad file is refused before the embedding, not after
         bench = bin_benchmark(file)
         features = _features(out, bench.name, model, device, bench.images, bench.ids, flip,
                              batch_size, workers)
         degraded = (_degraded(out, bench, features, model, device, flip, batch_size, severities,
                               degrade_seed) if severities else None)
-        _finish_pairs(bench, features, out, qmagface, None, degraded)
+        _finish_pairs(bench, features, out, params, None, degraded)
     except _ERRORS as exc:
         raise fail(str(exc)) from None
 
@@ -370,11 +383,11 @@ def features_(
             from qualiface.eval.benchmarks import lfw_benchmark
 
             _finish_pairs(lfw_benchmark(source, pairs, folds=_parse_folds(folds)), features,
-                          out, qmagface, None)
+                          out, _qmagface(qmagface), None)
         elif protocol == "bin":
             from qualiface.eval.benchmarks import bin_benchmark
 
-            _finish_pairs(bin_benchmark(source), features, out, qmagface, None)
+            _finish_pairs(bin_benchmark(source), features, out, _qmagface(qmagface), None)
         elif protocol == "ijb":
             from qualiface.data.ijb import load_ijb
 

@@ -1,7 +1,8 @@
 """A pair benchmark on degraded copies of its images: accuracy per severity, quality vs. severity.
 
 ``degraded_images(bench, severities, seed)`` makes the copies: every image keeps one
-degradation kind (fixed by ``seed``) across the levels, so the levels differ only in severity.
+degradation kind and the same random draws (fixed by ``seed``) across the levels, so the levels
+differ only in severity.
 The caller embeds each level with the same model and options as the clean images, then
 ``evaluate_degraded(bench, features, levels, seed=, kinds=)`` scores them: verification metrics
 per level, and the rank correlation (Spearman, Kendall) of the model's quality score and of the

@@ -50,6 +50,14 @@ def search(probe_features, probe_labels, gallery_features, gallery_labels,
         raise EvaluationError("search: one label per probe and per gallery entry is needed")
     if len(gallery) == 0:
         raise EvaluationError("search: the gallery is empty")
+    # A NaN row compares false with everything: a NaN probe's best mate is NaN, no entry
+    # scores ">=" it, and it counted as a rank-1 hit; a NaN gallery entry could never beat one.
+    for what, rows in (("probe", probes), ("gallery entry", gallery)):
+        finite = torch.isfinite(rows).all(dim=1)
+        if not bool(finite.all()):
+            first = int(torch.nonzero(~finite)[0, 0])
+            raise EvaluationError(f"search: {what} {first} has a NaN or infinite feature "
+                                  f"({int((~finite).sum())} such rows)")
     ranks, mated, top = [], [], []
     for start in range(0, len(probes), chunk):
         sims = probes[start:start + chunk] @ gallery.T

@@ -38,7 +38,7 @@ import numpy as np
 from qualiface.eval import EvaluationError
 from qualiface.eval.quality import theoretical_best_area, theoretical_best_fnmr
 from qualiface.eval.verification import area_under_curve
-from qualiface.files import json_ready, write_text_atomic
+from qualiface.files import json_ready, read_small_text_as, write_text_atomic
 
 
 @dataclass
@@ -720,24 +720,75 @@ def write_report(report: EvalReport, out_dir: str | os.PathLike) -> Path:
     return out
 
 
+def _read_json_object(path: Path, what: str) -> dict:
+    """A JSON object from ``path``; every way it fails is one ``EvaluationError`` naming it."""
+    text = read_small_text_as(path, EvaluationError, what=what)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise EvaluationError(f"{path}: unreadable JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise EvaluationError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _read_curves(path: Path) -> dict[str, dict[str, dict[str, np.ndarray]]]:
+    """``curves.json`` as written by ``write_report`` -> ``{"roc": {label: {"far", "tar",
+    "auc"}}, "edc": {label: {"discard", "fnmr"}}}`` with float arrays; {} when absent. A curve
+    that lacks a key, or whose arrays are not numbers of one length, names the file and key."""
+    if not path.is_file():
+        return {}
+    data = _read_json_object(path, "curves.json")
+    out: dict = {"roc": {}, "edc": {}}
+    for kind, (x, y) in (("roc", ("far", "tar")), ("edc", ("discard", "fnmr"))):
+        curves = data.get(kind, {})
+        if not isinstance(curves, dict):
+            raise EvaluationError(f"{path}: '{kind}' must be an object of curves")
+        for label, curve in curves.items():
+            where = f"{path}: '{kind}.{label}"
+            if not isinstance(curve, dict) or x not in curve or y not in curve:
+                raise EvaluationError(f"{where}' must hold '{x}' and '{y}'")
+            xs = _float_array(curve[x], f"{where}.{x}'")
+            ys = _float_array(curve[y], f"{where}.{y}'")
+            if len(xs) != len(ys):
+                raise EvaluationError(f"{where}': {len(xs)} {x} values but {len(ys)} {y} values")
+            out[kind][label] = {x: xs, y: ys, "auc": curve.get("auc")}
+    return out
+
+
+def _is_comparison(metrics_path: Path) -> bool:
+    """Whether ``metrics_path`` is a comparison's own ``metrics.json`` (only ``runs``)."""
+    try:
+        return set(_read_json_object(metrics_path, "metrics.json")) == {"runs"}
+    except EvaluationError:
+        return False
+
+
 def compare_runs(run_dirs: list[str | os.PathLike], out_dir: str | os.PathLike) -> Path:
     """Put runs side by side: one table (union of metric keys) and overlaid ROC / EDC plots."""
     if not run_dirs:
         raise EvaluationError("compare: give at least one run folder")
+    out = Path(out_dir)
+    # The comparison writes metrics.json, report.md/html, roc.png and edc.png: into a run's
+    # folder (one of those compared, or any other) it would replace that run's own files.
+    # Checked before anything is read or written; an earlier comparison may be replaced.
+    if (out / "metrics.json").exists() and not _is_comparison(out / "metrics.json"):
+        raise EvaluationError(f"{out}: holds an eval run (metrics.json), which the comparison "
+                              "would overwrite; choose another --out")
     names, flats, curve_sets = [], [], []
     for run in map(Path, run_dirs):
         metrics_path = run / "metrics.json"
         if not metrics_path.is_file():
             raise EvaluationError(f"{metrics_path}: not found (is {run} an eval output folder?)")
-        try:
-            flats.append(flatten_metrics(json.loads(metrics_path.read_text())))
-            curves_path = run / "curves.json"
-            curve_sets.append(json.loads(curves_path.read_text()) if curves_path.is_file() else {})
-        except json.JSONDecodeError as exc:
-            raise EvaluationError(f"{run}: unreadable JSON ({exc})") from None
+        flats.append(flatten_metrics(_read_json_object(metrics_path, "metrics.json")))
+        curve_sets.append(_read_curves(run / "curves.json"))
+        # Column names must be unique: they key the runs in metrics.json and the curve labels,
+        # where a repeated name would keep only one of the runs.
         base = run.name or str(run)
-        names.append(base if base not in names else f"{base} ({len(names)})")
-    out = Path(out_dir)
+        name, number = base, len(names)
+        while name in names:
+            name, number = f"{base} ({number})", number + 1
+        names.append(name)
     out.mkdir(parents=True, exist_ok=True)
     keys: list[str] = []
     for flat in flats:
@@ -747,11 +798,9 @@ def compare_runs(run_dirs: list[str | os.PathLike], out_dir: str | os.PathLike) 
     for name, curves in zip(names, curve_sets):
         for label, c in curves.get("roc", {}).items():
             auc = f" (AUC {c['auc']:.3f})" if _number(c.get("auc")) is not None else ""
-            rocs[f"{name}: {label}{auc}"] = (np.asarray(c["far"], float),
-                                             np.asarray(c["tar"], float))
+            rocs[f"{name}: {label}{auc}"] = (c["far"], c["tar"])
         for label, c in curves.get("edc", {}).items():
-            edcs[f"{name}: {label}"] = (np.asarray(c["discard"], float),
-                                        np.asarray(c["fnmr"], float))
+            edcs[f"{name}: {label}"] = (c["discard"], c["fnmr"])
     figures = [Figure(path, heading, caption) for path, heading, caption in (
         (_plot_rocs(rocs, out / "roc.png", "ROC comparison"), "ROC", ROC_CAPTION),
         (_plot_edcs(edcs, out / "edc.png", "EDC comparison"), "Error-versus-discard (EDC)",

@@ -41,7 +41,7 @@ import numpy as np
 
 from qualiface.eval import EvaluationError
 from qualiface.eval.verification import roc_curve, tar_at_far
-from qualiface.files import write_text_atomic
+from qualiface.files import read_small_text_as, write_text_atomic
 # The plain similarity functions live in the shared scoring module (infer uses them too); they
 # stay importable from here.
 from qualiface.scoring.similarity import (  # noqa: F401
@@ -249,20 +249,31 @@ class QMagFace:
 
     @classmethod
     def load(cls, path: str | Path) -> QMagFace:
-        """Read parameters written by ``save``; errors name the file."""
+        """Read parameters written by ``save``; errors name the file (and the key)."""
         path = Path(path)
+        text = read_small_text_as(path, EvaluationError, what="QMagFace parameter file")
         try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise EvaluationError(f"{path}: QMagFace parameter file not found") from None
+            data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise EvaluationError(f"{path}: not valid JSON ({exc})") from None
         if not isinstance(data, dict) or data.get("method") != "qmagface":
             raise EvaluationError(f"{path}: not a QMagFace parameter file")
-        try:
-            return cls(alpha=float(data["alpha"]), beta=float(data["beta"]),
-                       fit_fmrs=list(data.get("fit_fmrs", [])),
-                       fit_omegas=list(data.get("fit_omegas", [])),
-                       fit_thresholds=list(data.get("fit_thresholds", [])))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise EvaluationError(f"{path}: missing or invalid alpha/beta ({exc})") from None
+        # JSON allows NaN, Infinity and 1e999 (inf), and json.loads takes them: alpha or beta
+        # like that makes every score NaN/-inf, which failed only after all the embedding with
+        # an error naming neither the file nor the key. true or "0.5" are not numbers either.
+        values = {}
+        for key in ("alpha", "beta"):
+            value = data.get(key)
+            if (isinstance(value, bool) or not isinstance(value, (int, float))
+                    or not np.isfinite(value)):
+                raise EvaluationError(f"{path}: '{key}' must be a finite number, got {value!r}")
+            values[key] = float(value)
+        fit = {}
+        for key in ("fit_fmrs", "fit_omegas", "fit_thresholds"):
+            value = data.get(key, [])
+            if not isinstance(value, list) or any(
+                    v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)))
+                    for v in value):
+                raise EvaluationError(f"{path}: '{key}' must be a list of numbers")
+            fit[key] = list(value)
+        return cls(**values, **fit)

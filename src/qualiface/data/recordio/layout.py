@@ -96,6 +96,7 @@ def read_identity_names(folder: str | os.PathLike) -> list[str] | None:
     except UnicodeDecodeError as exc:
         raise RecordIOError(path, exc.start, "not UTF-8 text") from None
     names: list[str] = []
+    seen: dict[str, int] = {}
     # Split on "\n" only (the writer's line end; a "\r" before it is tolerated):
     # str.splitlines() would also split on \x0c, \x1c-\x1e, \x85 and \u2028/\u2029, which a
     # valid identity name may contain, so such a pack would not read back.
@@ -111,5 +112,11 @@ def read_identity_names(folder: str | os.PathLike) -> list[str] | None:
         problem = identity_name_problem(name)
         if problem is not None:
             raise RecordIOError(path, None, f"line {line_number}: {problem}")
+        # Each name becomes one folder: a name given twice would merge two identities (unpack
+        # puts both labels' images in one folder, and a repack then counts one class).
+        if name in seen:
+            raise RecordIOError(path, None, f"line {line_number}: identity {name[:80]!r} is "
+                                            f"also label {seen[name]}")
+        seen[name] = len(names)
         names.append(name)
     return names

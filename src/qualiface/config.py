@@ -222,7 +222,8 @@ class PipelineConfig:
 
 @dataclass
 class DistributedConfig:
-    """Multi-process options. ``sample_rate < 1`` samples negative class centres (Partial FC)."""
+    """Multi-process options. ``sample_rate < 1`` samples negative class centres (Partial FC),
+    in one process as well as under ``torchrun``."""
 
     sample_rate: float = 1.0
     backend: str = "auto"

@@ -2,7 +2,8 @@
 and the per-phase model wrapper (DDP, ``torch.compile``).
 
 Every function takes what it needs explicitly; ``Trainer.__init__`` and ``prepare_phase`` call
-them in order. Single process: the method's plain head. Under ``torchrun``: the sharded head of
+them in order. Single process: the method's plain head (or, with ``distributed.sample_rate < 1``,
+a one-shard ``ShardedHead`` that samples centres). Under ``torchrun``: the sharded head of
 ``train.sharded`` (each rank holds a slice of the class centres).
 """
 
@@ -61,20 +62,28 @@ def build_dataset_and_backbone(cfg: TrainingConfig, device: torch.device):
 
 
 def build_head(cfg: TrainingConfig, method, backbone: nn.Module, num_classes: int, dist: DistInfo) -> nn.Module:
-    """The method's head, or (more than one process) a ``ShardedHead`` around it."""
+    """The method's head, or a ``ShardedHead`` around it: under more than one process (each rank
+    holds a slice of the centres), and in one process when ``distributed.sample_rate < 1``
+    (Partial FC's centre sampling on one device, which a plain head cannot do; a silently
+    ignored ``sample_rate`` would train the full softmax the user asked to avoid)."""
     embedding_size = int(backbone.embedding_size)
     feature_dim = int(backbone.feature_dim)
-    if dist.world_size > 1:
-        params = method.head_params(dict(cfg.head.params), feature_dim=feature_dim)
-        return ShardedHead(
-            method.head_name, embedding_size, num_classes, params,
-            rank=dist.rank, world_size=dist.world_size,
-            sample_rate=cfg.distributed.sample_rate, seed=cfg.train.seed,
-        )
     try:
+        if uses_sharded_head(cfg, dist):
+            params = method.head_params(dict(cfg.head.params), feature_dim=feature_dim)
+            return ShardedHead(
+                method.head_name, embedding_size, num_classes, params,
+                rank=dist.rank, world_size=dist.world_size,
+                sample_rate=cfg.distributed.sample_rate, seed=cfg.train.seed,
+            )
         return method.build_head(embedding_size, num_classes, feature_dim, **cfg.head.params)
     except ValueError as exc:
         raise ConfigError(f"head '{cfg.head.name}': {exc}") from None
+
+
+def uses_sharded_head(cfg: TrainingConfig, dist: DistInfo) -> bool:
+    """Whether ``build_head`` wraps the method's head in a ``ShardedHead``."""
+    return dist.world_size > 1 or cfg.distributed.sample_rate < 1.0
 
 
 def build_cache(dataset, cfg: TrainingConfig, device: torch.device, num_workers: int, progress: bool):

@@ -549,6 +549,11 @@ def load_run_checkpoint(out_dir: str | Path, current_config: dict, *, rank: int,
         state.update({k: rank_state[k] for k in ("optimizer", "rng")})
     if state["world_size"] != world_size:
         state["optimizer"] = {}
+        if rank > 0:
+            # The main file holds rank 0's random streams; restoring them on every rank would
+            # give all ranks the same flips and degraded views from here on. ``rng: None`` tells
+            # the trainer to start this rank's streams afresh (seeded by seed, rank and step).
+            state["rng"] = None
         note(state["global_step"], f"world size changed {state['world_size']} -> "
-             f"{world_size}: optimizer moments reset")
+             f"{world_size}: optimizer moments reset, ranks > 0 draw fresh augmentation streams")
     return state, source

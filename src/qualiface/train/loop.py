@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qualiface.config import TrainingConfig, save_config, to_dict
+from qualiface.config import ConfigError, TrainingConfig, save_config, to_dict
 from qualiface.data.transforms import to_model_input
 from qualiface.errors import QualifaceError
 from qualiface.methods import build_method
@@ -54,11 +54,13 @@ from qualiface.train import export
 from qualiface.train.build import (build_cache, build_dataset_and_backbone, build_head, resolve_device,
                                    seed_everything, wrap_model)
 from qualiface.train.data import BatchPlan, BatchSource, DataError, data_changes, data_fingerprint, random_flip
-from qualiface.train.distributed import all_ranks_true, any_rank, barrier, init_distributed, no_sync_unless
+from qualiface.train.distributed import (all_ranks_true, any_rank, barrier, broadcast_object, init_distributed,
+                                         no_sync_unless)
 from qualiface.train.logging import MetricsLogger, Throughput, console, training_progress
 from qualiface.train.optim import build_optimizer, set_lr
 from qualiface.train.precision import autocast, configure_kernels, make_scaler, resolve_precision
 from qualiface.train.schedule import build_schedule
+from qualiface.train.sharded import ShardedHead
 from qualiface.train.step import (SkippedStep, StepSums, forward, metrics_to_host, restore_buffers, skip_step,
                                   snapshot_buffers, unscale_and_clip)
 from qualiface.train.validate import build_validator
@@ -94,6 +96,12 @@ class TrainResult:
     validation: dict = field(default_factory=dict)
 
 
+def augment_seed(seed: int, rank: int, step: int = 0) -> int:
+    """Seed of a rank's augmentation generator: distinct per rank (ranks must not flip and degrade
+    their batches alike) and, for a stream started mid-run, per step (not a replay of step 0's)."""
+    return seed * 7919 + rank + 1 + step * 104_729
+
+
 class Trainer:
     """Holds the run's state; ``run()`` executes every phase (resuming when asked)."""
 
@@ -113,19 +121,30 @@ class Trainer:
         self.dataset, self.backbone = build_dataset_and_backbone(cfg, self.device)
         self.num_classes = int(self.dataset.num_classes)
         self.method = build_method(cfg)
-        self.sharded = self.dist.world_size > 1  # the head is a ShardedHead
         self.head = build_head(cfg, self.method, self.backbone, self.num_classes, self.dist).to(self.device)
+        self.sharded = isinstance(self.head, ShardedHead)  # several ranks, or centre sampling
         self.context = TrainerContext(self)
         # Built now, not at the first validation: a validation set that cannot be built or does
         # not fit the backbone would otherwise stop the run after all of its training (the final
         # validation comes before the weights and the model package are written).
         self.validator = None
+        failure: Exception | None = None
         if self.is_main and cfg.val.kind != "none":
-            self.validator = build_validator(cfg.val, self._input_size)
+            try:
+                self.validator = build_validator(cfg.val, self._input_size)
+            except Exception as exc:  # raised below, once every rank knows
+                failure = exc
+        # Rank 0 alone builds it; the other ranks must stop too, with rank 0's reason, rather
+        # than go on decoding their data and fail at the first collective with "peer exited".
+        reason = broadcast_object(None if failure is None else f"{failure}")
+        if failure is not None:
+            raise failure
+        if reason is not None:
+            raise ConfigError(f"rank 0 could not build the validation set: {reason}")
 
         # Augmentation randomness (flips, degraded views) has its own generator so it is
         # checkpointed explicitly; per rank, so ranks augment differently.
-        self.augment_generator = torch.Generator().manual_seed(t.seed * 7919 + self.dist.rank + 1)
+        self.augment_generator = torch.Generator().manual_seed(augment_seed(t.seed, self.dist.rank))
         self.indices = torch.arange(len(self.dataset))
         self.num_workers = data_workers(cfg.data.num_workers)  # at most one per available CPU
         self.cache = build_cache(self.dataset, cfg, self.device, self.num_workers, progress=t.progress and self.is_main)
@@ -281,7 +300,11 @@ class Trainer:
         if self._resume_state is not None:
             if self._resume_state["optimizer"]:
                 self.optimizer.load_state_dict(self._resume_state["optimizer"])
-            ckpt.restore_rng_state(self._resume_state["rng"], {"augment": self.augment_generator})
+            if self._resume_state["rng"] is not None:
+                ckpt.restore_rng_state(self._resume_state["rng"], {"augment": self.augment_generator})
+            else:  # a rank > 0 resuming on another world size: no saved streams of its own
+                self.augment_generator.manual_seed(augment_seed(self.cfg.train.seed, self.dist.rank,
+                                                                self.global_step))
             self._resume_state = None
         schedule = build_schedule(self.cfg.schedule, base_lr=phase.lr, total_steps=total,
                                   steps_per_epoch=steps_per_epoch, warmup=phase.warmup)
@@ -365,6 +388,13 @@ class Trainer:
             workers += f" (data.num_workers={cfg.data.num_workers}; {available_cpus()} CPUs available)"
         rows = [
             ("model", f"{cfg.model.backbone}, head {cfg.head.name}, pipeline {cfg.pipeline.name}"),
+        ]
+        if self.sharded:
+            head = self.head
+            sampled = (f", {head.num_sampled:,} of {head.num_local:,} centres per step on each rank "
+                       f"(sample_rate {head.sample_rate:g})" if head.num_sampled < head.num_local else "")
+            rows.append(("classifier", f"sharded over {self.dist.world_size} process(es){sampled}"))
+        rows += [
             ("data", f"{cfg.data.name}: {len(self.indices):,} images, {self.num_classes:,} classes, {source}"),
             ("steps/epoch", f"{per_epoch:,} of {plan.step_size:,} images (batch_size {t.batch_size} x "
                             f"grad_accum {t.grad_accum} x {self.dist.world_size} process(es))"),

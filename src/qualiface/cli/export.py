@@ -89,13 +89,14 @@ def _same_weights(folder: Path, model: Path) -> bool:
     return mine.is_file() and theirs.is_file() and filecmp.cmp(mine, theirs, shallow=False)
 
 
-def _out_problem(out: Path, model: Path) -> str | None:
+def _out_problem(out: Path, model: Path, same_weights: bool) -> str | None:
     """Why ``export calibrate --out`` must not write to ``out``, or None when it may: a folder
     holding another model's package (its weights differ) would be overwritten; an earlier
-    calibrated copy of this very model (same weights) is recalibrated."""
+    calibrated copy of this very model (``same_weights``: ``_same_weights(out, model)``) is
+    recalibrated."""
     from qualiface.package.format import MODEL_JSON, WEIGHTS_FILE
 
-    if not out.is_dir() or _same_weights(out, model):
+    if not out.is_dir() or same_weights:
         return None
     held = [name for name in (MODEL_JSON, WEIGHTS_FILE) if (out / name).exists()]
     if held:
@@ -142,8 +143,10 @@ def calibrate_command(
     model_dir = package_dir(model)
     if out is not None and Path(out).resolve() == model_dir.resolve():
         out = None
+    # Compared once (byte by byte: the weights may be large), for both the check and the copy.
+    same_weights = out is not None and _same_weights(Path(out), model_dir)
     if out is not None:
-        problem = _out_problem(Path(out), model_dir)
+        problem = _out_problem(Path(out), model_dir, same_weights)
         if problem:
             raise fail(problem)
     try:
@@ -164,7 +167,9 @@ def calibrate_command(
                                        "pairs must not be fitted on")
         fit_set = pair_set.select_folds(*fit_folds) if fit_folds else pair_set
         report_set = pair_set.select_folds(*report_folds) if report_folds else fit_set
-        paths, _, _ = pair_set.unique_images()
+        # Only the images of the pairs fitted on and reported on: the other folds' are unused.
+        used = pair_set.select_folds(*fit_folds, *report_folds) if fit_folds else pair_set
+        paths, _, _ = used.unique_images()
         embeddings, quality = _embed_paths(loaded, paths, batch_size)
         position = {path: i for i, path in enumerate(paths)}
 
@@ -184,7 +189,7 @@ def calibrate_command(
     try:
         if out:
             make_folder(target)
-            if not _same_weights(target, model_dir):  # an earlier calibrated copy keeps its own
+            if not same_weights:  # an earlier calibrated copy keeps its own
                 shutil.copy2(model_dir / WEIGHTS_FILE, target / WEIGHTS_FILE)
         write_model_spec(target, loaded.spec)
     except FileWriteError as exc:  # --out below a file, a read-only folder, a full disk

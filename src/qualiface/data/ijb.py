@@ -26,10 +26,14 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from qualiface.data.decode import DataError
+
+if TYPE_CHECKING:
+    from qualiface.data.alignment import LandmarkProblem
 
 
 class IJBFormatError(DataError):
@@ -64,10 +68,26 @@ class IJBProtocol:
     detector_scores: np.ndarray | None = None
     galleries: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     probe: tuple[np.ndarray, np.ndarray] | None = None
+    # (the landmarks array checked, its problems): see ``landmark_problems``.
+    _landmark_check: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def image_dir(self) -> Path:
         return self.folder / "loose_crop"
+
+    def landmark_problems(self) -> dict[int, LandmarkProblem]:
+        """``alignment.landmark_problems`` of ``landmarks`` ({} without them): {image index:
+        problem}, computed once per protocol and shared by everything that reads it (the CLI's
+        warning, the images' alignment, the report), so they agree and IJB-C's half a million
+        faces are checked once. Assigning another ``landmarks`` array re-checks; editing the
+        array in place does not (treat it as read-only)."""
+        if self.landmarks is None:
+            return {}
+        if self._landmark_check is None or self._landmark_check[0] is not self.landmarks:
+            from qualiface.data.alignment import landmark_problems  # lazy: imports torch, cv2
+
+            self._landmark_check = (self.landmarks, landmark_problems(self.landmarks))
+        return dict(self._landmark_check[1])
 
     def image_paths(self) -> list[str]:
         return [str(self.image_dir / name) for name in self.images]

@@ -21,7 +21,7 @@ from qualiface.eval import EvaluationError
 from qualiface.eval.features import FeatureSet, ImageFiles
 from qualiface.eval.quality import edc, edc_refixed, edc_summary, pair_quality, rank_correlations
 from qualiface.eval.similarity import QMagFace, score_pairs
-from qualiface.eval.verification import DEFAULT_FARS, evaluate_verification
+from qualiface.eval.verification import DEFAULT_FARS, accuracy_folds, evaluate_verification
 from qualiface.scoring.similarity import l2_normalize
 
 
@@ -113,16 +113,14 @@ def evaluate_pairs(bench: PairBenchmark, features: FeatureSet, *,
     unit, norms = l2_normalize(raw)
     scores = score_pairs(unit, bench.first, bench.second)
     labels = bench.labels
-    folds = bench.folds if bench.folds is not None and len(np.unique(bench.folds)) > 1 else None
+    folds, accuracy_note = accuracy_folds(bench.folds)
     result = evaluate_verification(scores, labels, folds, fars=fars)
     metrics: dict = {"benchmark": bench.name, "source": bench.source,
                      "num_images": len(bench.ids), "num_pairs": len(labels),
                      "verification": result.metrics()}
-    if bench.folds is not None and folds is None and len(labels):
+    if accuracy_note:
         # One protocol fold cannot hold itself out: said, not done quietly another way.
-        metrics["verification"]["accuracy_note"] = (
-            f"one protocol fold ({int(np.unique(bench.folds)[0])}) selected: the accuracy is over "
-            "10 contiguous sub-folds of its pairs, not over protocol folds")
+        metrics["verification"]["accuracy_note"] = accuracy_note
     rocs = {"cosine": result.roc}
     qualities = {"model quality": features.quality[rows].astype(np.float64),
                  "feature norm": norms.astype(np.float64)}

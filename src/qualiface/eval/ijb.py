@@ -10,8 +10,8 @@ mean over galleries as the published tables do.
 Images are aligned with ``qualiface.infer.align.align_face`` from the 5 points of
 ``<name>_name_5pts_score.txt`` (the InsightFace loose crops are not aligned yet). A detection
 whose points cannot be warped (all at one spot) is resized from its loose crop instead, and
-every face with odd points (``landmark_problems``) is counted in the report: one bad line must
-not stop an evaluation hours in, nor pass unseen.
+every face with odd points (``IJBProtocol.landmark_problems``, checked once per protocol) is
+counted in the report: one bad line must not stop an evaluation hours in, nor pass unseen.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from qualiface.data.alignment import align_face, landmark_problems
+from qualiface.data.alignment import align_face
 from qualiface.data.ijb import IJBProtocol
 from qualiface.eval import EvaluationError
 from qualiface.eval.features import FeatureSet, ImageFiles, resize_to
@@ -69,7 +69,7 @@ def ijb_images(protocol: IJBProtocol) -> ImageFiles:
     landmarks = protocol.landmarks
     # No warp exists for these (it would blow a few pixels up to the whole face): the loose
     # crop, roughly centred on the face, resized, is the better guess.
-    unwarpable = {index for index, problem in landmark_problems(landmarks).items()
+    unwarpable = {index for index, problem in protocol.landmark_problems().items()
                   if problem.kind != "mirrored"}
     resize = resize_to(112)
 
@@ -80,11 +80,10 @@ def ijb_images(protocol: IJBProtocol) -> ImageFiles:
 
 
 def landmark_summary(protocol: IJBProtocol, examples: int = 5) -> dict:
-    """The faces whose 5 points look wrong (``landmark_problems``), for the report: how many,
-    how many were resized instead of aligned, and the first few image names with the problem."""
-    if protocol.landmarks is None:
-        return {"odd": 0, "resized_unaligned": 0, "examples": []}
-    problems = landmark_problems(protocol.landmarks)
+    """The faces whose 5 points look wrong (``protocol.landmark_problems()``, checked once per
+    protocol), for the report: how many, how many were resized instead of aligned, and the
+    first few image names with the problem."""
+    problems = protocol.landmark_problems()
     return {
         "odd": len(problems),
         "resized_unaligned": sum(problem.kind != "mirrored" for problem in problems.values()),

@@ -204,6 +204,27 @@ def default_folds(num_pairs: int, num_folds: int = 10) -> np.ndarray:
     return np.repeat(np.arange(num_folds), sizes)
 
 
+def accuracy_folds(folds) -> tuple[np.ndarray | None, str | None]:
+    """The folds a pair set's k-fold accuracy uses, from its protocol fold id per pair (or None)
+    -> (folds for ``kfold_accuracy`` / ``evaluate_verification``, note or None).
+
+    Two or more protocol folds: those folds, no note. One protocol fold cannot hold itself out:
+    None (``default_folds``: 10 contiguous sub-folds of its pairs) with a note saying so, for
+    the report; it is not refused (a training run's validator must not stop mid-run). No
+    folds, or no pairs: None, no note.
+    """
+    if folds is None:
+        return None, None
+    folds = np.asarray(folds)
+    unique = np.unique(folds)
+    if len(unique) > 1:
+        return folds, None
+    if not len(unique):
+        return None, None
+    return None, (f"one protocol fold ({int(unique[0])}) selected: the accuracy is over "
+                  "10 contiguous sub-folds of its pairs, not over protocol folds")
+
+
 def kfold_accuracy(scores, labels, folds=None, num_folds: int = 10) -> KFoldAccuracy:
     """LFW-style accuracy: threshold fitted on the other folds, applied to each held-out fold.
 

@@ -116,13 +116,17 @@ def aggregate_tracks(
         raise ValueError(f"unknown mode {mode!r}; known: {', '.join(STREAM_MODES)}")
     track_ids = np.asarray(track_ids)
     qualities = np.asarray(qualities, dtype=np.float64)
-    _check_frames(np.asarray(embeddings, dtype=np.float64), qualities)
+    # Checked as the float32 values every mode pools: a value finite in float64 but beyond
+    # float32's range (1e39) becomes inf there and would come out as a NaN template.
+    with np.errstate(over="ignore"):
+        embeddings = np.asarray(embeddings, dtype=np.float32)
+    _check_frames(embeddings.astype(np.float64), qualities)
     if mode == "progressive":
         aggregator = StreamAggregator(feature_threshold, quality_threshold)
         aggregator.feed_many(track_ids.tolist(), embeddings, qualities)
         return aggregator.templates()
     pooled = aggregate_templates(
-        np.asarray(embeddings, dtype=np.float32), track_ids, quality=qualities, mode=mode,
+        embeddings, track_ids, quality=qualities, mode=mode,
         quality_threshold=quality_threshold if mode == "qwfaf" else None,
     )
     _, row, frame_counts = np.unique(track_ids, return_inverse=True, return_counts=True)  # same order as pooled.ids

@@ -31,7 +31,7 @@ from qualiface.data.decode import read_image
 from qualiface.data.pairs import PairsError, make_pairs
 from qualiface.data.transforms import to_model_input
 from qualiface.errors import QualifaceError
-from qualiface.eval.verification import evaluate_verification
+from qualiface.eval.verification import accuracy_folds, evaluate_verification
 from qualiface.train.precision import autocast
 
 
@@ -113,10 +113,10 @@ def folder_pairs(root: str, pairs_file: str, folds: list) -> PairSet:
             raise ValidationError(f"{path}: image is {image.shape[2]}x{image.shape[1]}, "
                                   f"{paths[0]} is {decoded[0].shape[2]}x{decoded[0].shape[1]} "
                                   f"(val.root must hold aligned faces of one size)")
-    fold = np.asarray(protocol.fold)
     # One selected fold cannot hold itself out: its pairs are scored over contiguous sub-folds,
-    # as ``qualiface eval`` does (``eval.benchmarks.evaluate_pairs``), not refused mid-run.
-    folds = fold if len(np.unique(fold)) > 1 else None
+    # by the rule ``qualiface eval`` uses (``eval.verification.accuracy_folds``), not refused
+    # mid-run.
+    folds, _ = accuracy_folds(protocol.fold)
     return PairSet(torch.stack(decoded), first, second, np.asarray(protocol.issame), folds)
 
 

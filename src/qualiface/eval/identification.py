@@ -41,8 +41,8 @@ def search(probe_features, probe_labels, gallery_features, gallery_labels,
 
     probes = on_device(probe_features, np.float32)
     gallery = on_device(gallery_features, np.float32)
-    probe_labels = on_device(probe_labels, np.int64)
-    gallery_labels = on_device(gallery_labels, np.int64)
+    probe_labels = on_device(_subject_ids(probe_labels, "probe"), np.int64)
+    gallery_labels = on_device(_subject_ids(gallery_labels, "gallery"), np.int64)
     if probes.ndim != 2 or gallery.ndim != 2 or probes.shape[1] != gallery.shape[1]:
         raise EvaluationError(f"search: probe features {tuple(probes.shape)} and gallery "
                               f"features {tuple(gallery.shape)} do not match")
@@ -72,6 +72,18 @@ def search(probe_features, probe_labels, gallery_features, gallery_labels,
                         torch.cat(top).cpu().numpy())
 
 
+def _subject_ids(labels, what: str) -> np.ndarray:
+    """Subject ids; floats must be whole numbers (the int64 cast truncated 1.5 to subject 1,
+    a "mate" for subject 1's gallery entries, and turned NaN into an arbitrary integer)."""
+    labels = np.asarray(labels)
+    if labels.dtype.kind == "f":
+        bad = labels[~(np.isfinite(labels) & (labels == np.round(labels)))]
+        if len(bad):
+            raise EvaluationError(f"search: {what} subject ids must be whole numbers, got "
+                                  f"{bad[0]} ({len(bad)} such)")
+    return labels
+
+
 def tpir_at_fpir(result: SearchResult, fpirs: Sequence[float] = (1e-2, 1e-1)) -> dict[float, tuple[float, float]]:
     """``{fpir: (tpir, threshold)}`` for open-set search (see the module docstring)."""
     mated = result.has_mate
@@ -82,6 +94,10 @@ def tpir_at_fpir(result: SearchResult, fpirs: Sequence[float] = (1e-2, 1e-1)) ->
     at_rank_one = result.ranks[mated] == 1
     out = {}
     for fpir in fpirs:
+        # As tar_at_far: an FPIR above 1 gave the rank-1 rate, one at or below 0 a NaN read
+        # as "not measurable", NaN a bare ValueError.
+        if not 0 < fpir <= 1:
+            raise EvaluationError(f"FPIR must be in (0, 1], got {fpir}")
         allowed = int(np.floor(fpir * len(nonmated_top) + 1e-9))
         if allowed < 1:
             out[fpir] = (float("nan"), float("nan"))

@@ -91,6 +91,10 @@ def edc(scores, labels, pair_qualities, *, fmr: float = 1e-3,
     q = _check_quality(pair_qualities, len(scores))
     if threshold is None:
         threshold = threshold_at_fmr(scores, labels, fmr)
+    elif np.isnan(threshold):
+        # NaN compares false with every score: no mated comparison would count as an error,
+        # and the curve would read FNMR 0 everywhere.
+        raise EvaluationError("EDC: the comparison threshold is NaN")
     mated_q = q[labels]
     order = np.argsort(mated_q, kind="stable")
     sorted_q = mated_q[order]
@@ -111,10 +115,19 @@ def edc_refixed(scores, labels, pair_qualities, *, fmr: float = 1e-3,
     All comparisons are discarded by pair quality (ties together); ``fractions``: the grid of
     requested discard fractions (default 0, 0.01, ..., 0.95), each snapped down to the largest
     realisable fraction; a point is skipped when the remaining impostors cannot measure ``fmr``.
+    The grid is taken in ascending order and always holds 0, so the curve starts at 0 whatever
+    order or points are given.
     """
     scores, labels = check_pairs(scores, labels, "EDC")
     q = _check_quality(pair_qualities, len(scores))
     grid = np.arange(0, 0.951, 0.01) if fractions is None else np.asarray(fractions, dtype=float)
+    # A fraction below 0 (or NaN, or above 1) was snapped to the *largest* realisable discard;
+    # a grid in another order, or without 0, gave a curve in that order or starting later, so
+    # edc_pauc integrated the wrong steps and starting_error was not the FNMR at 0 discarded.
+    if not np.all(np.isfinite(grid)) or np.any((grid < 0) | (grid > 1)):
+        raise EvaluationError(f"EDC: every discard fraction must lie in [0, 1], got "
+                              f"{grid[~(np.isfinite(grid) & (grid >= 0) & (grid <= 1))][0]:g}")
+    grid = np.unique(np.concatenate([[0.0], grid.ravel()]))
     order = np.argsort(q, kind="stable")
     sorted_q, sorted_scores, sorted_labels = q[order], scores[order], labels[order]
     total = len(scores)
@@ -197,6 +210,9 @@ def rank_correlations(quality, severity) -> dict[str, float]:
     if quality.shape != severity.shape or quality.ndim != 1 or len(quality) < 3:
         raise EvaluationError(f"rank correlation: need matching 1-D arrays of >= 3 values, got "
                               f"{quality.shape} and {severity.shape}")
+    # NaN gave a NaN correlation (null in metrics.json) and Inf a constant-looking one.
+    if not (np.all(np.isfinite(quality)) and np.all(np.isfinite(severity))):
+        raise EvaluationError("rank correlation: quality and severity must be finite numbers")
     if np.ptp(quality) == 0 or np.ptp(severity) == 0:
         raise EvaluationError("rank correlation: quality or severity is constant")
     return {"spearman": float(stats.spearmanr(quality, severity).statistic),

@@ -169,7 +169,11 @@ def best_accuracy_threshold(scores, labels) -> tuple[float, float]:
         below = [s[np.searchsorted(s, chosen, side="left") - 1]
                  for s in (genuine, impostor) if np.searchsorted(s, chosen, side="left") > 0]
         if below:
-            chosen = 0.5 * (float(chosen) + float(max(below)))
+            highest_below = float(max(below))
+            middle = 0.5 * (float(chosen) + highest_below)
+            # Between adjacent floats the midpoint rounds onto the lower score, which the
+            # threshold would then accept: keep the genuine score itself in that case.
+            chosen = middle if middle > highest_below else float(chosen)
     return float(chosen), float(correct[best] / len(scores))
 
 

@@ -111,6 +111,10 @@ def _pooling_weights(template_ids, *, norms, media_ids, quality, mode: str,
     else:
         if quality_threshold is None:
             raise EvaluationError("aggregation mode 'qwfaf' needs quality_threshold (s_th)")
+        if np.isnan(quality_threshold):
+            # "mean quality >= NaN" is False for every template: all fell back to the plain
+            # mean, unfiltered, without a word.
+            raise EvaluationError("aggregation mode 'qwfaf': quality_threshold (s_th) is NaN")
         mean_quality = np.bincount(row, weights=quality) / template_sizes
         filtered = mean_quality[row] >= quality_threshold
         used = np.where(filtered, quality * (quality >= quality_threshold), 0.0)
@@ -185,7 +189,8 @@ class ProgressiveTemplate:
 
     ``feature_threshold`` (f_th): a new frame needs a cosine with the current template strictly
     above it (-1, the default, checks nothing); ``quality_threshold`` (s_th): a frame needs
-    quality strictly above it (default 0: any positive quality). Tune both per quality head.
+    quality strictly above it (default 0: any positive quality; it must be >= 0, since an
+    accepted frame's quality is its weight). Tune both per quality head.
 
     >>> t = ProgressiveTemplate(feature_threshold=0.3, quality_threshold=0.2)
     >>> accepted = t.update(embedding, quality)   # embedding (D,), raw or normalised
@@ -195,6 +200,18 @@ class ProgressiveTemplate:
     def __init__(self, feature_threshold: float = -1.0, quality_threshold: float = 0.0) -> None:
         self.feature_threshold = float(feature_threshold)
         self.quality_threshold = float(quality_threshold)
+        # A NaN threshold compares false: f_th NaN switched the agreement check off, s_th NaN
+        # accepted every frame. An s_th below 0 accepted frames of quality <= 0, whose weight
+        # in (S F + s f) / (S + s) is not a weight: qualities 0.5 then -0.5 divide by zero (a
+        # NaN template), 0.5 then -0.25 push the template away from the second frame. With
+        # s_th >= 0 every accepted frame has a positive weight (the batch modes likewise
+        # refuse negative qualities).
+        if np.isnan(self.feature_threshold):
+            raise EvaluationError("ProgressiveTemplate: feature_threshold (f_th) is NaN")
+        if not self.quality_threshold >= 0:
+            raise EvaluationError(f"ProgressiveTemplate: quality_threshold (s_th) must be a number "
+                                  f">= 0 (an accepted frame's quality is its weight), got "
+                                  f"{self.quality_threshold:g}")
         self.reset()
 
     def reset(self) -> None:

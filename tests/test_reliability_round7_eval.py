@@ -194,3 +194,31 @@ def test_best_accuracy_threshold_between_adjacent_floats_accepts_what_it_counted
     assert np.mean((scores >= threshold) == labels) == accuracy
     # Well-separated scores keep the midpoint.
     assert best_accuracy_threshold(np.array([0.2, 0.6]), np.array([False, True])) == (0.4, 1.0)
+
+
+def test_kfold_accuracy_refuses_nan_fold_ids():
+    # Was: each NaN pair became its own empty held-out fold and the accuracy came out NaN.
+    from qualiface.eval.verification import kfold_accuracy
+
+    scores = np.array([0.9, 0.1, 0.8, 0.2, 0.7, 0.3])
+    labels = np.array([True, False, True, False, True, False])
+    with pytest.raises(EvaluationError, match="fold ids must be finite"):
+        kfold_accuracy(scores, labels, np.array([0.0, 0.0, 1.0, 1.0, np.nan, np.nan]))
+    assert kfold_accuracy(scores, labels, np.array([0.0, 0.0, 1.0, 1.0, 2.0, 2.0])).mean == 1.0
+
+
+def test_negative_image_weights_are_refused():
+    # Was: a negative detector score subtracted its image from the template.
+    features = np.array([[1.0, 0.0], [0.0, 1.0]])
+    with pytest.raises(EvaluationError, match="image weights must be >= 0"):
+        aggregate_templates(features, np.array([0, 0]), mode="mean", image_weights=np.array([1.0, -0.5]))
+    pooled = aggregate_templates(features, np.array([0, 0]), mode="mean", image_weights=np.array([1.0, 0.0]))
+    np.testing.assert_allclose(pooled.features[0], [1.0, 0.0], atol=1e-6)
+
+
+def test_degraded_level_at_severity_zero_is_refused():
+    # Was: {0.0: clean, **levels} let a level keyed 0 replace the clean features unseen.
+    from qualiface.eval.degraded import evaluate_degraded
+
+    with pytest.raises(EvaluationError, match="severities > 0"):
+        evaluate_degraded(None, None, {0.0: None, 0.5: None}, seed=0, kinds=[])

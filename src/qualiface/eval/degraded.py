@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from qualiface.data.degrade import degraded_copies
+from qualiface.eval import EvaluationError
 from qualiface.eval.benchmarks import PairBenchmark, evaluate_pairs
 from qualiface.eval.features import FeatureSet
 from qualiface.eval.quality import rank_correlations
@@ -49,6 +50,10 @@ def evaluate_degraded(bench: PairBenchmark, features: FeatureSet,
     ``degraded`` (seed, images per kind, ``LEVEL_METRICS`` per level, rank correlations);
     ``boxes`` the model quality per severity, for the report's box plot.
     """
+    if any(not severity > 0 for severity in levels):
+        # Severity 0 is the clean features' key: a level there would replace them unseen.
+        raise EvaluationError(f"degraded levels must have severities > 0, got "
+                              f"{sorted(levels)}")
     results = {}
     for severity, level in levels.items():
         verification = evaluate_pairs(bench, level).metrics["verification"]

@@ -239,6 +239,9 @@ def kfold_accuracy(scores, labels, folds=None, num_folds: int = 10) -> KFoldAccu
     fold_ids = default_folds(len(scores), num_folds) if folds is None else np.asarray(folds)
     if fold_ids.shape != scores.shape:
         raise EvaluationError(f"fold ids: expected {len(scores)} values, got shape {fold_ids.shape}")
+    if fold_ids.dtype.kind == "f" and not np.all(np.isfinite(fold_ids)):
+        # NaN != NaN: every NaN pair was its own empty "held-out fold", a NaN accuracy.
+        raise EvaluationError("fold ids must be finite numbers")
     unique_folds = np.unique(fold_ids)
     if len(unique_folds) < 2:
         raise EvaluationError(f"k-fold accuracy needs at least 2 folds, got {len(unique_folds)}")

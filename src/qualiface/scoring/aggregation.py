@@ -70,6 +70,10 @@ def pooling_weights(template_ids, *, norms, media_ids=None, quality=None, mode: 
         if image_weights.shape != weight.shape or not np.all(np.isfinite(image_weights)):
             raise EvaluationError(f"aggregation: {len(weight)} images but image weights of "
                                   f"shape {image_weights.shape} (or not finite)")
+        if np.any(image_weights < 0):
+            # A negative detector score would subtract the image from its template.
+            raise EvaluationError(f"aggregation: image weights must be >= 0, got "
+                                  f"{image_weights.min():g}")
         weight = weight * image_weights
     return templates, row, weight
 

@@ -48,6 +48,9 @@ def command(
     from qualiface.infer.model import Model, NonFiniteOutputError
     from qualiface.progress import make_progress
 
+    if min_quality is not None and not np.isfinite(min_quality):
+        # "quality >= nan" is False for every face: all would be rejected, after embedding them.
+        raise fail(f"--min-quality must be a finite number, got {min_quality}")
     try:
         loaded = Model.load(model, device=device)
     except QualifaceError as exc:

@@ -46,7 +46,9 @@ def onnx_command(
         f"wrote {report.path} ({'fp16' if fp16 else 'fp32'}, opset {report.opset}, {report.exporter}); "
         f"onnxruntime vs PyTorch max abs diff: embedding {report.max_abs_diff_embedding:.2e}, "
         f"norm {report.max_abs_diff_norm:.2e}, quality {report.max_abs_diff_quality:.2e} "
-        f"(tolerance {report.tolerance:.1e}, batch sizes {', '.join(map(str, report.batch_sizes))})"
+        f"(tolerances {report.tolerance:.1e}, {report.tolerance_norm:.1e}, "
+        f"{report.tolerance_quality:.1e}; "
+        f"batch sizes {', '.join(map(str, report.batch_sizes))})"
     )
     console.print("metadata_props:", markup=False)
     for key, value in report.metadata.items():
@@ -131,7 +133,11 @@ def calibrate_command(
 
     from qualiface.data.lfw import read_pairs
     from qualiface.files import FileWriteError, describe_os_error, make_folder
-    from qualiface.infer.calibrate import calibrate_from_pairs, rejection_threshold_for_fnmr
+    from qualiface.infer.calibrate import (
+        calibrate_from_pairs,
+        calibration_problem,
+        rejection_threshold_for_fnmr,
+    )
     from qualiface.infer.model import Model
     from qualiface.package.calibration import CalibrationError
     from qualiface.package.format import MODEL_JSON, WEIGHTS_FILE
@@ -167,6 +173,11 @@ def calibrate_command(
                                        "pairs must not be fitted on")
         fit_set = pair_set.select_folds(*fit_folds) if fit_folds else pair_set
         report_set = pair_set.select_folds(*report_folds) if report_folds else fit_set
+        # A typo in --method, --fmr 2, or an FMR the fitting pairs cannot measure failed only
+        # after every image was embedded: the labels alone decide these.
+        problem = calibration_problem(fit_set.issame, fmr=fmr, method=method)
+        if problem:
+            raise CalibrationError(problem)
         # Only the images of the pairs fitted on and reported on: the other folds' are unused.
         used = pair_set.select_folds(*fit_folds, *report_folds) if fit_folds else pair_set
         paths, _, _ = used.unique_images()

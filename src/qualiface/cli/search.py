@@ -45,6 +45,21 @@ def _identity(ids, rule: str):
     raise fail(f"--identity must be one of {', '.join(IDENTITY_RULES)}, got {rule!r}")
 
 
+def _refuse_out_over_input(out: Path | None, table: Path, what: str) -> None:
+    """Fail before any work when ``--out`` names the input table itself: the results (ids,
+    match ids and scores; templates) would replace the embeddings they were computed from,
+    exit 0, with nothing left to recompute them from but the images."""
+    if out is None:
+        return
+    try:
+        same = out.resolve() == table.resolve() or (out.exists() and out.samefile(table))
+    except OSError:
+        same = False
+    if same:
+        raise fail(f"{out}: is the {what} being read; writing there would replace it "
+                   "(name another --out)")
+
+
 @app.command("enrol")
 def enrol_command(
     embeddings: Path = typer.Argument(..., help="Output of 'qualiface embed' (or 'search aggregate')."),
@@ -115,6 +130,7 @@ def query_command(
     from qualiface.infer.io import read_table, write_table
     from qualiface.infer.search import Gallery, SearchResult, rank_rates
 
+    _refuse_out_over_input(out, embeddings, "probe table")
     try:
         probes = read_table(embeddings, required=("ids", "embeddings"))
         loaded = Gallery.load(gallery)
@@ -176,6 +192,7 @@ def aggregate_command(
     from qualiface.infer.io import TableError, read_table, write_table
     from qualiface.infer.stream import FrameError, aggregate_tracks
 
+    _refuse_out_over_input(out, frames, "per-frame table")
     try:
         table = read_table(frames, required=(track_column, "embeddings", "quality"))
         raw = table["embeddings"] * table["norms"][:, None] if "norms" in table else table["embeddings"]

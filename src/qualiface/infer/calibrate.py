@@ -106,10 +106,27 @@ def pair_outcomes(emb1, emb2, issame, fmr: float) -> PairOutcomes:
     try:
         # From the scores in the precision a user compares later (float32 cosines): a float64
         # step above a float32 score rounds back onto it in a float32 comparison.
-        threshold = threshold_at_fmr(raw, issame, fmr)
+        threshold = threshold_at_fmr(raw, issame, fmr, what="calibration")
     except EvaluationError as exc:
         raise CalibrationError(str(exc)) from None
     return PairOutcomes(scores=scores, threshold=threshold, correct=(scores >= threshold) == issame)
+
+
+def calibration_problem(issame, *, fmr: float, method: str) -> str | None:
+    """Why pairs labelled ``issame`` cannot be calibrated at ``fmr`` with ``method``, or None.
+
+    Everything :func:`calibrate_from_pairs` refuses that the labels alone decide (an unknown
+    method, an FMR outside (0, 1), no genuine or no impostor pairs, fewer than ``1 / fmr``
+    impostor pairs), so a command can say it before embedding the images, not after.
+    """
+    if method not in CALIBRATION_METHODS:
+        return f"unknown calibration method {method!r}; known: {', '.join(CALIBRATION_METHODS)}"
+    issame = np.asarray(issame, dtype=bool)
+    try:  # the fit's own rule, on stand-in scores: only the labels and the FMR matter to it
+        threshold_at_fmr(np.zeros(issame.shape, np.float32), issame, fmr, what="calibration")
+    except EvaluationError as exc:
+        return str(exc)
+    return None
 
 
 def calibrate_from_pairs(

@@ -56,11 +56,25 @@ def table_destination_problem(path: str | Path, columns) -> str | None:
     it is read back as a column (one left by an earlier table, e.g. another model's
     ``quality_calibrated``, would join this one), and an existing folder holding other files is
     somebody's data (``embed faces/ --out faces/`` would scatter columns among the images).
-    Commands call this before their work, ``write_table`` again before writing.
+    Commands call this before their work, ``write_table`` again before writing. Two more
+    destinations fail only when written, so they are named here too, before hours of embedding
+    are lost: a ``.parquet`` without pyarrow (an optional dependency), and a folder path that is
+    an existing file (``--out emb.npy``: a path without ``.npz`` / ``.parquet`` is a folder).
     """
     path = Path(path)
-    if table_format(path) != "npy-folder" or not path.is_dir():
+    fmt = table_format(path)
+    if fmt == "parquet":
+        try:
+            import pyarrow.parquet  # noqa: F401  # lazy: optional dependency (the `parquet` extra)
+        except ImportError:
+            return (f"{path}: writing .parquet needs pyarrow (pip install 'qualiface[parquet]'); "
+                    "name a .npz file or a folder instead")
         return None
+    if fmt != "npy-folder" or not path.exists():
+        return None
+    if not path.is_dir():
+        return (f"{path}: exists and is not a folder; a table path without .npz or .parquet is "
+                "a folder of .npy columns: name a .npz file, or a new folder")
     entries = sorted(path.iterdir())
     foreign = [entry.name for entry in entries if entry.suffix != ".npy" or not entry.is_file()]
     if foreign:
@@ -80,6 +94,10 @@ def write_table(path: str | Path, arrays: dict[str, np.ndarray]) -> Path:
     arrays = {name: _storable(a) for name, a in arrays.items()}
     _check_lengths(arrays, str(path))
     fmt = table_format(path)
+    if fmt == "parquet":  # pyarrow missing: one line naming the table, not an ImportError
+        problem = table_destination_problem(path, arrays)
+        if problem:
+            raise TableError(problem)
     make_folder(path.parent, output=path)  # FileWriteError naming the table, as the writes below
     if fmt == "npz":
         atomic_write(path, lambda handle: np.savez(handle, **arrays))

@@ -28,6 +28,7 @@ import fcntl
 import json
 import math
 import os
+import re
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -288,6 +289,9 @@ class Gallery:
             return self._save_locked(Path(folder))
 
     def _save_locked(self, folder: Path) -> Path:
+        # The files the replaced gallery.json names: the only ones besides this format's own
+        # orphans that the clean-up after the commit may delete (see _remove_stale_files).
+        previous = _gallery_files(folder)
         token = secrets.token_hex(8)
         files = {"arrays": f"gallery-{token}.npz"}
         arrays = {"ids": self.ids}
@@ -309,7 +313,7 @@ class Gallery:
             for name in files.values():
                 (folder / name).unlink(missing_ok=True)
             raise GalleryError(str(exc)) from None
-        _remove_stale_files(folder, keep=set(files.values()))
+        _remove_stale_files(folder, keep=set(files.values()), previous=previous)
         return folder
 
     @classmethod
@@ -421,12 +425,36 @@ def read_gallery_info(folder: str | Path) -> dict:
     return info
 
 
-def _remove_stale_files(folder: Path, keep: set[str]) -> None:
-    """Delete data files of earlier saves (caller holds the exclusive lock)."""
-    for pattern in ("gallery-*.npz", "index-*.faiss", *_V1_FILES.values()):
-        for path in folder.glob(pattern):
-            if path.name not in keep:
-                path.unlink(missing_ok=True)
+# A data file this format names itself: ``gallery-<token>.npz`` / ``index-<token>.faiss`` with
+# the 16 hex digits of ``secrets.token_hex(8)``.
+_OWN_DATA_FILE = re.compile(r"(gallery-[0-9a-f]{16}\.npz|index-[0-9a-f]{16}\.faiss)")
+
+
+def _gallery_files(folder: Path) -> set[str]:
+    """The data files the gallery.json in ``folder`` names (none without a readable one)."""
+    if not (folder / GALLERY_JSON).exists():
+        return set()
+    try:
+        return set(read_gallery_info(folder)["files"].values())
+    except GalleryError:  # a broken description: delete nothing on its word
+        return set()
+
+
+def _remove_stale_files(folder: Path, keep: set[str], previous: set[str] = frozenset()) -> None:
+    """Delete data files of earlier saves (caller holds the exclusive lock).
+
+    Only ``previous`` (what the replaced gallery.json named, version 1's fixed names included)
+    and orphans of an interrupted save, named exactly as this format names them. A glob such as
+    ``gallery-*.npz`` or the bare name ``gallery.npz`` also matched the user's own files: ``search
+    enrol gallery.npz -g .`` deleted the very table it enrolled (and ``gallery-faces.npz`` beside
+    it).
+    """
+    for path in folder.iterdir():
+        name = path.name
+        if name in keep or not (name in previous or _OWN_DATA_FILE.fullmatch(name)):
+            continue
+        if path.is_file():
+            path.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

@@ -48,8 +48,10 @@ def check_pairs(scores, labels, what: str = "scores") -> tuple[np.ndarray, np.nd
     return scores, labels
 
 
-def threshold_at_fmr(scores, labels, fmr: float) -> float:
+def threshold_at_fmr(scores, labels, fmr: float, what: str = "EDC") -> float:
     """The lowest threshold whose FMR over all impostor pairs is at most ``fmr``.
+
+    ``what`` names the caller in the errors (the EDC's threshold, a quality calibration's).
 
     With ``k = floor(fmr * impostors)`` false matches allowed, that is the smallest float
     above the (k+1)-th highest impostor score (accept = ``score >= threshold``), taken in the
@@ -60,14 +62,14 @@ def threshold_at_fmr(scores, labels, fmr: float) -> float:
     # which a calibration would then store without a word.
     if not 0.0 < fmr < 1.0:
         raise EvaluationError(f"FMR must lie strictly between 0 and 1, got {fmr:g}")
-    scores, labels = check_pairs(scores, labels, "EDC")
+    scores, labels = check_pairs(scores, labels, what)
     # Kept in the scores' dtype: a float64 step above a float32 score rounds back onto it
     # when float32 scores are compared with the threshold, accepting that impostor and every
     # genuine score tied with it (FMR above the target, FNMR too low).
     impostor = np.sort(scores[~labels])[::-1]
     allowed = int(np.floor(fmr * len(impostor) + 1e-9))
     if allowed < 1:
-        raise EvaluationError(f"EDC: FMR {fmr:g} is not measurable with {len(impostor)} "
+        raise EvaluationError(f"{what}: FMR {fmr:g} is not measurable with {len(impostor)} "
                               "impostor pairs (need at least 1/FMR)")
     if allowed >= len(impostor):
         return float(impostor[-1])

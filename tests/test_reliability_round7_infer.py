@@ -220,3 +220,27 @@ def test_export_without_onnxruntime_is_one_line_and_writes_nothing(tmp_path, mon
                                       str(tmp_path / "m.onnx")])
     _one_line_error(result, "needs onnx and onnxruntime", "qualiface[onnx]")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pkg"]
+
+
+def test_a_nan_probe_row_is_named_with_its_table_and_row(tmp_path):
+    # Was: "query embeddings contains NaN or infinite values": neither the file nor the row.
+    rng = np.random.default_rng(0)
+    write_table(tmp_path / "g.npz", {"ids": np.array(["a", "b"]), "embeddings": rng.normal(size=(2, 4)).astype(np.float32)})
+    probes = rng.normal(size=(3, 4)).astype(np.float32)
+    probes[2, 1] = np.nan
+    write_table(tmp_path / "p.npz", {"ids": np.array(["x", "y", "z"]), "embeddings": probes})
+    runner = CliRunner()
+    assert runner.invoke(app, ["search", "enrol", str(tmp_path / "g.npz"), "-g", str(tmp_path / "g"),
+                               "--mode", "mean"]).exit_code == 0
+    result = runner.invoke(app, ["search", "query", str(tmp_path / "p.npz"), "-g", str(tmp_path / "g")])
+    assert result.exit_code != 0
+    assert "p.npz" in result.output and "row 2 contains NaN" in result.output
+
+
+def test_qwfa_with_a_nan_quality_names_the_image_not_a_misleading_minimum():
+    # Was: "needs finite qualities >= 0 (min 1)" for qualities [nan, 1] (nanmin skipped the NaN).
+    from qualiface.errors import QualifaceError
+    from qualiface.scoring.aggregation import aggregate_templates
+
+    with pytest.raises(QualifaceError, match="image 0 has nan"):
+        aggregate_templates(np.eye(2), np.array([0, 0]), quality=np.array([np.nan, 1.0]), mode="qwfa")

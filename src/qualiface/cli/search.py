@@ -128,7 +128,7 @@ def query_command(
 ) -> None:
     """Top-k gallery templates for every probe embedding, with cosine scores (and rank-1/5)."""
     from qualiface.infer.io import read_table, write_table
-    from qualiface.infer.search import Gallery, SearchResult, rank_rates
+    from qualiface.infer.search import Gallery, GalleryError, SearchResult, rank_rates
 
     _refuse_out_over_input(out, embeddings, "probe table")
     try:
@@ -146,7 +146,10 @@ def query_command(
         else:
             labels = source = None
         # one column past rank 5: a tie with the mate running past it counts against the probe
-        ranked = loaded.search(probes["embeddings"], k=max(k, 6) if labels is not None else k)
+        try:
+            ranked = loaded.search(probes["embeddings"], k=max(k, 6) if labels is not None else k)
+        except GalleryError as exc:  # a bad probe row: say which table holds it
+            raise GalleryError(f"{embeddings}: {exc}") from None
         rates, counted = rank_rates(ranked, labels, loaded.ids) if labels is not None else ({}, 0)
         result = SearchResult(ranked.scores[:, :k], ranked.indices[:, :k], ranked.ids[:, :k])
         if out is not None:

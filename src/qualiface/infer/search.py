@@ -70,9 +70,10 @@ class GalleryError(QualifaceError, ValueError):
 class SearchResult:
     """Top-k answers for Q queries.
 
-    scores:  (Q, k) float32 cosine similarities, best first (-inf where fewer than k found).
-    indices: (Q, k) int64 rows of the gallery (-1 where fewer than k found).
-    ids:     (Q, k) template ids ('' where fewer than k found).
+    scores:  (Q, k') float32 cosine similarities, best first (-inf where fewer than k found);
+             k' = min(k, gallery size) columns.
+    indices: (Q, k') int64 rows of the gallery (-1 where fewer than k found).
+    ids:     (Q, k') template ids ('' where fewer than k found).
     """
 
     scores: np.ndarray
@@ -113,8 +114,10 @@ def _normalise(embeddings, what: str) -> np.ndarray:
     array = np.asarray(embeddings.detach().cpu() if hasattr(embeddings, "detach") else embeddings, dtype=np.float32)
     if array.ndim != 2 or array.shape[0] == 0:
         raise GalleryError(f"{what} must be a non-empty (N, D) array, got shape {array.shape}")
-    if not np.all(np.isfinite(array)):
-        raise GalleryError(f"{what} contains NaN or infinite values")
+    finite = np.isfinite(array).all(axis=1)
+    if not finite.all():
+        raise GalleryError(f"{what}: row {int(np.flatnonzero(~finite)[0])} contains NaN or infinite "
+                           f"values ({int((~finite).sum())} such row(s))")
     norms = np.linalg.norm(array, axis=1, keepdims=True)
     return np.ascontiguousarray(array / np.maximum(norms, 1e-12), dtype=np.float32)
 

@@ -106,9 +106,12 @@ def _pooling_weights(template_ids, *, norms, media_ids, quality, mode: str,
     quality = np.asarray(quality, dtype=np.float64)
     if quality.shape != (n,):
         raise EvaluationError(f"aggregation: {n} images but quality of shape {quality.shape}")
-    if np.any(quality < 0) or not np.all(np.isfinite(quality)):
-        raise EvaluationError(f"aggregation mode {mode!r} needs finite qualities >= 0 "
-                              f"(min {np.nanmin(quality):.4g}); rescale the score first")
+    bad = np.flatnonzero(~np.isfinite(quality) | (quality < 0))
+    if len(bad):
+        # Names the first bad value itself: the minimum skipped a NaN ("min 1" for [nan, 1]).
+        raise EvaluationError(f"aggregation mode {mode!r} needs finite qualities >= 0; image "
+                              f"{bad[0]} has {quality[bad[0]]:.4g} ({len(bad)} such); rescale "
+                              "the score first")
     uniform = 1.0 / template_sizes[row]
     if mode == "qwfa":
         used = quality

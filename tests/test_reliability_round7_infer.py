@@ -21,15 +21,7 @@ from qualiface.infer.model import Model, save_model_package
 from qualiface.infer.search import Gallery
 from test_infer_cli import _calibrate_args, _write_images
 from test_infer_model import TINY_KWARGS, make_package, random_images
-
-
-def _one_line_error(result, *needles: str) -> None:
-    assert result.exit_code == 1, result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    text = " ".join(result.output.split())
-    assert "Traceback" not in text
-    for needle in needles:
-        assert needle in text, (needle, text)
+from test_reliability_round6_infer import _one_line_error
 
 
 def _never_embed(monkeypatch, why: str) -> None:

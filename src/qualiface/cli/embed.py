@@ -42,7 +42,7 @@ def command(
     import numpy as np
     import torch
 
-    from qualiface.files import FileWriteError, write_text_atomic
+    from qualiface.files import FileWriteError, describe_os_error, write_text_atomic
     from qualiface.infer.images import ImageFileBatches, list_images
     from qualiface.infer.io import table_destination_problem, write_table
     from qualiface.infer.model import Model, NonFiniteOutputError
@@ -62,6 +62,9 @@ def command(
     problem = table_destination_problem(out, columns)  # before the embedding, not after it
     if problem:
         raise fail(problem)
+    log = out.with_name(out.name.rstrip("/") + ".rejected.tsv")
+    if log.exists() and not log.is_file():  # the log is written (or removed) after every image is embedded
+        raise fail(f"{log}: the rejection log's place holds a folder or special file; move it or choose another --out")
     try:
         paths = list_images(inputs)
     except FileNotFoundError as exc:
@@ -133,12 +136,18 @@ def command(
     except (QualifaceError, OSError) as exc:
         raise fail(f"{out}: cannot write ({exc})") from None
     console.print(f"wrote {int(keep.sum())} embeddings (D={loaded.embedding_size}) to {out}")
-    log = out.with_name(out.name.rstrip("/") + ".rejected.tsv")
-    if not rejected:
-        # An earlier run's log beside this table would list faces the table now holds.
-        log.unlink(missing_ok=True)
-    else:
-        write_text_atomic(log, "".join("\t".join(map(tsv_field, row)) + "\n" for row in rejected))
+    try:
+        if not rejected:
+            # An earlier run's log beside this table would list faces the table now holds.
+            log.unlink(missing_ok=True)
+        else:
+            write_text_atomic(log, "".join("\t".join(map(tsv_field, row)) + "\n" for row in rejected))
+    except OSError as exc:  # FileWriteError included
+        # The table is written and stays; only the list of rejected names is lost.
+        what = "write" if rejected else "remove the earlier"
+        problem = exc.problem if isinstance(exc, FileWriteError) else describe_os_error(exc)
+        raise fail(f"{log}: could not {what} the rejection log ({problem}); the table {out} was written") from None
+    if rejected:
         count = {reason: sum(1 for r in rejected if r[1] == reason) for reason in ("unreadable", "wrong size")}
         console.print(
             f"rejected {len(rejected)} of {len(paths)} images: {len(rejected) - sum(count.values())} below the "

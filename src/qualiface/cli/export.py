@@ -157,7 +157,9 @@ def calibrate_command(
             raise fail(problem)
     try:
         loaded = Model.load(model, device=device)
-        pair_set = read_pairs(pairs, images)
+        # Read without the image folder: only the used folds' images must exist (a folder
+        # holding folds 1-7 is enough to fit on them).
+        pair_set = read_pairs(pairs)
         fit_folds, report_folds = _parse_folds(folds), _parse_folds(holdout_folds)
         if report_folds:
             # Held-out pairs must stay out of the fit, or the rejection thresholds reported
@@ -180,8 +182,9 @@ def calibrate_command(
             raise CalibrationError(problem)
         # Only the images of the pairs fitted on and reported on: the other folds' are unused.
         used = pair_set.select_folds(*fit_folds, *report_folds) if fit_folds else pair_set
-        paths, _, _ = used.unique_images()
-        embeddings, quality = _embed_paths(loaded, paths, batch_size)
+        paths, _, _ = used.unique_images()  # relative, as the subsets name them
+        files, _, _ = used.resolve(images).unique_images()  # same order; every one checked to exist
+        embeddings, quality = _embed_paths(loaded, files, batch_size)
         position = {path: i for i, path in enumerate(paths)}
 
         def gather(subset):

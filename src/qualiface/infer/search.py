@@ -110,7 +110,7 @@ def rank_rates(result: SearchResult, labels, enrolled_ids, ranks=(1, 5)) -> tupl
     return rank_accuracy(ranked, ranks), int(mated.sum())
 
 
-def _normalise(embeddings, what: str) -> np.ndarray:
+def _normalise(embeddings, what: str, ids: np.ndarray | None = None) -> np.ndarray:
     array = np.asarray(embeddings.detach().cpu() if hasattr(embeddings, "detach") else embeddings, dtype=np.float32)
     if array.ndim != 2 or array.shape[0] == 0:
         raise GalleryError(f"{what} must be a non-empty (N, D) array, got shape {array.shape}")
@@ -118,8 +118,16 @@ def _normalise(embeddings, what: str) -> np.ndarray:
     if not finite.all():
         raise GalleryError(f"{what}: row {int(np.flatnonzero(~finite)[0])} contains NaN or infinite "
                            f"values ({int((~finite).sum())} such row(s))")
-    norms = np.linalg.norm(array, axis=1, keepdims=True)
-    return np.ascontiguousarray(array / np.maximum(norms, 1e-12), dtype=np.float32)
+    # float64: the squares of tiny float32 values (1e-30) would underflow to a zero norm.
+    norms = np.linalg.norm(array.astype(np.float64), axis=1, keepdims=True)
+    # A zero row has no direction: it scores 0 against everything, so as a template it sits in
+    # every result list at cosine 0, and as a probe its "matches" are decided by position.
+    zero = np.flatnonzero(~array.any(axis=1))
+    if zero.size:
+        named = f" (id {str(ids[zero[0]])!r})" if ids is not None and ids.shape == (array.shape[0],) else ""
+        raise GalleryError(f"{what}: row {int(zero[0])}{named} is all zeros ({zero.size} such row(s)); "
+                           "a zero feature has no direction to compare")
+    return np.ascontiguousarray(array / norms, dtype=np.float32)
 
 
 def exact_topk(queries: np.ndarray, gallery: np.ndarray, k: int, chunk_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
@@ -199,10 +207,19 @@ class Gallery:
         every cell of a gallery with fewer, which is then exact; a number above ``nlist`` is
         refused).
         """
-        vectors = _normalise(embeddings, "gallery embeddings")
         ids = np.asarray(ids).astype(str)
+        vectors = _normalise(embeddings, "gallery embeddings", ids)
         if ids.shape != (vectors.shape[0],):
             raise GalleryError(f"{ids.shape[0] if ids.ndim else 0} ids for {vectors.shape[0]} embeddings")
+        names, counts = np.unique(ids, return_counts=True)
+        if (counts > 1).any():
+            # As enrolling an id a second time is refused (``enrol``): one template per id, so
+            # a result's id names one template. Several images of one identity are pooled first
+            # (``scoring.aggregation.aggregate_templates``, as ``search enrol`` does).
+            twice = names[counts > 1]
+            shown = ", ".join(map(str, twice[:5])) + (" ..." if twice.size > 5 else "")
+            raise GalleryError(f"{twice.size} template id(s) given more than once: {shown} (pool each "
+                               "identity's images into one template first, e.g. aggregate_templates)")
         if backend == "auto":
             backend = "exact" if vectors.shape[0] <= AUTO_EXACT_LIMIT else "ivf"
         if backend not in BACKENDS:

@@ -16,6 +16,7 @@ module here), plus its head in ``qualiface.heads`` when it brings new loss maths
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import pkgutil
 
@@ -72,6 +73,24 @@ def build_method(cfg) -> Method:
         family = method_classes().get(wanted)
         heads = ", ".join(family.heads) if family is not None else "(none)"
         raise PipelineError(f"pipeline {wanted} needs the {wanted} head ({heads}), not {head}")
+    _refuse_unread_options(cfg.pipeline, options_section(head), head)
     base = Phase("train", cfg.train.epochs, cfg.train.steps, cfg.optim.lr)
     options = getattr(cfg.pipeline, cls.name, None) if cls.Config is not None else None
     return cls(head, base=base, options=options, scheduled=wanted == cls.name)
+
+
+def _refuse_unread_options(pipeline, read: str | None, head: str) -> None:
+    """``PipelineError`` for an option set (away from its default) in a ``pipeline.<section>``
+    that the method of ``head`` does not read: ``pipeline.eqface.branch_epochs=8`` beside
+    ``head.name=arcface`` would otherwise be accepted and have no effect at all."""
+    for section, options in pipeline.sections().items():
+        if section == read:
+            continue
+        defaults = type(options)()
+        for option in dataclasses.fields(options):
+            value = getattr(options, option.name)
+            if value != getattr(defaults, option.name):
+                readers = ", ".join(method_classes()[section].heads)
+                raise PipelineError(
+                    f"pipeline.{section}.{option.name} is set ({value!r}) but head {head} does not read "
+                    f"the {section} options (heads that do: {readers}); remove it, or pick one of those heads")

@@ -69,7 +69,7 @@ def build_head(cfg: TrainingConfig, method, backbone: nn.Module, num_classes: in
     embedding_size = int(backbone.embedding_size)
     feature_dim = int(backbone.feature_dim)
     try:
-        if uses_sharded_head(cfg, dist):
+        if dist.world_size > 1 or cfg.distributed.sample_rate < 1.0:
             params = method.head_params(dict(cfg.head.params), feature_dim=feature_dim)
             return ShardedHead(
                 method.head_name, embedding_size, num_classes, params,
@@ -79,11 +79,6 @@ def build_head(cfg: TrainingConfig, method, backbone: nn.Module, num_classes: in
         return method.build_head(embedding_size, num_classes, feature_dim, **cfg.head.params)
     except ValueError as exc:
         raise ConfigError(f"head '{cfg.head.name}': {exc}") from None
-
-
-def uses_sharded_head(cfg: TrainingConfig, dist: DistInfo) -> bool:
-    """Whether ``build_head`` wraps the method's head in a ``ShardedHead``."""
-    return dist.world_size > 1 or cfg.distributed.sample_rate < 1.0
 
 
 def build_cache(dataset, cfg: TrainingConfig, device: torch.device, num_workers: int, progress: bool):

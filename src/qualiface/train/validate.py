@@ -100,12 +100,14 @@ def folder_pairs(root: str, pairs_file: str, folds: list) -> PairSet:
     pairs_path = Path(pairs_file) if pairs_file else root_path.parent / "pairs.txt"
     if not pairs_path.is_file():
         raise ValidationError(f"{pairs_path}: pairs file not found (set val.pairs)")
-    protocol = lfw.read_pairs(pairs_path, root_path)
+    protocol = lfw.read_pairs(pairs_path)
     if folds:
         try:
             protocol = protocol.select_folds(*(int(f) for f in folds))
         except ValueError as exc:
             raise ValidationError(f"val.folds: {exc}") from None
+    # After the fold selection: only the validated folds' images need to be there.
+    protocol = protocol.resolve(root_path)
     paths, first, second = protocol.unique_images()
     decoded = [read_image(path) for path in paths]
     for path, image in zip(paths, decoded):

@@ -160,3 +160,21 @@ def test_options_for_a_method_the_head_does_not_train_are_refused(config, overri
         validate_components(cfg, source=config)
     # The head's own section, and any section left at its defaults, stay accepted.
     validate_components(load_config(config, []), source=config)
+
+
+# -- a size mismatch's advice ----------------------------------------------------------------
+
+
+def test_aligned_faces_for_a_smaller_model_are_not_told_to_align():
+    """112x112 aligned faces given to a 64-px model (the demo's) were told "align faces first
+    (qualiface align)", which makes 112x112 crops again: advice that cannot help."""
+    from qualiface.infer.images import ImageSizeError, as_uint8_batch
+
+    aligned = np.zeros((1, 112, 112, 3), np.uint8)
+    with pytest.raises(ImageSizeError, match="model expects 64x64; these look like aligned 112x112 faces") as info:
+        as_uint8_batch(aligned, (64, 64))
+    assert "qualiface align" not in str(info.value)
+    with pytest.raises(ImageSizeError, match=r"align faces first \(qualiface align"):
+        as_uint8_batch(np.zeros((1, 100, 90, 3), np.uint8), (112, 112))
+    with pytest.raises(ImageSizeError, match="then resize them to 64x64"):
+        as_uint8_batch(np.zeros((1, 100, 90, 3), np.uint8), (64, 64))

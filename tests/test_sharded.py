@@ -479,6 +479,7 @@ def _trainer_worker(info: DistInfo, out_dir: str) -> dict:
     out = {
         "global_step": result.global_step,
         "loss": result.last_metrics.get("loss"),
+        "final_weights": None if result.final_weights is None else str(result.final_weights),
         "backbone": {k: v.clone() for k, v in trainer.backbone.state_dict().items()},
         "head_shard": trainer.head.head.weight.detach().clone(),
     }
@@ -504,6 +505,9 @@ def test_trainer_on_two_ranks_keeps_backbones_identical_and_resumes_on_one(tmp_p
     first, second = (outcome.value for outcome in outcomes)
     assert first["global_step"] == second["global_step"] == 3
     assert first["loss"] == pytest.approx(second["loss"])  # the global loss, same everywhere
+    # Rank 0 writes (and `qualiface train` reports) the final weights; rank 1 names none (it
+    # printed a second "done: ... weights final.safetensors" line for a file it never wrote).
+    assert Path(first["final_weights"]).is_file() and second["final_weights"] is None
     for key, value in first["backbone"].items():
         assert torch.equal(value, second["backbone"][key]), key
     # The checkpoint holds the full (C, D) centre matrix: both shards, in class order.

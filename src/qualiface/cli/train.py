@@ -56,6 +56,8 @@ def command(
         raise typer.Exit(128 + int(exc.signum)) from None
     except QualifaceError as exc:  # config, data, checkpoint, training, export: the message says it
         raise fail(str(exc)) from None
+    if result.final_weights is None:  # a rank > 0 under torchrun: rank 0 wrote (and reports) the outputs
+        return
     console.print(f"[bold green]done[/]: {result.global_step} steps; weights {result.final_weights}"
                   + (f"; model package {result.model_package}" if result.model_package else ""))
 

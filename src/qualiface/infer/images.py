@@ -110,9 +110,16 @@ def as_uint8_batch(images, size: Sequence[int] | None = None) -> torch.Tensor:
         raise ValueError("no images given")
     if size is not None and tuple(batch.shape[2:]) != tuple(size):
         h, w = size
+        if tuple(batch.shape[2:]) == (112, 112):
+            # Already the aligned size: `qualiface align` (always 112x112) would not help.
+            hint = (f"these look like aligned 112x112 faces, but this model was built for {w}x{h} "
+                    f"inputs: resize them to {w}x{h}, or use a model that takes 112x112")
+        elif (h, w) == (112, 112):
+            hint = "align faces first (qualiface align makes 112x112 crops)"
+        else:
+            hint = f"align faces (qualiface align makes 112x112 crops), then resize them to {w}x{h}"
         raise ImageSizeError(
-            f"image size {batch.shape[3]}x{batch.shape[2]} (WxH), the model expects {w}x{h}; "
-            "align faces first (qualiface align)"
+            f"image size {batch.shape[3]}x{batch.shape[2]} (WxH), the model expects {w}x{h}; {hint}"
         )
     return batch
 

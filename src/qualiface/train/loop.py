@@ -90,7 +90,7 @@ class TrainResult:
 
     out_dir: Path
     global_step: int
-    final_weights: Path
+    final_weights: Path | None  # None on ranks > 0: rank 0 writes what a run leaves
     model_package: Path | None
     last_metrics: dict = field(default_factory=dict)
     validation: dict = field(default_factory=dict)
@@ -585,7 +585,8 @@ class Trainer:
                                           self.method.quality_estimator(self.head), self.cfg,
                                           self.global_step, self.last_metrics)
             export.write_report(self.out_dir, self.cfg, self.global_step, self.last_metrics, validation)
-        return TrainResult(self.out_dir, self.global_step, final, package, self.last_metrics, validation)
+        return TrainResult(self.out_dir, self.global_step, final if self.is_main else None, package,
+                           self.last_metrics, validation)
 
 
 class TrainerContext:

@@ -177,6 +177,8 @@ def _summary(metrics: dict, out: Path) -> None:
     console.print(", ".join(parts) or "done")
     if "accuracy_note" in v:
         console.print(f"note: {v['accuracy_note']}")
+    if "tpir_note" in ident:  # a TPIR mean that leaves out a gallery which cannot measure it
+        console.print(f"note: {ident['tpir_note']}")
     degraded = metrics.get("degraded")
     if degraded:
         levels = ", ".join(f"s={s} {100 * m['accuracy']:.1f} %" for s, m in degraded["levels"].items())

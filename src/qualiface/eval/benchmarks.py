@@ -23,6 +23,7 @@ from qualiface.eval.quality import edc, edc_refixed, edc_summary, pair_quality, 
 from qualiface.eval.similarity import QMagFace, score_pairs
 from qualiface.eval.verification import DEFAULT_FARS, accuracy_folds, evaluate_verification
 from qualiface.scoring.similarity import l2_normalize
+from qualiface.scoring.thresholds import count_within
 
 
 @dataclass
@@ -131,7 +132,8 @@ def evaluate_pairs(bench: PairBenchmark, features: FeatureSet, *,
                                **aware_result.metrics()}
         rocs["QMagFace"] = aware_result.roc
     edcs, quality_metrics, histograms = {}, {}, {}
-    measurable = [f for f in edc_fmrs if f * result.roc.num_impostor >= 1]
+    # threshold_at_fmr's own rule (count_within), so a kept FMR never fails inside edc.
+    measurable = [f for f in edc_fmrs if count_within(f, result.roc.num_impostor) >= 1]
     if not measurable:  # small sets: the lowest power of ten their impostors can measure
         fallback = 10.0 ** np.ceil(np.log10(1.0 / result.roc.num_impostor))
         measurable = [float(fallback)] if fallback <= 0.1 + 1e-12 else []

@@ -5,7 +5,9 @@ pooling as one sparse product (``aggregation.aggregate_templates``; default ``no
 raw features within a media, sum across media, as MagFace/AdaFace evaluate) -> pair scores for
 every protocol pair (``similarity.score_pairs``) -> exact ROC. 1:N searches the probe templates
 against each gallery (G1, G2; IJB-B: S1, S2) for rank-1/5/10 and TPIR at FPIR, and reports the
-mean over galleries as the published tables do.
+mean over galleries as the published tables do. A TPIR that a gallery cannot measure (fewer
+than 1 / FPIR non-mated probes) is left out of its mean, which ``tpir_not_measurable`` and
+``tpir_note`` then say (``_tpir_summary``).
 
 Images are aligned with ``qualiface.infer.align.align_face`` from the 5 points of
 ``<name>_name_5pts_score.txt`` (the InsightFace loose crops are not aligned yet). A detection
@@ -32,6 +34,7 @@ from qualiface.eval.verification import (DEFAULT_FARS, RocCurve, area_under_curv
                                          equal_error_rate, far_key, roc_curve, tar_at_far)
 from qualiface.scoring.aggregation import Templates, aggregate_templates
 from qualiface.scoring.identification import rank_accuracy
+from qualiface.scoring.thresholds import count_within
 
 
 @dataclass
@@ -161,7 +164,7 @@ def evaluate_ijb(protocol: IJBProtocol, features: FeatureSet,
     curves = {}
     quality_metrics = {}
     for fmr in options.edc_fmrs:
-        if fmr * roc.num_impostor >= 1:
+        if count_within(fmr, roc.num_impostor) >= 1:  # threshold_at_fmr's own rule
             curve = edc(scores, labels, qualities, fmr=fmr)
             curves[f"template quality @ FMR {fmr:g}"] = curve
             quality_metrics[far_key(fmr)] = edc_summary(curve)
@@ -189,7 +192,39 @@ def _identification(protocol: IJBProtocol, templates: Templates, options: IJBOpt
     summary: dict = {"galleries": per_gallery}
     for key in [f"rank{k}" for k in options.ranks]:
         summary[key] = float(np.mean([g[key] for g in per_gallery.values()]))
-    tpirs = [g["tpir_at_fpir"] for g in per_gallery.values() if "tpir_at_fpir" in g]
-    if tpirs:
-        summary["tpir_at_fpir"] = {k: float(np.mean([t[k] for t in tpirs])) for k in tpirs[0]}
+    summary.update(_tpir_summary(per_gallery, options.fpirs))
     return summary
+
+
+def _tpir_summary(per_gallery: dict, fpirs: Sequence[float]) -> dict:
+    """The galleries' TPIR at each FPIR -> ``{"tpir_at_fpir": {key: mean}}``, the mean over the
+    galleries where it is measurable, plus, when some gallery cannot measure an FPIR (fewer than
+    1 / FPIR non-mated probes, or none), ``"tpir_not_measurable": {key: [galleries]}`` and a
+    ``"tpir_note"`` saying which mean covers which galleries. NaN only where no gallery measures it.
+
+    A plain mean over the galleries turned the summary into NaN as soon as one gallery could
+    not measure an FPIR, although the other gallery's value was a number; a gallery without
+    non-mated probes was left out of the mean without a word.
+    """
+    if not any("tpir_at_fpir" in g for g in per_gallery.values()):
+        return {}
+    means, missing, notes = {}, {}, []
+    for key in (far_key(f) for f in fpirs):
+        measured, unmeasured = [], []
+        for label, entry in per_gallery.items():
+            value = entry.get("tpir_at_fpir", {}).get(key, float("nan"))
+            (unmeasured if np.isnan(value) else measured).append((label, value))
+        means[key] = float(np.mean([v for _, v in measured])) if measured else float("nan")
+        if unmeasured:
+            missing[key] = [label for label, _ in unmeasured]
+            why = ", ".join(f"{label} ({per_gallery[label]['num_nonmated_probes']} non-mated "
+                            "probes)" for label, _ in unmeasured)
+            over = (f"the mean over {', '.join(label for label, _ in measured)} only"
+                    if measured else "not measurable on any gallery")
+            notes.append(f"TPIR at FPIR {key}: {over}; {why} cannot measure it "
+                         "(fewer than 1/FPIR non-mated probes)")
+    out: dict = {"tpir_at_fpir": means}
+    if missing:
+        out["tpir_not_measurable"] = missing
+        out["tpir_note"] = "; ".join(notes)
+    return out

@@ -42,7 +42,7 @@ import numpy as np
 from qualiface.eval import EvaluationError
 # threshold_at_fmr lives in the shared scoring module (calibration uses it too); still
 # importable from here.
-from qualiface.scoring.thresholds import check_pairs, threshold_at_fmr
+from qualiface.scoring.thresholds import check_pairs, count_within, threshold_at_fmr
 
 
 def pair_quality(quality_first, quality_second) -> np.ndarray:
@@ -98,7 +98,11 @@ def edc(scores, labels, pair_qualities, *, fmr: float = 1e-3,
     mated_q = q[labels]
     order = np.argsort(mated_q, kind="stable")
     sorted_q = mated_q[order]
-    is_error = scores[labels][order] < threshold
+    # In float64: NumPy rounds a Python-float threshold to float32 when comparing it with
+    # float32 scores, so a given threshold of 0.7 (float32(0.7) = 0.699999988) counted a mated
+    # score of 0.699999988 as a match. threshold_at_fmr's thresholds are float32 values, which
+    # compare the same way in either precision.
+    is_error = scores[labels][order].astype(np.float64) < float(threshold)
     num = len(sorted_q)
     # remaining_errors[k]: errors left after discarding the k lowest-quality comparisons.
     remaining_errors = np.concatenate([np.cumsum(is_error[::-1])[::-1], [0]])
@@ -135,13 +139,16 @@ def edc_refixed(scores, labels, pair_qualities, *, fmr: float = 1e-3,
     out_f, out_e, out_t = [], [], []
     seen: set[int] = set()
     for fraction in grid:
-        cut = int(starts[np.searchsorted(starts, fraction * total + 1e-9, side="right") - 1])
+        # The largest realisable cut whose fraction cut / total is <= the requested one
+        # (count_within: exact, no float tolerance).
+        within = count_within(fraction, total)
+        cut = int(starts[np.searchsorted(starts, within, side="right") - 1])
         if cut in seen:
             continue
         seen.add(cut)
         kept_scores, kept_labels = sorted_scores[cut:], sorted_labels[cut:]
         n_impostor = int((~kept_labels).sum())
-        if kept_labels.sum() == 0 or n_impostor * fmr < 1:
+        if kept_labels.sum() == 0 or count_within(fmr, n_impostor) < 1:  # threshold_at_fmr's rule
             continue
         threshold = threshold_at_fmr(kept_scores, kept_labels, fmr)
         out_f.append(cut / total)

@@ -51,7 +51,7 @@ from qualiface.scoring.similarity import (  # noqa: F401
     l2_normalize,
     row_norms,
 )
-from qualiface.scoring.thresholds import check_pairs
+from qualiface.scoring.thresholds import check_pairs, count_within
 
 _EPS = 1e-12
 
@@ -218,7 +218,8 @@ class QMagFace:
             raise EvaluationError(f"QMagFace: {scores.shape} scores but {quality.shape} qualities")
         fmrs = np.logspace(-5, -2, 50) if fmrs is None else np.asarray(fmrs, dtype=np.float64)
         num_impostor = int((~labels).sum())
-        fmrs = fmrs[fmrs * num_impostor >= 1]
+        # tar_at_far's rule (count_within): a kept FMR is one it measures, never a NaN.
+        fmrs = fmrs[np.array([count_within(f, num_impostor) >= 1 for f in fmrs], dtype=bool)]
         if len(fmrs) < 2:
             raise EvaluationError(f"QMagFace fit: {num_impostor} impostor pairs measure fewer "
                                   "than two FMRs of the range; use more pairs or higher FMRs")

@@ -38,7 +38,7 @@ import numpy as np
 from qualiface.eval import EvaluationError
 # check_pairs lives in the shared scoring module (calibration uses it too); still importable
 # from here.
-from qualiface.scoring.thresholds import check_pairs
+from qualiface.scoring.thresholds import check_pairs, count_within
 
 #: The FAR operating points reported by default (IJB-C style, 1e-6 ... 1e-1).
 DEFAULT_FARS: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -129,11 +129,12 @@ def tar_at_far(roc: RocCurve, fars: Sequence[float] = DEFAULT_FARS) -> dict[floa
     for far in fars:
         if not 0 < far <= 1:
             raise EvaluationError(f"FAR must be in (0, 1], got {far}")
-        if far * roc.num_impostor < 1 - 1e-9:
+        # Compare counts, not rates, so 1e-3 * 1000 is exactly one false accept: the largest
+        # count whose rate count / impostors is <= far (no float tolerance; count_within).
+        allowed = count_within(far, roc.num_impostor)
+        if allowed < 1:
             out[far] = (float("nan"), float("nan"))
             continue
-        # Compare counts, not rates, so 1e-3 * 1000 is exactly one false accept.
-        allowed = np.floor(far * roc.num_impostor + 1e-9)
         index = int(np.searchsorted(roc.false_accepts, allowed, side="right")) - 1
         # The last point within budget may end a horizontal stretch (only impostors crossed
         # since the TAR was reached): go back to the first point with that TAR.

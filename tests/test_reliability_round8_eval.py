@@ -137,16 +137,16 @@ def test_a_score_on_a_float32_rounding_boundary_is_taken_from_the_documented_sum
     # p . g1 = 1 + 2**-24 exactly: halfway between the float32 values 1 and 1 + 2**-23, where a
     # last-bit difference in the float64 product could round either way. Such entries are
     # summed by the fixed tree (rounding half to even: 1.0), so g1 ties with g2 (exactly 1.0).
-    from qualiface.eval import identification
+    from qualiface.scoring import similarity
 
     calls = []
-    tree_dots = identification._tree_dots
+    tree_dots = similarity._tree_dots
 
     def spy(*args):
         calls.append(len(args[2]))
         return tree_dots(*args)
 
-    monkeypatch.setattr(identification, "_tree_dots", spy)
+    monkeypatch.setattr(similarity, "_tree_dots", spy)
     probe = np.array([[1.0, 2.0 ** -24, 0.0, 0.0, 0.0]], dtype=np.float32)
     gallery = np.array([[1.0, 1.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0, 0.0]], dtype=np.float32)
     for order in ([0, 1], [1, 0]):
@@ -160,7 +160,7 @@ def test_a_score_on_a_float32_rounding_boundary_is_taken_from_the_documented_sum
 def test_the_rescoring_sum_is_the_documented_tree_for_any_width(dim):
     import torch
 
-    from qualiface.eval.identification import _tree_dots
+    from qualiface.scoring.similarity import _tree_dots
 
     rng = np.random.default_rng(dim)
     left, right = unit_rows(rng, 6, dim), unit_rows(rng, 9, dim)

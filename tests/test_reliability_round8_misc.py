@@ -178,3 +178,22 @@ def test_aligned_faces_for_a_smaller_model_are_not_told_to_align():
         as_uint8_batch(np.zeros((1, 100, 90, 3), np.uint8), (112, 112))
     with pytest.raises(ImageSizeError, match="then resize them to 64x64"):
         as_uint8_batch(np.zeros((1, 100, 90, 3), np.uint8), (64, 64))
+
+
+def test_the_exact_gallery_scores_identical_templates_alike_wherever_they_stand():
+    """The exact gallery scored with a float32 matrix product, whose rounding depends on the
+    row's place in the BLAS blocking: a template at row 0 and an identical copy at the last row
+    scored 1 float32 step apart for one query (-0.05205924 and -0.052059237 in a 71-template
+    gallery), so `rank_rates` (ties against the probe) missed the tie. Scores now come from
+    `scoring.similarity.similarity_blocks`, like the 1:N evaluation's."""
+    rng = np.random.default_rng(0)
+    for size in (71, 58, 51, 54, 33):
+        vectors = rng.standard_normal((size, 512)).astype(np.float32)
+        vectors[-1] = vectors[0]
+        gallery = Gallery.build([f"t{i}" for i in range(size)], vectors)
+        queries = rng.standard_normal((3, 512)).astype(np.float32)
+        for batch in (queries[:1], queries):  # one-query and several-query blocks
+            result = gallery.search(batch, k=size)
+            for row in range(len(batch)):
+                score = dict(zip(result.ids[row], result.scores[row]))
+                assert score["t0"] == score[f"t{size - 1}"], (size, len(batch), row)

@@ -12,7 +12,7 @@ NaN when there are fewer than ``1 / f`` non-mated probes (exactly: when ``1 / N 
 division computes it; ``scoring.thresholds.count_within``).
 
 Scores are float32: the float32 rounding of the float64 sum of the D products in a fixed pairwise
-tree, a function of the two feature rows alone (``_similarity_block``), so identical entries tie
+tree, a function of the two feature rows alone (``scoring.similarity.similarity_blocks``), so identical entries tie
 wherever they stand in the gallery and whatever the chunk size or device.
 
 ``SearchResult`` and ``rank_accuracy`` live in :mod:`qualiface.scoring.identification` (the
@@ -29,6 +29,7 @@ from qualiface.eval import EvaluationError
 # The search outcome and rank-k accuracy live in the shared scoring module (the gallery
 # uses them too); still importable from here.
 from qualiface.scoring.identification import SearchResult, rank_accuracy  # noqa: F401
+from qualiface.scoring.similarity import similarity_blocks
 from qualiface.scoring.thresholds import count_within
 
 
@@ -40,11 +41,10 @@ def search(probe_features, probe_labels, gallery_features, gallery_labels,
     TinyFace distractors) is never a mate. ``device``: where the similarity matrices and the
     rank counting run (e.g. ``"cuda"``); the result is numpy either way.
 
-    Each score is a function of its probe and gallery rows alone (``_similarity_block``), so an
-    entry and an identical copy of it score exactly the same wherever they stand in the
-    gallery, whatever ``chunk`` (probes per block, capped so a block holds at most
-    ``_BLOCK_ENTRIES`` scores) and device: a tie between a mate and a non-mate is a tie, and
-    counts against the probe.
+    Each score is a function of its probe and gallery rows alone
+    (``scoring.similarity.similarity_blocks``), so an entry and an identical copy of it score
+    exactly the same wherever they stand in the gallery, whatever ``chunk`` (probes per block)
+    and device: a tie between a mate and a non-mate is a tie, and counts against the probe.
     """
     import torch  # lazy: torch (~1 s): eval's scoring modules import without it
 
@@ -70,18 +70,11 @@ def search(probe_features, probe_labels, gallery_features, gallery_labels,
             first = int(torch.nonzero(~finite)[0, 0])
             raise EvaluationError(f"search: {what} {first} has a NaN or infinite feature "
                                   f"({int((~finite).sum())} such rows)")
-    if torch.device(device).type == "mps":  # no float64 there; see _similarity_block
+    if torch.device(device).type == "mps":  # no float64 there; see similarity_blocks
         probes, gallery = probes.cpu(), gallery.cpu()
         probe_labels, gallery_labels = probe_labels.cpu(), gallery_labels.cpu()
-    gallery64 = gallery.double()
-    gallery_norms = torch.linalg.vector_norm(gallery64, dim=1)
-    # Probe rows per block: at most _BLOCK_ENTRIES scores (bounds the float64 temporaries);
-    # the scores, and so every result, do not depend on it.
-    block_rows = max(1, min(int(chunk), _BLOCK_ENTRIES // max(1, len(gallery))))
     ranks, mated, top = [], [], []
-    for start in range(0, len(probes), block_rows):
-        block = slice(start, start + block_rows)
-        sims = _similarity_block(probes[block], gallery64, gallery_norms)
+    for block, sims in similarity_blocks(probes, gallery, chunk):
         is_mate = probe_labels[block, None] == gallery_labels[None, :]
         best_mated = sims.masked_fill(~is_mate, float("-inf")).max(dim=1).values
         beaten_by = ((sims >= best_mated[:, None]) & ~is_mate).sum(dim=1)
@@ -91,75 +84,6 @@ def search(probe_features, probe_labels, gallery_features, gallery_labels,
         top.append(sims.max(dim=1).values)
     return SearchResult(torch.cat(ranks).cpu().numpy(), torch.cat(mated).cpu().numpy(),
                         torch.cat(top).cpu().numpy())
-
-
-#: Scores computed per probe block (probes x gallery entries); see ``search``.
-_BLOCK_ENTRIES = 1 << 22
-#: Entries whose products ``_tree_dots`` holds at once (N x D float64).
-_RESCORED_AT_ONCE = 1 << 13
-
-
-def _similarity_block(probes, gallery64, gallery_norms):
-    """Scores (B, G) float32 of float32 probe rows (B, D) against the gallery (``gallery64``:
-    its float32 rows as float64 (G, D), with their norms ``gallery_norms`` (G,)), each
-    entry a function of its two feature rows alone: the float32 rounding of the float64 sum of
-    the D exact products in a fixed pairwise tree (``_tree_dots``).
-
-    A float32 matrix product does not give that: BLAS sums each entry in an order that depends
-    on where it falls in the blocking (edge tiles, matrix-vector for a one-probe chunk), so a
-    gallery row and an identical copy of it at another position, or the same probe in another
-    chunk, scored 1 float32 step apart (1.0 and 1.0000001 for a self-match; 0.0156657249 and
-    0.0156657342), and a tie between a mate and a non-mate, which counts against the probe, was
-    decided by position. Here one float64 matrix product gives every entry within ``bound`` of
-    the tree sum: both are float64 sums of the same exact products (float32 x float32 fits in
-    float64), each within ``gamma_D * sum_k |p_k g_k| <= gamma_D * |p| |g|`` of the exact dot
-    product whatever the order, ``gamma_D = D u / (1 - D u)``, ``u = 2**-53``. Where the float32
-    rounding is the same at both ends of that interval it is the tree sum's rounding (rounding
-    is monotone); the few entries where it is not (a float32 rounding boundary within about
-    1e-13 of the score, ~0.1 % of random 512-d pairs, mostly scores near 0) are summed by the
-    tree itself. Cost: about 3x the former float32 search on one CPU thread (a 512 x 1,800
-    block of 512-d features, best of 15: 16 ms before, 44-50 ms now), mostly the float64
-    product; on a GPU with full-rate float64 it is small.
-    """
-    import torch  # lazy: torch (~1 s): eval's scoring modules import without it
-
-    probes64 = probes.double()
-    product = probes64 @ gallery64.T
-    dim = probes.shape[1]
-    gamma = dim * 2.0 ** -53 / (1 - dim * 2.0 ** -53)
-    # 2 gamma covers both sums; doubled again for the norms' and the +- below's own roundings.
-    probe_bounds = (4 * gamma) * torch.linalg.vector_norm(probes64, dim=1)
-    bound = probe_bounds[:, None] * gallery_norms[None, :]
-    sims = product.float()
-    lowest = (product - bound).float()
-    product += bound  # now the highest the tree sum can be
-    rows, cols = torch.nonzero(lowest != product.float()).unbind(1)
-    del product, bound, lowest
-    if len(rows):
-        sims[rows, cols] = _tree_dots(probes64, gallery64, rows, cols)
-    return sims
-
-
-def _tree_dots(left64, right64, rows, cols):
-    """Dot products of ``left64[rows[i]]`` and ``right64[cols[i]]`` (float64 tensors holding
-    float32 values, so each product is exact) -> (N,) float32: the D products, zero-padded to a
-    power of two, summed in a fixed pairwise tree (``(p0 + p1) + (p2 + p3)``, ...; each level
-    one rounded float64 addition per pair, the same for any N, position or device), rounded to
-    float32 once."""
-    import torch  # lazy: torch (~1 s): eval's scoring modules import without it
-
-    dim = left64.shape[1]
-    width = 1 if dim <= 1 else 1 << (dim - 1).bit_length()
-    out = torch.empty(len(rows), dtype=torch.float32, device=left64.device)
-    for start in range(0, len(rows), _RESCORED_AT_ONCE):
-        piece = slice(start, start + _RESCORED_AT_ONCE)
-        level = left64[rows[piece]] * right64[cols[piece]]
-        if width != dim:
-            level = torch.nn.functional.pad(level, (0, width - dim))  # + 0.0 is exact
-        while level.shape[1] > 1:
-            level = level[:, 0::2] + level[:, 1::2]
-        out[piece] = level[:, 0].float()
-    return out
 
 
 def _subject_ids(labels, what: str) -> np.ndarray:

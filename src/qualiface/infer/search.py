@@ -48,6 +48,7 @@ from qualiface.files import (
 )
 from qualiface.scoring.identification import SearchResult as Ranked
 from qualiface.scoring.identification import rank_accuracy
+from qualiface.scoring.similarity import similarity_blocks
 
 GALLERY_FORMAT = "qualiface-gallery"
 GALLERY_VERSION = 2
@@ -133,13 +134,16 @@ def _normalise(embeddings, what: str, ids: np.ndarray | None = None) -> np.ndarr
 def exact_topk(queries: np.ndarray, gallery: np.ndarray, k: int, chunk_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
     """Brute-force inner-product top-k: queries (Q, D), gallery (N, D) -> scores, indices (Q, k).
 
-    Queries are processed ``chunk_size`` at a time so the score matrix stays at chunk x N.
+    Scores come from ``scoring.similarity.similarity_blocks``: each depends on its two rows
+    alone, so a template and an identical copy score the same wherever they stand (a float32
+    matrix product could put them 1 float32 step apart by position, and ``rank_rates``, which
+    counts ties against the probe, would miss the tie). Queries are scored ``chunk_size`` at a
+    time so the score matrix stays at chunk x N.
     """
     k = min(k, gallery.shape[0])
     g = torch.from_numpy(gallery)
     scores_out, index_out = [], []
-    for start in range(0, queries.shape[0], chunk_size):
-        scores = torch.from_numpy(queries[start : start + chunk_size]) @ g.T
+    for _, scores in similarity_blocks(torch.from_numpy(queries), g, chunk_size):
         top = torch.topk(scores, k, dim=1)
         scores_out.append(top.values.numpy())
         index_out.append(top.indices.numpy())

@@ -65,18 +65,25 @@ def test_embed_without_rejections_removes_a_stale_rejected_log(tmp_path):
 # -- export calibrate ------------------------------------------------------------------------
 
 
+def lfw_pairs_text(people: list[str], folds: int) -> str:
+    """An LFW-style pairs file: per fold, its share of ``people`` each as one genuine pair
+    (images 1 and 2) and one impostor pair with the next person of the fold (image 1 vs 2)."""
+    per_fold = len(people) // folds
+    lines = [f"{folds}\t{per_fold}"]
+    for fold in range(folds):
+        group = people[per_fold * fold: per_fold * (fold + 1)]
+        lines += [f"{p}\t1\t2" for p in group]
+        lines += [f"{group[i]}\t1\t{group[(i + 1) % per_fold]}\t2" for i in range(per_fold)]
+    return "\n".join(lines) + "\n"
+
+
 def _two_fold_calibration_args(tmp_path) -> list[str]:
     """A tiny package and an LFW-style pairs file of 2 folds x (6 genuine + 6 impostor) pairs."""
     make_package(tmp_path / "pkg")
     people = [f"P{i}" for i in range(12)]
     _write_images(tmp_path / "lfw", random_images(24, seed=3),
                   [f"{p}/{p}_{n:04d}.jpg" for p in people for n in (1, 2)])
-    lines = ["2\t6"]
-    for fold in range(2):
-        group = people[6 * fold: 6 * fold + 6]
-        lines += [f"{p}\t1\t2" for p in group]
-        lines += [f"{group[i]}\t1\t{group[(i + 1) % 6]}\t2" for i in range(6)]
-    (tmp_path / "pairs.txt").write_text("\n".join(lines) + "\n")
+    (tmp_path / "pairs.txt").write_text(lfw_pairs_text(people, folds=2))
     return ["export", "calibrate", "--model", str(tmp_path / "pkg"), "--pairs", str(tmp_path / "pairs.txt"),
             "--images", str(tmp_path / "lfw"), "--fmr", "0.2"]
 

@@ -223,6 +223,17 @@ def test_count_within_is_the_largest_count_whose_rate_is_within_the_target(case)
 SCORE_POOL = [float(F32(v)) for v in (0.1, 0.25, 0.5, up32(0.5), 0.6, 0.7, up32(0.7), 0.9)]
 
 
+def draw_pair_set(data, max_genuine: int, plain_rates: list[float]):
+    """(impostor, genuine) score lists from SCORE_POOL and a target rate: k / n, the floats
+    either side of it, or one of ``plain_rates``."""
+    impostor = data.draw(st.lists(st.sampled_from(SCORE_POOL), min_size=1, max_size=12))
+    genuine = data.draw(st.lists(st.sampled_from(SCORE_POOL), min_size=1, max_size=max_genuine))
+    n = len(impostor)
+    k = data.draw(st.integers(1, n))
+    near = [k / n, float(np.nextafter(k / n, 0.0)), float(np.nextafter(k / n, 1.0))]
+    return impostor, genuine, st.sampled_from(near + plain_rates)
+
+
 def brute_threshold(impostor: list[float], fmr: float) -> float | None:
     """Lowest float32 threshold (a score or the next float32 above one) whose FMR
     (false matches / impostors, compared exactly) is at most ``fmr``; None if none allows a
@@ -239,14 +250,8 @@ def brute_threshold(impostor: list[float], fmr: float) -> float | None:
 def test_threshold_at_fmr_against_brute_force_with_targets_next_to_k_over_n(data):
     # fmr = nextafter(3 / 10, 0) = 0.29999999999999993 over 10 impostors allowed 3 false
     # matches (FMR 0.3), and 0.9999999999999999 allowed all 10 (FMR 1.0).
-    impostor = data.draw(st.lists(st.sampled_from(SCORE_POOL), min_size=1, max_size=12))
-    genuine = data.draw(st.lists(st.sampled_from(SCORE_POOL), min_size=1, max_size=3))
-    n = len(impostor)
-    k = data.draw(st.integers(1, n))
-    fmr = data.draw(st.one_of(
-        st.sampled_from([k / n, float(np.nextafter(k / n, 0.0)), float(np.nextafter(k / n, 1.0)),
-                         0.1, 0.29, 0.5]),
-        st.floats(1e-3, 1.0, exclude_max=True)))
+    impostor, genuine, rates = draw_pair_set(data, 3, [0.1, 0.29, 0.5])
+    fmr = data.draw(st.one_of(rates, st.floats(1e-3, 1.0, exclude_max=True)))
     if fmr >= 1:  # FMR must lie below 1: the float just below it instead
         fmr = float(np.nextafter(1.0, 0.0))
     scores = np.array(genuine + impostor, dtype=np.float32)
@@ -286,12 +291,9 @@ def brute_tar(genuine: list[float], impostor: list[float], far: float):
 @settings(max_examples=200, deadline=None, derandomize=True)
 @given(st.data())
 def test_tar_at_far_against_brute_force_with_targets_next_to_k_over_n(data):
-    impostor = data.draw(st.lists(st.sampled_from(SCORE_POOL), min_size=1, max_size=12))
-    genuine = data.draw(st.lists(st.sampled_from(SCORE_POOL), min_size=1, max_size=5))
+    impostor, genuine, rates = draw_pair_set(data, 5, [0.1, 0.5])
     n = len(impostor)
-    k = data.draw(st.integers(1, n))
-    far = data.draw(st.sampled_from([k / n, float(np.nextafter(k / n, 0.0)),
-                                     float(np.nextafter(k / n, 1.0)), 0.1, 0.5]))
+    far = data.draw(rates)
     if far > 1:
         far = 1.0
     scores = np.array(genuine + impostor, dtype=np.float32)

@@ -21,7 +21,7 @@ from qualiface.infer.search import Gallery, GalleryError, enrol
 from qualiface.train.validate import folder_pairs
 from test_infer_cli import _write_images
 from test_infer_model import make_package, random_images
-from test_reliability_round6_infer import _one_line_error, _two_fold_calibration_args
+from test_reliability_round6_infer import _one_line_error, _two_fold_calibration_args, lfw_pairs_text
 
 # -- embed: the rejection log ----------------------------------------------------------------
 
@@ -95,12 +95,7 @@ def test_validation_on_some_folds_needs_only_their_images(tmp_path):
         for k in (1, 2):
             Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(
                 tmp_path / "lfw" / name / f"{name}_{k:04d}.jpg")
-    lines = ["2\t4"]
-    for fold in range(2):
-        group = people[4 * fold: 4 * fold + 4]
-        lines += [f"{p}\t1\t2" for p in group]
-        lines += [f"{group[i]}\t1\t{group[(i + 1) % 4]}\t2" for i in range(4)]
-    (tmp_path / "pairs.txt").write_text("\n".join(lines) + "\n")
+    (tmp_path / "pairs.txt").write_text(lfw_pairs_text(people, folds=2))
     pairs = folder_pairs(str(tmp_path / "lfw"), str(tmp_path / "pairs.txt"), [2])
     assert len(pairs.issame) == 8 and pairs.issame.sum() == 4
     with pytest.raises(Exception, match="P0/P0_0001.jpg"):

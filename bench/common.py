@@ -16,6 +16,7 @@ import platform
 import shlex
 import subprocess
 import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -203,3 +204,65 @@ def merge(base: dict, extra: dict) -> dict:
         else:
             out[key] = value
     return out
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def write_figures(json_path: str | os.PathLike, title: str, panels: Sequence[tuple],
+                  table: str = "") -> tuple[Path, Path] | None:
+    """The figures of a benchmark beside its JSON: ``<stem>.png`` and ``<stem>.md``.
+
+    ``panels``: ``(panel title, values, log)`` each, drawn as one horizontal bar chart;
+    ``values`` maps a row label to a number, or to ``{series: number}`` for grouped bars (one
+    colour per series, e.g. vectorised vs naive); ``log`` puts the value axis on a log scale.
+    Missing or non-finite numbers are left out, and so is a panel with none left. The Markdown
+    file holds ``title``, the image and ``table`` (a ``markdown_table``). Returns the two paths,
+    or None when no panel has a number (nothing is written then)."""
+    cleaned = []
+    for name, values, log in panels:
+        rows = {}
+        for label, value in values.items():
+            series = value if isinstance(value, dict) else {"": value}
+            series = {k: float(v) for k, v in series.items() if _finite(v) and (not log or v > 0)}
+            if series:
+                rows[str(label)] = series
+        if rows:
+            cleaned.append((name, rows, log))
+    if not cleaned:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")  # file-only backend: no display on a server
+    import matplotlib.pyplot as plt
+
+    json_path = Path(json_path)
+    png, md = json_path.with_suffix(".png"), json_path.with_suffix(".md")
+    heights = [0.35 * sum(len(s) for s in rows.values()) + 1.2 for _, rows, _ in cleaned]
+    fig, axes = plt.subplots(len(cleaned), 1, figsize=(8, sum(heights)), squeeze=False,
+                             gridspec_kw={"height_ratios": heights})
+    for ax, (name, rows, log) in zip(axes[:, 0], cleaned):
+        series_names = list(dict.fromkeys(k for s in rows.values() for k in s))
+        width = 0.8 / len(series_names)
+        for j, series in enumerate(series_names):
+            ys = [i + j * width for i, s in enumerate(rows.values()) if series in s]
+            xs = [s[series] for s in rows.values() if series in s]
+            bars = ax.barh(ys, xs, height=width, label=series or None)
+            ax.bar_label(bars, labels=[f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}" for x in xs],
+                         fontsize=7, padding=2)
+        ax.set_yticks([i + 0.4 - width / 2 for i in range(len(rows))], list(rows))
+        ax.invert_yaxis()
+        ax.set_title(name, fontsize=10)
+        if log:
+            ax.set_xscale("log")
+        if any(series_names):
+            ax.legend(fontsize=8, loc="lower right")
+        ax.margins(x=0.15)
+    fig.suptitle(textwrap.fill(title, 100), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    text = f"# {title}\n\n![{title}]({png.name})\n\n{table}"
+    write_text_atomic(md, text if text.endswith("\n") else text + "\n")
+    return png, md

@@ -1,5 +1,6 @@
 """Component speeds on this machine (CPU): decoding, RecordIO, synthetic faces, a training step
-of the demo backbone, gallery search. One command, one table, JSON in ``bench/results/``.
+of the demo backbone, gallery search. One command, one table, JSON in ``bench/results/``, and
+beside it the measures as bar charts by unit (``.png``, same stem) and a ``.md`` with the table.
 
     python bench/components.py                       # uses ../shared/data when present
     python bench/components.py --out bench/results/components.json
@@ -18,7 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS_DIR, SHARED_DATA, print_table, provenance, run_main, write_json  # noqa: E402
+from common import (RESULTS_DIR, SHARED_DATA, markdown_table, print_table, provenance,  # noqa: E402
+                    run_main, write_figures, write_json)
 
 
 def _rate(count: int, seconds: float) -> float:
@@ -148,6 +150,23 @@ def time_search(gallery_size: int, queries: int, dim: int = 128) -> dict:
     return out
 
 
+#: Figure panels of ``results``: (title, key suffix); a key goes to the first suffix it ends with.
+PANELS = (("throughput (items/s, log scale)", "_per_s"),
+          ("microseconds per image", "_us_per_image"),
+          ("milliseconds per image", "_ms_per_image"),
+          ("seconds", "_s"),
+          ("recall@10", "_recall_at_10"))
+
+
+def figure_panels(results: dict) -> list[tuple]:
+    """``results`` grouped by unit for ``write_figures`` (one bar chart per unit)."""
+    groups: dict[str, dict[str, float]] = {title: {} for title, _ in PANELS}
+    for key, value in results.items():
+        title, suffix = next(((t, s) for t, s in PANELS if key.endswith(s)), ("other", ""))
+        groups.setdefault(title, {})[key[: len(key) - len(suffix)] if suffix else key] = value
+    return [(title, values, title.endswith("log scale)")) for title, values in groups.items()]
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=640, help="images for decode/RecordIO/synthetic")
@@ -177,6 +196,11 @@ def main(argv: list[str] | None = None) -> dict:
                "torch_threads": torch.get_num_threads(), "results": results}
     write_json(args.out, payload)
     print(f"wrote {args.out}", file=sys.stderr)
+    figures = write_figures(args.out, f"components ({source})", figure_panels(results),
+                            markdown_table(["measure", "value"],
+                                           [[k, f"{v:,.3f}"] for k, v in results.items()]))
+    if figures:
+        print(f"wrote {figures[0]} and {figures[1]}", file=sys.stderr)
     return payload
 
 

@@ -38,7 +38,8 @@ timed on the CPU and marked so in the table and in ``stage_devices`` of the JSON
 loops always run on the CPU. Threads: torch and BLAS use every core unless ``--threads`` says
 otherwise.
 
-Writes ``bench/results/eval_ijb_speed.json`` and prints the table.
+Writes ``bench/results/eval_ijb_speed.json`` and prints the table; beside the JSON, the seconds per
+stage as a bar chart (``.png``, same stem) and a Markdown file with the chart and the table.
 
     python bench/eval_ijb_speed.py                     # CPU, IJB-C size, about a minute
     python bench/eval_ijb_speed.py --device cuda --out bench/results/eval_ijb_speed_cuda.json
@@ -58,7 +59,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS_DIR, BenchError, fmt, print_table, provenance, run_main, write_json
+from common import (  # noqa: E402
+    RESULTS_DIR, BenchError, fmt, markdown_table, print_table, provenance, run_main, write_figures,
+    write_json)
 
 
 @dataclass(frozen=True)
@@ -447,6 +450,18 @@ def _equal(a, b) -> bool:
 # -------------------------------------------------------------------------------------- main
 
 
+def stage_seconds(verification: dict, identification: dict) -> dict[str, dict[str, float]]:
+    """``{"1:1 pooling": {"vectorised": s, "naive": s}, ...}`` for the figure (naive left out
+    where it was skipped)."""
+    rows = {}
+    for task, part, stages in (("1:1", verification, ("pooling", "scoring", "roc", "total")),
+                               ("1:N", identification, ("search", "metrics", "total"))):
+        for stage in stages:
+            rows[f"{task} {stage}"] = {"vectorised": part["vectorised_s"][stage],
+                                       "naive": part["naive_s"].get(stage)}
+    return rows
+
+
 def table_rows(verification: dict, identification: dict, devices: dict[str, str]) -> list[list[str]]:
     """Rows: task, stage, where the vectorised stage ran, vectorised s, naive s, speed-up."""
     rows = []
@@ -533,6 +548,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     }
     out = write_json(args.out, result)
     print(f"wrote {out}")
+    figures = write_figures(out, title, [("seconds per stage (log scale)", stage_seconds(
+        verification, identification), True)], markdown_table(
+            ["task", "stage", "vectorised on", "vectorised (s)", "naive (s)", "speed-up"],
+            table_rows(verification, identification, devices)))
+    if figures:
+        print(f"wrote {figures[0]} and {figures[1]}")
     return result
 
 

@@ -17,7 +17,8 @@ between two rows is the effect of that option at this scale, for one seed and 4,
     python bench/qgface_options.py            # ~9 minutes on one thread
     python bench/qgface_options.py --steps 20 --variants old,new   # a quick check
 
-Writes ``bench/results/qgface_options.json`` and prints the table (docs/BENCHMARKS.md).
+Writes ``bench/results/qgface_options.json`` and prints the table (docs/BENCHMARKS.md); beside the
+JSON, accuracy and Spearman per variant as bar charts (``.png``, same stem) and a ``.md`` file.
 """
 
 from __future__ import annotations
@@ -170,6 +171,15 @@ def main(argv=None) -> dict:
     common.print_table(f"QGFace options ({args.steps} steps, {args.input} px, seed {args.seed})",
                        header, body)
     print(f"wrote {args.out}")
+    figures = common.write_figures(
+        args.out, f"QGFace options ({args.steps} steps, {args.input} px, seed {args.seed})",
+        [("held-out accuracy %", {r["variant"]: None if r["accuracy"] is None else
+                                  100 * r["accuracy"] for r in rows}, False),
+         ("Spearman(quality, severity)", {r["variant"]: r["spearman_quality_vs_severity"]
+                                          for r in rows}, False)],
+        payload["markdown"])
+    if figures:
+        print(f"wrote {figures[0]} and {figures[1]}")
     return payload
 
 

@@ -1060,7 +1060,8 @@ def main(argv=None) -> dict:
     # The protocol's degraded test set was built with each level's draws seeded by its
     # severity (``shared_draws=False``) before the library default changed; every row keeps
     # that set, since re-evaluating the table on shared draws needs every row's run folder.
-    degraded, kinds = degraded_copies(clean, cfg.severities, seed=DEGRADE_SEED, shared_draws=False)
+    degraded, kinds = degraded_copies(clean, cfg.severities, seed=DEGRADE_SEED, shared_draws=False,
+                                      progress=True)
     header_info = provenance(eval_device)
     payload = {
         "benchmark": "real_faces", **header_info,

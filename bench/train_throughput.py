@@ -31,7 +31,8 @@ that rate over the GPU's dense bf16/fp16 tensor-core peak (H100 SXM / H200: 989.
 ``.rec`` streamed from disk by the trainer's DataLoader (``--workers``), rate read from its
 ``metrics.jsonl`` after the warm-up steps, plus the loader alone (decode + transfer, no model).
 
-Writes ``bench/results/train_throughput.json`` (``--out``) and prints a table; ``--profile``
+Writes ``bench/results/train_throughput.json`` (``--out``) and prints a table, with images/s (and
+MFU) as bar charts beside the JSON (``.png``, same stem, and a ``.md`` with the table); ``--profile``
 also writes a torch.profiler table of the top ops per (backbone, head).
 
     python bench/train_throughput.py                        # GPU: r50 + r100 x 5 heads, bf16
@@ -58,12 +59,14 @@ from common import (  # noqa: E402
     RESULTS_DIR,
     BenchError,
     fmt,
+    markdown_table,
     merge,
     method_sections,
     parse_list,
     print_table,
     provenance,
     run_main,
+    write_figures,
     write_json,
 )
 
@@ -519,12 +522,30 @@ def main(argv=None) -> dict:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             write_json(out_path, payload)  # after every combination: a crash keeps the rest
-    print_summary(payload, bool(cfg.from_rec))
+    title, header, rows = print_summary(payload, bool(cfg.from_rec))
     print(f"wrote {out_path}", file=sys.stderr)
+    figures = write_figures(out_path, title, figure_panels(payload, bool(cfg.from_rec)),
+                            markdown_table(header, rows))
+    if figures:
+        print(f"wrote {figures[0]} and {figures[1]}", file=sys.stderr)
     return payload
 
 
-def print_summary(payload: dict, from_rec: bool) -> None:
+def figure_panels(payload: dict, from_rec: bool) -> list[tuple]:
+    """Images/s (and MFU) per backbone / head for ``write_figures``."""
+    rows = [r for r in payload["results"] if "error" not in r]
+    if from_rec:
+        return [("images/s", {f"{r['backbone']} / {r['head']}": {
+            "end-to-end": r.get("end_to_end_images_per_s"),
+            "loader only": r.get("loader_only_images_per_s")} for r in rows}, False)]
+    labels = [f"{r['backbone']} / {r['head']} ({r['phase']})" for r in rows]
+    return [("images/s", {k: r["images_per_s"] for k, r in zip(labels, rows)}, False),
+            ("MFU %", {k: None if r.get("mfu") is None else 100 * r["mfu"]
+                       for k, r in zip(labels, rows)}, False)]
+
+
+def print_summary(payload: dict, from_rec: bool) -> tuple[str, list[str], list[list[str]]]:
+    """Print the table; return its (title, header, rows)."""
     rows = []
     if from_rec:
         header = ["backbone", "head", "classes", "end-to-end img/s", "loader-only img/s", "workers"]
@@ -547,6 +568,7 @@ def print_summary(payload: dict, from_rec: bool) -> None:
     title = (f"training throughput: batch {s['batch_size']}, {s['classes']:,} classes, "
              f"{s['precision']}, {payload['machine'].get('gpu', payload['machine']['cpu'])}")
     print_table(title, header, rows)
+    return title, header, rows
 
 
 if __name__ == "__main__":

@@ -827,7 +827,13 @@ def _check_backbone_params(factory: Any, model: ModelConfig) -> None:
 
 def _check_output_dir(output_dir: str) -> None:
     """``train.output_dir`` must be (or become) a folder: refuse a file such as ``/dev/null``
-    or a path under one, before any training time is spent."""
+    or a path under one, before any training time is spent. An empty or blank value (an
+    override ``train.output_dir=$OUT`` with ``OUT`` unset) is refused too: ``Path("")`` is the
+    current folder, so the run's checkpoints, weights and report landed among whatever it
+    holds (a source checkout)."""
+    if not str(output_dir).strip():
+        raise ConfigError("train.output_dir: is empty; name the folder the run writes to "
+                          "(an empty value would write into the current folder)")
     path = Path(output_dir)
     for candidate in (path, *path.parents):
         if candidate.exists():

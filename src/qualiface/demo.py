@@ -210,6 +210,14 @@ def load_demo_config(options: DemoOptions):
                         f"{options.epochs}")
     if options.steps > 0 and options.epochs > 0:
         raise DemoError("give --steps or --epochs, not both")
+    # Checked here, before any data is made or a step trained: --num-pairs is first used by the
+    # evaluation after training, which then failed (minutes later) on a count make_pairs refuses;
+    # a negative --threads silently meant "pick from the load", as 0 does.
+    if options.num_pairs < 0 or options.num_pairs == 1:
+        raise DemoError(f"--num-pairs must be 0 (the config's val.num_pairs) or >= 2, got "
+                        f"{options.num_pairs}")
+    if options.threads < 0:
+        raise DemoError(f"--threads must be >= 0 (0: the idle cores), got {options.threads}")
     path = Path(options.config) if options.config is not None else default_config_path()
     cfg = load_config(path, list(options.overrides))
     if options.steps > 0:

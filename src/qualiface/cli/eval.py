@@ -100,7 +100,7 @@ def _degraded(out: Path, bench, features, model: Path, device: str, flip: str, b
     (``eval.degraded``); each level's features are cached in ``out`` like the clean ones."""
     from qualiface.eval.degraded import degraded_images, evaluate_degraded
 
-    copies, kinds = degraded_images(bench, severities, seed)
+    copies, kinds = degraded_images(bench, severities, seed, progress=True)
     levels = {
         # "-shared": copies with the same draws at every level; features cached from the
         # earlier per-level draws (no suffix) are other images and must not be reused.
@@ -204,8 +204,8 @@ def lfw(
     fit_qmagface: Path = typer.Option(None, "--fit-qmagface", help="fit QMagFace here, save JSON"),
     degrade: str = typer.Option(None, "--degrade", help=DEGRADE_HELP),
     degrade_seed: int = typer.Option(2024, "--degrade-seed", min=0, help="which kind each image gets"),
-    batch_size: int = typer.Option(64, "--batch-size"),
-    workers: int = typer.Option(0, "--workers", help="decoding processes"),
+    batch_size: int = typer.Option(64, "--batch-size", min=1),
+    workers: int = typer.Option(0, "--workers", min=0, help="decoding processes"),
     threads: int = typer.Option(0, "--threads", min=0, help=THREADS_HELP),
     device: str = typer.Option("cpu", "--device"),
 ) -> None:
@@ -235,8 +235,8 @@ def bin_(
     qmagface: Path = typer.Option(None, "--qmagface", help="QMagFace parameters (JSON) to apply"),
     degrade: str = typer.Option(None, "--degrade", help=DEGRADE_HELP),
     degrade_seed: int = typer.Option(2024, "--degrade-seed", min=0, help="which kind each image gets"),
-    batch_size: int = typer.Option(64, "--batch-size"),
-    workers: int = typer.Option(0, "--workers", help="decoding processes"),
+    batch_size: int = typer.Option(64, "--batch-size", min=1),
+    workers: int = typer.Option(0, "--workers", min=0, help="decoding processes"),
     threads: int = typer.Option(0, "--threads", min=0, help=THREADS_HELP),
     device: str = typer.Option("cpu", "--device"),
 ) -> None:
@@ -297,8 +297,8 @@ def ijb(
     quality_threshold: float = typer.Option(None, "--quality-threshold", help="s_th for qwfaf"),
     detector_score: bool = typer.Option(False, "--detector-score", help="weight by detector score"),
     flip: str = typer.Option("norm", "--flip", help=FLIP_HELP),
-    batch_size: int = typer.Option(64, "--batch-size"),
-    workers: int = typer.Option(0, "--workers", help="decoding processes"),
+    batch_size: int = typer.Option(64, "--batch-size", min=1),
+    workers: int = typer.Option(0, "--workers", min=0, help="decoding processes"),
     threads: int = typer.Option(0, "--threads", min=0, help=THREADS_HELP),
     device: str = typer.Option("cpu", "--device"),
 ) -> None:
@@ -330,8 +330,8 @@ def tinyface(
     root: Path = typer.Option(..., "--root", help="TinyFace folder (Testing_Set or its parent)"),
     out: Path = typer.Option(..., "--out", help="output folder"),
     flip: str = typer.Option("norm", "--flip", help=FLIP_HELP),
-    batch_size: int = typer.Option(64, "--batch-size"),
-    workers: int = typer.Option(0, "--workers", help="decoding processes"),
+    batch_size: int = typer.Option(64, "--batch-size", min=1),
+    workers: int = typer.Option(0, "--workers", min=0, help="decoding processes"),
     threads: int = typer.Option(0, "--threads", min=0, help=THREADS_HELP),
     device: str = typer.Option("cpu", "--device"),
 ) -> None:

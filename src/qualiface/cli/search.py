@@ -147,7 +147,8 @@ def query_command(
             labels = source = None
         # one column past rank 5: a tie with the mate running past it counts against the probe
         try:
-            ranked = loaded.search(probes["embeddings"], k=max(k, 6) if labels is not None else k)
+            ranked = loaded.search(probes["embeddings"], k=max(k, 6) if labels is not None else k,
+                                   progress=True)
         except GalleryError as exc:  # a bad probe row: say which table holds it
             raise GalleryError(f"{embeddings}: {exc}") from None
         rates, counted = rank_rates(ranked, labels, loaded.ids) if labels is not None else ({}, 0)
@@ -203,6 +204,7 @@ def aggregate_command(
             templates = aggregate_tracks(
                 table[track_column], raw, table["quality"], mode=mode,
                 feature_threshold=feature_threshold, quality_threshold=quality_threshold,
+                progress=True,
             )
         except FrameError as exc:  # names the frame (row); the file is said here
             raise TableError(f"{frames}: {exc}") from None

@@ -28,15 +28,24 @@ from qualiface.scoring.similarity import row_norms
 LEVEL_METRICS = ("accuracy", "accuracy_std", "auc", "eer", "tar_at_far")
 
 
-def degraded_images(bench: PairBenchmark, severities: Sequence[float], seed: int
-                    ) -> tuple[dict[float, torch.Tensor], list[str]]:
+def degraded_images(bench: PairBenchmark, severities: Sequence[float], seed: int, *,
+                    progress: bool = False) -> tuple[dict[float, torch.Tensor], list[str]]:
     """Degraded copies of every image of ``bench`` -> ``({severity: images}, kinds)``.
 
     ``images`` are uint8 (N, 3, H, W) in the order of ``bench.ids``; ``kinds[i]`` is the
     degradation kind image ``i`` got at every level (see ``data.degrade.degraded_copies``).
+    ``progress``: bars over reading the images (decoding, for an image folder) and degrading.
     """
-    images = torch.stack([bench.images[i] for i in range(len(bench.ids))])
-    return degraded_copies(images, severities, seed=seed)
+    from qualiface.progress import make_progress
+
+    count = len(bench.ids)
+    with make_progress(enabled=progress) as bar:
+        task = bar.add_task("reading images", total=count)
+        decoded = []
+        for i in range(count):
+            decoded.append(bench.images[i])
+            bar.advance(task)
+    return degraded_copies(torch.stack(decoded), severities, seed=seed, progress=progress)
 
 
 def evaluate_degraded(bench: PairBenchmark, features: FeatureSet,

@@ -164,6 +164,11 @@ def extract_features(images, embed_fn: EmbedFn, *, ids: Sequence[str] | None = N
     ids = [str(i) for i in range(total)] if ids is None else [str(i) for i in ids]
     if len(ids) != total:
         raise EvaluationError(f"{len(ids)} ids for {total} images")
+    # torch's DataLoader refuses these only with its own ValueError, deep inside an evaluation.
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise EvaluationError(f"batch size must be a whole number >= 1, got {batch_size!r}")
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise EvaluationError(f"decoding workers must be a whole number >= 0, got {num_workers!r}")
     loader = torch.utils.data.DataLoader(images, batch_size=batch_size, shuffle=False,
                                          num_workers=num_workers, collate_fn=_first_item)
     features, qualities = [], []

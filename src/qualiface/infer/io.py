@@ -42,6 +42,52 @@ def _check_lengths(arrays: dict[str, np.ndarray], source: str) -> int:
     return next(iter(lengths.values()), 0)
 
 
+# Columns every command reads with one meaning: how many dimensions they have and what they hold.
+# ``text`` columns name things (an integer is read as its decimal text: id 7 is the name "7");
+# ``number`` columns are real numbers (not booleans, complex or text). Other columns are free.
+_TEXT_COLUMNS = ("ids", "labels", "track_ids")
+_NUMBER_COLUMNS = {"embeddings": 2, "quality": 1, "quality_calibrated": 1, "norms": 1}
+
+
+def _describe_dtype(dtype: np.dtype) -> str:
+    names = {"U": "text", "S": "bytes", "b": "booleans", "c": "complex numbers", "O": "objects",
+             "V": "records", "M": "dates", "m": "time spans"}
+    return f"{names.get(dtype.kind, 'values')} ({dtype})"
+
+
+def _check_known_columns(arrays: dict[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
+    """Refuse, naming the file and column, a known column of the wrong kind or shape.
+
+    Without this a table of text embeddings was parsed number by number ("0.5" -> 0.5), complex
+    ones lost their imaginary part with a warning, booleans searched as 0/1 vectors, integer or
+    byte ids gave a ``TypeError`` traceback in ``search enrol``, and a text or 2-D quality column
+    failed deep inside the pooling naming no file.
+    """
+    for name in _TEXT_COLUMNS:
+        if name not in arrays or arrays[name].ndim == 0:  # a single value: _check_lengths says so
+            continue
+        array = arrays[name]
+        if array.ndim != 1:
+            raise TableError(f"{source}: column '{name}' must be 1-D (one per row), got shape "
+                             f"{array.shape}")
+        if array.dtype.kind in "iu":
+            arrays[name] = array.astype(str)
+        elif array.dtype.kind != "U":
+            raise TableError(f"{source}: column '{name}' must hold text (or whole numbers), got "
+                             f"{_describe_dtype(array.dtype)}")
+    for name, ndim in _NUMBER_COLUMNS.items():
+        if name not in arrays or arrays[name].ndim == 0:
+            continue
+        array = arrays[name]
+        if array.dtype.kind not in "fiu":
+            raise TableError(f"{source}: column '{name}' must hold real numbers, got "
+                             f"{_describe_dtype(array.dtype)}")
+        if array.ndim != ndim or (ndim == 2 and array.shape[1] == 0):
+            want = "(rows, dimension)" if ndim == 2 else "1-D (one per row)"
+            raise TableError(f"{source}: column '{name}' must be {want}, got shape {array.shape}")
+    return arrays
+
+
 def _storable(array) -> np.ndarray:
     array = np.asarray(array)
     if array.dtype == object:  # python strings -> fixed-width unicode (loadable without pickle)
@@ -178,5 +224,6 @@ def read_table(path: str | Path, required: tuple[str, ...] = ()) -> dict[str, np
     missing = [name for name in required if name not in arrays]
     if missing:
         raise TableError(f"{path}: missing column(s) {', '.join(missing)}; it has: {', '.join(sorted(arrays)) or 'none'}")
+    arrays = _check_known_columns(arrays, str(path))
     _check_lengths(arrays, str(path))
     return arrays

@@ -131,6 +131,10 @@ def _normalise(embeddings, what: str, ids: np.ndarray | None = None) -> np.ndarr
     return np.ascontiguousarray(array / norms, dtype=np.float32)
 
 
+#: Queries per step of ``Gallery.search`` (one progress-bar update each).
+SEARCH_CHUNK = 8192
+
+
 def exact_topk(queries: np.ndarray, gallery: np.ndarray, k: int, chunk_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
     """Brute-force inner-product top-k: queries (Q, D), gallery (N, D) -> scores, indices (Q, k).
 
@@ -263,18 +267,33 @@ class Gallery:
         self.nprobe = int(nprobe)
         self.index.nprobe = self.nprobe
 
-    def search(self, queries, k: int = 5) -> SearchResult:
-        """Top-``k`` templates for each query embedding (Q, D) (normalised here)."""
+    def search(self, queries, k: int = 5, *, progress: bool = False) -> SearchResult:
+        """Top-``k`` templates for each query embedding (Q, D) (normalised here); ``progress``:
+        a bar over the queries (searched ``SEARCH_CHUNK`` at a time; each row's answer is the
+        same however the queries are split)."""
         q = _normalise(queries, "query embeddings")
         if q.shape[1] != self.dim:
             raise GalleryError(f"queries have dimension {q.shape[1]}, the gallery {self.dim}")
         if k < 1:
             raise GalleryError(f"k must be >= 1, got {k}")
-        if self.backend == "exact":
-            scores, indices = exact_topk(q, self.embeddings, k)
-        else:
-            scores, indices = self.index.search(q, min(k, self.size))
-            indices = indices.astype(np.int64)
+        from qualiface.progress import make_progress  # lazy: rich only when searching
+
+        parts = []
+        with make_progress(enabled=progress, unit="query") as bar:
+            task = bar.add_task("searching", total=len(q))
+            for start in range(0, len(q), SEARCH_CHUNK):
+                chunk = q[start:start + SEARCH_CHUNK]
+                if self.backend == "exact":
+                    parts.append(exact_topk(chunk, self.embeddings, k))
+                else:
+                    found_scores, found_rows = self.index.search(chunk, min(k, self.size))
+                    parts.append((found_scores, found_rows.astype(np.int64)))
+                bar.advance(task, len(chunk))
+        if parts:
+            scores, indices = (np.concatenate(p) for p in zip(*parts))
+        else:  # no queries: the shapes one search call gives
+            scores = np.zeros((0, min(k, self.size)), np.float32)
+            indices = np.zeros((0, min(k, self.size)), np.int64)
         found = indices >= 0
         scores = np.where(found, scores, -np.inf).astype(np.float32)
         ids = np.where(found, self.ids[np.clip(indices, 0, None)], "")

@@ -4,9 +4,7 @@ beside their JSON."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,8 +16,8 @@ from typer.testing import CliRunner
 
 from qualiface.cli import app
 from qualiface.infer.io import read_table, write_table
+from test_bench_smoke import _load as load_bench_script
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -74,16 +72,6 @@ def _valid_png(path: Path) -> None:
     assert path.read_bytes()[:8] == PNG_SIGNATURE
     with Image.open(path) as image:
         image.verify()
-
-
-def _bench(name: str):
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(f"bench_round9_{name}", BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
 
 
 # ------------------------------------------------------------------------------ progress bars
@@ -194,7 +182,7 @@ def test_eval_degrade_reads_and_degrades_under_bars(bars, monkeypatch, tmp_path)
 
 
 def test_write_figures_writes_a_png_and_markdown_beside_the_json(tmp_path):
-    common = _bench("common")
+    common = load_bench_script("common")
     json_path = tmp_path / "result.json"
     paths = common.write_figures(
         json_path, "title", [("plain", {"a": 1.0, "b": float("nan"), "c": None}, False),
@@ -210,7 +198,7 @@ def test_write_figures_writes_a_png_and_markdown_beside_the_json(tmp_path):
 
 
 def test_eval_ijb_speed_writes_its_figure(tmp_path):
-    speed = _bench("eval_ijb_speed")
+    speed = load_bench_script("eval_ijb_speed")
     out = tmp_path / "speed.json"
     result = speed.main(["--tiny", "--skip-naive", "--out", str(out)])
     _valid_png(tmp_path / "speed.png")
@@ -219,7 +207,7 @@ def test_eval_ijb_speed_writes_its_figure(tmp_path):
 
 
 def test_components_figure_groups_measures_by_unit(tmp_path):
-    components = _bench("components")
+    components = load_bench_script("components")
     panels = dict((title, values) for title, values, _ in components.figure_panels({
         "decode_cv2_us_per_image": 120.0, "recordio_write_img_per_s": 5000.0,
         "synthetic_clean_ms_per_image": 1.6, "search_exact_s": 0.7,
@@ -228,14 +216,14 @@ def test_components_figure_groups_measures_by_unit(tmp_path):
     assert panels["throughput (items/s, log scale)"] == {"recordio_write_img": 5000.0}
     assert panels["seconds"] == {"search_exact": 0.7}
     assert panels["recall@10"] == {"search_ivf_nprobe8": 0.98}
-    common = _bench("common")
+    common = load_bench_script("common")
     png, _ = common.write_figures(tmp_path / "c.json", "components",
                                   components.figure_panels({"search_exact_s": 0.7}))
     _valid_png(png)
 
 
 def test_train_throughput_figure_panels(tmp_path):
-    throughput = _bench("train_throughput")
+    throughput = load_bench_script("train_throughput")
     payload = {"results": [
         {"backbone": "nano", "head": "arcface", "phase": "train", "images_per_s": 100.0,
          "mfu": None},
@@ -246,6 +234,6 @@ def test_train_throughput_figure_panels(tmp_path):
         {"backbone": "n", "head": "a", "end_to_end_images_per_s": 50.0,
          "loader_only_images_per_s": 80.0}]}, True)
     assert rec[0][1] == {"n / a": {"end-to-end": 50.0, "loader only": 80.0}}
-    common = _bench("common")
+    common = load_bench_script("common")
     png, md = common.write_figures(tmp_path / "t.json", "throughput", panels)
     _valid_png(png)

@@ -36,7 +36,7 @@ def degraded_images(bench: PairBenchmark, severities: Sequence[float], seed: int
     degradation kind image ``i`` got at every level (see ``data.degrade.degraded_copies``).
     ``progress``: bars over reading the images (decoding, for an image folder) and degrading.
     """
-    from qualiface.progress import make_progress
+    from qualiface.progress import make_progress  # lazy: rich only when copies are made
 
     count = len(bench.ids)
     with make_progress(enabled=progress) as bar:

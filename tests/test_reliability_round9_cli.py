@@ -182,3 +182,29 @@ def test_train_refuses_an_empty_output_dir_instead_of_writing_into_the_current_f
     result = CliRunner().invoke(app, ["train", str(config), f"train.output_dir={value}", "train.steps=1"])
     _one_line_error(result, "train.output_dir: is empty")
     assert list(tmp_path.iterdir()) == []
+
+
+# -- the wrong kind of path, and probe counts below 1 -----------------------------------------
+
+
+def test_eval_lfw_says_what_is_there_when_data_or_pairs_are_the_wrong_kind(tmp_path):
+    """`eval lfw --data pairs.txt` said "image folder not found" of a file that exists, and
+    `--pairs <a folder>` "pairs file not found"."""
+    from qualiface.eval.benchmarks import lfw_benchmark
+
+    (tmp_path / "pairs.txt").write_text("1\t1\n")
+    (tmp_path / "faces").mkdir()
+    with pytest.raises(EvaluationError, match="pairs.txt: is a file, not the image folder expected"):
+        lfw_benchmark(tmp_path / "pairs.txt")
+    with pytest.raises(EvaluationError, match="faces: is a directory, not the pairs file expected"):
+        lfw_benchmark(tmp_path, pairs=tmp_path / "faces")
+    with pytest.raises(EvaluationError, match="nowhere: image folder not found"):
+        lfw_benchmark(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("command", ["enrol", "query"])
+def test_search_refuses_a_probe_count_below_one_by_name(tmp_path, command):
+    """`--nprobe -1` on an exact gallery was accepted and ignored."""
+    args = ["search", command, str(tmp_path / "e.npz"), "-g", str(tmp_path / "g"), "--nprobe", "-1"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "--nprobe" in result.output, result.output

@@ -79,6 +79,17 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
+def absent_as(path: str | os.PathLike, what: str) -> str:
+    """Why ``path``, which is not the folder or regular file wanted, cannot be used
+    as ``what``: "<what> not found", or what is there instead (``eval lfw --data pairs.txt``
+    said "image folder not found" of a file that exists)."""
+    if not os.path.exists(path):
+        return f"{what} not found"
+    mode = os.stat(path).st_mode
+    there = "a file" if stat.S_ISREG(mode) else _kind(mode)
+    return f"is {there}, not the {what} expected"
+
+
 def open_regular(path: str | os.PathLike, *, what: str = "file") -> BinaryIO:
     """Open ``path`` for binary reading; ``FileReadError`` unless it is a regular file.
 

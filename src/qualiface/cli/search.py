@@ -71,7 +71,7 @@ def enrol_command(
     backend: str = typer.Option("auto", "--backend", help="auto, exact, flat (faiss) or ivf (faiss)."),
     nlist: int | None = typer.Option(None, "--nlist", help="IVF cells (default ~4 sqrt(N))."),
     nprobe: int | None = typer.Option(
-        None, "--nprobe",
+        None, "--nprobe", min=1,
         help="IVF cells visited per query (nlist = exact; default 8, or the setting of the "
         "gallery being extended).",
     ),
@@ -117,7 +117,7 @@ def query_command(
     embeddings: Path = typer.Argument(..., help="Probe embeddings (output of 'qualiface embed')."),
     gallery: Path = typer.Option(..., "--gallery", "-g", help="Gallery folder made by 'search enrol'."),
     k: int = typer.Option(5, "--k", "-k", min=1, help="Results per probe."),
-    nprobe: int | None = typer.Option(None, "--nprobe", help="IVF cells to visit (overrides the stored value)."),
+    nprobe: int | None = typer.Option(None, "--nprobe", min=1, help="IVF cells to visit (overrides the stored value)."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Write ids, match_ids (Q,k), scores (Q,k) here."),
     show: int = typer.Option(5, "--show", help="Print the results of this many probes."),
     identity: str | None = typer.Option(

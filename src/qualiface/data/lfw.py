@@ -30,7 +30,7 @@ from typing import BinaryIO
 import numpy as np
 
 from qualiface.data.decode import DataError
-from qualiface.files import FileReadError, open_regular
+from qualiface.files import FileReadError, absent_as, open_regular
 
 # Bounded digit counts keep int() cheap and far from Python's int/str conversion limit.
 _NUMBER = re.compile(r"[0-9]{1,9}")
@@ -115,7 +115,7 @@ class LFWPairs:
         """Paths made absolute under ``image_root``; ``MissingImagesError`` lists any missing."""
         root = Path(image_root)
         if not root.is_dir():
-            raise MissingImagesError(f"{root}: image folder not found", [])
+            raise MissingImagesError(f"{root}: {absent_as(root, 'image folder')}", [])
         missing = self.missing_images(root)
         if missing:
             total = len(self.unique_images()[0])

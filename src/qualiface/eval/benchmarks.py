@@ -22,6 +22,7 @@ from qualiface.eval.features import FeatureSet, ImageFiles
 from qualiface.eval.quality import edc, edc_refixed, edc_summary, pair_quality, rank_correlations
 from qualiface.eval.similarity import QMagFace, score_pairs
 from qualiface.eval.verification import DEFAULT_FARS, accuracy_folds, evaluate_verification
+from qualiface.files import absent_as
 from qualiface.scoring.similarity import l2_normalize
 from qualiface.scoring.thresholds import count_within
 
@@ -55,11 +56,11 @@ def lfw_benchmark(data: str | os.PathLike, pairs: str | os.PathLike | None = Non
 
     data = Path(data)
     if not data.is_dir():
-        raise EvaluationError(f"{data}: image folder not found")
+        raise EvaluationError(f"{data}: {absent_as(data, 'image folder')}")
     image_root = data / "aligned112" if (data / "aligned112").is_dir() else data
     pairs_path = Path(pairs) if pairs is not None else data / "pairs.txt"
     if not pairs_path.is_file():
-        raise EvaluationError(f"{pairs_path}: pairs file not found (pass --pairs)")
+        raise EvaluationError(f"{pairs_path}: {absent_as(pairs_path, 'pairs file')} (pass --pairs)")
     protocol = read_pairs(pairs_path)
     if folds:
         protocol = protocol.select_folds(*folds)

@@ -32,6 +32,7 @@ from qualiface.data.pairs import PairsError, make_pairs
 from qualiface.data.transforms import to_model_input
 from qualiface.errors import QualifaceError
 from qualiface.eval.verification import accuracy_folds, evaluate_verification
+from qualiface.files import absent_as
 from qualiface.train.precision import autocast
 
 
@@ -99,7 +100,7 @@ def folder_pairs(root: str, pairs_file: str, folds: list) -> PairSet:
     root_path = Path(root)
     pairs_path = Path(pairs_file) if pairs_file else root_path.parent / "pairs.txt"
     if not pairs_path.is_file():
-        raise ValidationError(f"{pairs_path}: pairs file not found (set val.pairs)")
+        raise ValidationError(f"{pairs_path}: {absent_as(pairs_path, 'pairs file')} (set val.pairs)")
     protocol = lfw.read_pairs(pairs_path)
     if folds:
         try:

@@ -124,22 +124,19 @@ def aggregate_tracks(
     # float32's range (1e39) becomes inf there and would come out as a NaN template.
     with np.errstate(over="ignore"):
         embeddings = np.asarray(embeddings, dtype=np.float32)
-    _check_frames(embeddings.astype(np.float64), qualities)
+    _check_frames(track_ids, embeddings.astype(np.float64), qualities)
     if mode == "progressive":
         from qualiface.progress import make_progress  # lazy: rich only for this loop
 
         aggregator = StreamAggregator(feature_threshold, quality_threshold)
-        tracks = track_ids.tolist()
-        if len(tracks) != len(embeddings) or len(embeddings) != len(qualities):  # as feed_many
-            raise ValueError(f"{len(tracks)} track ids, {len(embeddings)} embeddings and "
-                             f"{len(qualities)} qualities")
+        tracks = track_ids.tolist()  # lengths checked by _check_frames: fed in pieces below
         with make_progress(enabled=progress, unit="frame") as bar:
             task = bar.add_task("aggregating", total=len(tracks))
             for start in range(0, len(tracks), FEED_CHUNK):
-                stop = start + FEED_CHUNK
-                aggregator.feed_many(tracks[start:stop], embeddings[start:stop],
-                                     qualities[start:stop])
-                bar.advance(task, len(tracks[start:stop]))
+                piece = slice(start, start + FEED_CHUNK)
+                piece_ids = tracks[piece]
+                aggregator.feed_many(piece_ids, embeddings[piece], qualities[piece])
+                bar.advance(task, len(piece_ids))
         return aggregator.templates()
     pooled = aggregate_templates(
         embeddings, track_ids, quality=qualities, mode=mode,
@@ -169,10 +166,13 @@ class FrameError(ValueError):
     """A frame that no template may pool (non-finite quality, zero or non-finite embedding)."""
 
 
-def _check_frames(embeddings: np.ndarray, qualities: np.ndarray) -> None:
+def _check_frames(track_ids: np.ndarray, embeddings: np.ndarray, qualities: np.ndarray) -> None:
     """One rule for every mode, naming the first bad frame (its row): progressive used to skip
     a NaN quality silently and stop on a zero embedding without saying which, where the batch
     modes refused both."""
+    if len(track_ids) != len(embeddings):
+        raise FrameError(f"{len(track_ids)} track ids, {len(embeddings)} embeddings and "
+                         f"{len(qualities)} qualities")
     if embeddings.ndim != 2 or qualities.shape != (len(embeddings),):
         raise FrameError(f"expected (N, D) embeddings and (N,) qualities, got {embeddings.shape} "
                          f"and {qualities.shape}")

@@ -73,9 +73,10 @@ def build_method(cfg) -> Method:
         family = method_classes().get(wanted)
         heads = ", ".join(family.heads) if family is not None else "(none)"
         raise PipelineError(f"pipeline {wanted} needs the {wanted} head ({heads}), not {head}")
-    _refuse_unread_options(cfg.pipeline, options_section(head), head)
+    read = cls.name if cls.Config is not None else None  # the section options_section names
+    _refuse_unread_options(cfg.pipeline, read, head)
     base = Phase("train", cfg.train.epochs, cfg.train.steps, cfg.optim.lr)
-    options = getattr(cfg.pipeline, cls.name, None) if cls.Config is not None else None
+    options = getattr(cfg.pipeline, read, None) if read else None
     return cls(head, base=base, options=options, scheduled=wanted == cls.name)
 
 

@@ -107,6 +107,5 @@ def threshold_at_fmr(scores, labels, fmr: float, what: str = "EDC") -> float:
     if allowed < 1:
         raise EvaluationError(f"{what}: FMR {fmr:g} is not measurable with {len(impostor)} "
                               "impostor pairs (need at least 1/FMR)")
-    if allowed >= len(impostor):  # unreachable for fmr < 1 (n / n > fmr); kept as a guard
-        return float(impostor[-1])
+    # fmr < 1 (checked above), so allowed < len(impostor): n / n = 1 > fmr.
     return float(np.nextafter(impostor[allowed], np.inf))
